@@ -1,0 +1,280 @@
+//! The validated, immutable configuration model.
+//!
+//! Values here are already checked: addresses are `SocketAddr`, durations `Duration`, names
+//! resolve. A [`ValidConfig`] can only be obtained from [`crate::parse`], so holding one is proof
+//! that every rule passed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::routing::RouteTable;
+
+/// A configuration that passed every check. Cheap to clone (shared inside).
+#[derive(Clone, Debug)]
+pub struct ValidConfig {
+    inner: Arc<Config>,
+}
+
+impl ValidConfig {
+    pub(crate) fn new(config: Config) -> Self {
+        ValidConfig { inner: Arc::new(config) }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner
+    }
+}
+
+impl std::ops::Deref for ValidConfig {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.inner
+    }
+}
+
+#[derive(Debug)]
+pub struct Config {
+    /// The source text it was built from (kept for history and diffs).
+    pub source: String,
+    pub listeners: BTreeMap<String, Listener>,
+    pub admin: Option<Admin>,
+    pub limits: Limits,
+    pub access_log: AccessLog,
+    pub routes: Vec<Route>,
+    /// Pools in declaration order; `Route::pool` indexes into this.
+    pub pools: Vec<Pool>,
+    pub tests: Vec<RouteTest>,
+    /// The compiled route table, built once at validation.
+    pub route_table: RouteTable,
+}
+
+impl Config {
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admin {
+    pub bind: SocketAddr,
+    pub token_file: Option<PathBuf>,
+}
+
+/// Limits that protect the proxy from clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// A request head must arrive completely within this time (slowloris): else 408 and close.
+    pub header_timeout: Duration,
+    /// An idle keep-alive client connection is closed after this time.
+    pub keepalive_timeout: Duration,
+    /// Largest request head accepted (request line + headers): else 431.
+    pub max_header_bytes: usize,
+    /// Largest request body accepted: else 413.
+    pub max_body_bytes: u64,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            max_header_bytes: 32 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessLog {
+    pub enabled: bool,
+    /// `None` writes to standard output.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog { enabled: true, path: None }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub host: Option<HostMatch>,
+    /// Always starts with `/`; `/` when the config gives none.
+    pub path_prefix: String,
+    /// Upper-case method names; empty matches every method.
+    pub methods: Vec<String>,
+    /// Lower-cased header name and exact value.
+    pub headers: Vec<(String, String)>,
+    /// Index into `Config::pools`.
+    pub pool: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HostMatch {
+    /// Lower-case host without port.
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`: matches any host ending with it.
+    Wildcard(String),
+}
+
+impl std::fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostMatch::Exact(h) => f.write_str(h),
+            HostMatch::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    Weighted,
+    LeastRequest,
+    P2cEwma,
+    ConsistentHash,
+}
+
+impl Balance {
+    pub const NAMES: [&'static str; 5] =
+        ["round_robin", "weighted", "least_request", "p2c_ewma", "consistent_hash"];
+
+    pub fn from_name(name: &str) -> Option<Balance> {
+        Some(match name {
+            "round_robin" => Balance::RoundRobin,
+            "weighted" => Balance::Weighted,
+            "least_request" => Balance::LeastRequest,
+            "p2c_ewma" => Balance::P2cEwma,
+            "consistent_hash" => Balance::ConsistentHash,
+            _ => return None,
+        })
+    }
+}
+
+/// What `consistent_hash` hashes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    ClientAddress,
+    /// Lower-case header name.
+    Header(String),
+    Cookie(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PanicPolicy {
+    /// Route to every backend, healthy or not: some answers beat none.
+    FailOpen,
+    /// Answer 503: protect the few healthy backends from the whole load.
+    FailClosed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pool {
+    pub name: String,
+    pub balance: Balance,
+    pub hash_key: HashKey,
+    pub backends: Vec<Backend>,
+    pub min_healthy: usize,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub retry: Retry,
+    /// Percent of backends that must be available; below it `panic_policy` applies. 0 = never.
+    pub panic_threshold: u8,
+    pub panic_policy: PanicPolicy,
+    pub health: Option<HealthCheck>,
+    pub outlier: Outlier,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retry {
+    /// Extra attempts on another backend after a connect failure (idempotent requests only).
+    pub attempts: u32,
+    /// Retries allowed as a share of requests, per second, so a sick pool is not flooded.
+    pub budget_percent: u32,
+    /// Retries always allowed per second, whatever the request rate.
+    pub min_per_second: u32,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { attempts: 1, budget_percent: 20, min_per_second: 10 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum HealthCheckKind {
+    /// `GET path`, healthy on 2xx.
+    Http { path: String },
+    /// A TCP connect succeeds.
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    pub kind: HealthCheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that make a down backend healthy again.
+    pub healthy: u32,
+    /// Consecutive failures that make a healthy backend down.
+    pub unhealthy: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outlier {
+    /// Consecutive failures (connect error, timeout, 5xx) that eject a backend; 0 disables.
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// At most this share of the pool is ejected at once.
+    pub max_ejected_percent: u8,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Outlier {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// A `[[test]]`: a request and what the routing must do with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteTest {
+    pub method: String,
+    pub host: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub expect: TestExpectation,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TestExpectation {
+    Pool(String),
+    Route(String),
+    /// Only 404 (no route) can be decided offline.
+    Status(u16),
+}

@@ -1,0 +1,210 @@
+//! Every `check` diagnostic, as a table: a config, then the rule, line, column and a piece of
+//! the message each finding must have. A config with findings must also produce no config.
+
+use safelb_config::{check, Rule, Severity};
+
+const BASE: &str = r#"
+[listener.public]
+bind = "127.0.0.1:8080"
+
+[pool.api]
+backends = ["127.0.0.1:9001"]
+
+[[route]]
+name = "api"
+pool = "api"
+"#;
+
+/// (source, [(rule, line, column, message fragment)])
+fn expect(source: &str, expected: &[(Rule, usize, usize, &str)]) {
+    let checked = check("safelb.toml", source);
+    let got = checked.diagnostics.located();
+    let summary: Vec<String> = got.iter().map(|l| format!("{}:{}:{} {}", l.rule.as_str(), l.line, l.column, l.message)).collect();
+    assert_eq!(got.len(), expected.len(), "findings: {summary:#?}");
+    for (l, (rule, line, column, fragment)) in got.iter().zip(expected) {
+        assert_eq!((l.rule, l.line, l.column), (*rule, *line, *column), "findings: {summary:#?}");
+        assert!(l.message.contains(fragment), "{:?} lacks {fragment:?}", l.message);
+    }
+    let errors = got.iter().any(|l| l.severity == Severity::Error);
+    assert_eq!(checked.config.is_some(), !errors, "a config is produced exactly when there is no error");
+}
+
+#[test]
+fn the_base_config_is_valid() {
+    expect(BASE, &[]);
+}
+
+#[test]
+fn syntax_error_has_position() {
+    expect("[listener.public\nbind = 1", &[(Rule::Syntax, 1, 17, "TOML syntax")]);
+}
+
+#[test]
+fn unknown_keys_suggest_the_closest_name() {
+    let src = BASE.replace("backends = [", "balanse = \"round_robin\"\nbackends = [");
+    expect(&src, &[(Rule::UnknownKey, 6, 1, "unknown key `balanse` in pool `api`")]);
+    let checked = check("f.toml", &src);
+    assert_eq!(checked.diagnostics.items()[0].hint.as_deref(), Some("did you mean `balance`?"));
+    expect(&format!("{BASE}\n[rollot]\nx = 1\n"), &[(Rule::UnknownKey, 12, 2, "unknown key `rollot`")]);
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let src = r#"
+[listener.public]
+bind = "localhost:8080"
+
+[pool.api]
+balance = "fastest"
+backends = ["127.0.0.1:9001", "127.0.0.1:9001"]
+connect_timeout = "10"
+health = { interval = "2x" }
+
+[[route]]
+name = "api"
+pool = "apii"
+"#;
+    expect(
+        src,
+        &[
+            (Rule::InvalidAddress, 3, 8, "not an IP:port"),
+            (Rule::InvalidValue, 6, 11, "unknown balance policy `fastest`"),
+            (Rule::DuplicateBackend, 7, 31, "twice"),
+            (Rule::InvalidDuration, 8, 19, "no unit"),
+            (Rule::InvalidDuration, 9, 23, "unknown unit"),
+            (Rule::UndefinedPool, 13, 8, "pool `apii`, which is not defined"),
+        ],
+    );
+    let rendered = check("safelb.toml", src).diagnostics.render();
+    assert!(rendered.contains("--> safelb.toml:13:8"), "{rendered}");
+    assert!(rendered.contains("did you mean `api`?"), "{rendered}");
+}
+
+#[test]
+fn wrong_types_name_the_expected_type() {
+    let src = BASE.replace("bind = \"127.0.0.1:8080\"", "bind = 8080");
+    expect(&src, &[(Rule::WrongType, 3, 8, "must be a string, not integer")]);
+}
+
+#[test]
+fn pools_without_usable_backends() {
+    let empty = BASE.replace(r#"backends = ["127.0.0.1:9001"]"#, "backends = []");
+    expect(&empty, &[(Rule::EmptyPool, 6, 12, "empty backend list")]);
+    let missing = BASE.replace(r#"backends = ["127.0.0.1:9001"]"#, "");
+    expect(&missing, &[(Rule::EmptyPool, 5, 7, "has no `backends`")]);
+    let zero = BASE.replace(
+        r#"backends = ["127.0.0.1:9001"]"#,
+        r#"backends = [{ addr = "127.0.0.1:9001", weight = 0 }, { addr = "127.0.0.1:9002", weight = 0 }]"#,
+    );
+    expect(&zero, &[(Rule::ZeroWeights, 6, 12, "weight 0")]);
+}
+
+#[test]
+fn duplicate_names() {
+    let src = format!("{BASE}\n[[route]]\nname = \"api\"\npath_prefix = \"/v2\"\npool = \"api\"\n");
+    expect(&src, &[(Rule::DuplicateName, 13, 8, "two routes are named `api`")]);
+    let listeners = BASE.replace("bind = \"127.0.0.1:8080\"\n", "bind = \"127.0.0.1:8080\"\n[listener.other]\nbind = \"127.0.0.1:8080\"\n");
+    expect(&listeners, &[(Rule::DuplicateName, 5, 8, "bind the same address")]);
+}
+
+#[test]
+fn shadowed_route_is_an_error() {
+    let src = format!("{BASE}\n[[route]]\nname = \"api-again\"\npool = \"api\"\n");
+    expect(&src, &[(Rule::ShadowedRoute, 13, 8, "route `api-again` can never match: route `api`")]);
+}
+
+#[test]
+fn unused_pool_and_public_admin_are_warnings() {
+    let src = format!("{BASE}\n[pool.spare]\nbackends = [\"127.0.0.1:9009\"]\n\n[admin]\nbind = \"0.0.0.0:9090\"\n");
+    expect(
+        &src,
+        &[(Rule::UnusedPool, 12, 7, "pool `spare` is not used"), (Rule::AdminNotLoopback, 16, 8, "reachable from other machines")],
+    );
+}
+
+#[test]
+fn route_tests_run_at_check() {
+    let src = format!(
+        "{BASE}\n[[test]]\nrequest = \"GET http://shop.example/api/cart\"\nexpect_pool = \"api\"\n\n[[test]]\nrequest = \"GET http://shop.example/\"\nexpect_status = 404\n"
+    );
+    expect(&src, &[(Rule::TestFailed, 17, 11, "expected status 404, got route `api` (pool `api`)")]);
+}
+
+#[test]
+fn route_tests_see_hosts_prefixes_and_headers() {
+    let src = r#"
+[listener.public]
+bind = "127.0.0.1:8080"
+
+[pool.web]
+backends = ["127.0.0.1:9001"]
+[pool.api]
+backends = ["127.0.0.1:9002"]
+[pool.beta]
+backends = ["127.0.0.1:9003"]
+
+[[route]]
+name = "beta"
+host = "*.shop.example"
+path_prefix = "/api"
+headers = { "X-Beta" = "1" }
+pool = "beta"
+
+[[route]]
+name = "api"
+host = "*.shop.example"
+path_prefix = "/api"
+pool = "api"
+
+[[route]]
+name = "web"
+host = "www.shop.example"
+pool = "web"
+
+[[test]]
+request = "GET http://www.shop.example/api/cart"
+expect_route = "web"
+
+[[test]]
+request = "GET http://m.shop.example/api/cart"
+expect_pool = "api"
+
+[[test]]
+request = "GET http://m.shop.example/api/cart"
+headers = { "x-beta" = "1" }
+expect_pool = "beta"
+
+[[test]]
+request = "GET http://other.example/"
+expect_status = 404
+"#;
+    expect(src, &[]);
+}
+
+#[test]
+fn missing_listener_and_bad_values() {
+    let src = r#"
+[pool.api]
+backends = ["127.0.0.1:9001"]
+min_healthy = 3
+panic_policy = "maybe"
+health = { timeout = "5s", interval = "1s" }
+
+[[route]]
+name = "api"
+host = "http://shop.example"
+path_prefix = "api"
+pool = "api"
+"#;
+    expect(
+        src,
+        &[
+            (Rule::MissingKey, 1, 1, "no listener"),
+            (Rule::InvalidValue, 4, 15, "min_healthy = 3"),
+            (Rule::InvalidValue, 5, 16, "unknown panic_policy"),
+            (Rule::InvalidValue, 6, 12, "health `timeout`"),
+            (Rule::InvalidValue, 10, 8, "not a host name"),
+            (Rule::InvalidValue, 11, 15, "must start with `/`"),
+        ],
+    );
+}
