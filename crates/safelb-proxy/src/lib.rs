@@ -1,1 +1,29 @@
+//! safelb's data plane: listeners, the request path, balancing, health and upstream pools.
+//!
+//! Where to start: [`server::serve`] accepts connections and hands each request to
+//! [`Proxy::serve`](proxy::Proxy::serve), which reads the routing [`Snapshot`] published by the
+//! [`ProxyHandle`]. Backend state (health, ejection, load, idle connections) lives in
+//! [`backend`] and outlives snapshots; policies are in [`balance`]; active checks in [`health`].
+//!
+//! Architecture Invariant: this crate never imports the control plane. The control plane acts
+//! on traffic only through [`ProxyHandle`]; a request never waits on it.
 #![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod backend;
+pub mod balance;
+mod body;
+mod client_io;
+pub mod error;
+mod handle;
+pub mod headers;
+pub mod health;
+pub mod proxy;
+pub mod server;
+pub mod snapshot;
+mod upstream;
+
+pub use access_log::AccessLog;
+pub use handle::{ProxyHandle, SwapError};
+pub use proxy::Proxy;
+pub use snapshot::Snapshot;

@@ -1,1 +1,166 @@
+//! Real HTTP backends on loopback for tests and for `safelb demo`: each answers, fails, hangs
+//! or goes slow on command, counts what it served, and stops (closing every connection) when
+//! told or dropped.
+//!
+//! Paths every backend serves: `/healthz` (follows the behaviour like any path), `/headers`
+//! (echoes the request headers, one `name: value` per line), `/bytes/N` (a body of N bytes),
+//! `/echo` (streams the request body back); any other path answers `backend NAME`.
 #![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How a backend answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behavior {
+    /// 200 with `backend NAME`.
+    Ok,
+    /// This status for every request.
+    Status(u16),
+    /// Reads the request and never answers: the failure mode that took the site down.
+    Hang,
+    /// Answers normally after this delay.
+    Delay(Duration),
+}
+
+struct Shared {
+    name: String,
+    behavior: Mutex<Behavior>,
+    hits: AtomicU64,
+}
+
+/// A running backend. Dropping it stops it.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+}
+
+impl TestBackend {
+    /// Starts a backend on a free loopback port.
+    pub async fn start(name: &str) -> TestBackend {
+        Self::start_on("127.0.0.1:0".parse().expect("a valid address"), name).await.expect("binding a free loopback port")
+    }
+
+    /// Starts a backend on a given address.
+    pub async fn start_on(addr: SocketAddr, name: &str) -> std::io::Result<TestBackend> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared { name: name.to_string(), behavior: Mutex::new(Behavior::Ok), hits: AtomicU64::new(0) });
+        let cancel = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, shared.clone(), cancel.clone()));
+        Ok(TestBackend { addr, shared, cancel })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn set(&self, behavior: Behavior) {
+        *self.shared.behavior.lock().expect("behavior lock") = behavior;
+    }
+
+    /// Requests received (health checks included), whatever the answer.
+    pub fn hits(&self) -> u64 {
+        self.shared.hits.load(Relaxed)
+    }
+
+    /// Stops listening and closes every open connection: afterwards connects are refused.
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// An address on loopback where nothing listens (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free loopback port");
+    l.local_addr().expect("a bound socket has an address")
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let conn_cancel = cancel.clone();
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                let cancel = conn_cancel.clone();
+                async move { Ok::<_, Infallible>(answer(req, &shared, &cancel).await) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into()).map_err(|never: Infallible| match never {}).boxed()
+}
+
+async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationToken) -> Response<Body> {
+    shared.hits.fetch_add(1, Relaxed);
+    let behavior = *shared.behavior.lock().expect("behavior lock");
+    match behavior {
+        Behavior::Hang => {
+            cancel.cancelled().await;
+            return Response::new(full(""));
+        }
+        Behavior::Delay(d) => tokio::time::sleep(d).await,
+        Behavior::Status(code) => {
+            let mut r = Response::new(full(format!("backend {} failing with {code}\n", shared.name)));
+            *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            r.headers_mut().insert("x-backend", shared.name.parse().expect("names are header-safe"));
+            return r;
+        }
+        Behavior::Ok => {}
+    }
+    let path = req.uri().path().to_string();
+    let mut response = if path == "/headers" {
+        let mut text = String::new();
+        for (k, v) in req.headers() {
+            text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+        }
+        Response::new(full(text))
+    } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+        Response::new(full(vec![b'x'; n.min(64 << 20)]))
+    } else if path == "/echo" {
+        Response::new(req.into_body().boxed())
+    } else {
+        Response::new(full(format!("backend {}\n", shared.name)))
+    };
+    response.headers_mut().insert("x-backend", shared.name.parse().expect("names are header-safe"));
+    response
+}

@@ -1,0 +1,168 @@
+//! The access log: one JSON line per request, written off the request path.
+//!
+//! Request tasks format their line and hand it to a bounded channel; one writer thread owns
+//! the output and flushes whenever the channel runs dry. When the writer cannot keep up, lines
+//! are dropped and counted rather than slowing down traffic.
+
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+const QUEUE: usize = 16 * 1024;
+
+#[derive(Clone, Default)]
+pub struct AccessLog {
+    tx: Option<SyncSender<String>>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// One request as logged. Fields that do not apply are omitted.
+#[derive(Serialize)]
+pub struct LogEntry<'a> {
+    pub time: String,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub request_id: &'a str,
+    pub client: SocketAddr,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<&'a str>,
+    pub status: u16,
+    pub bytes_sent: u64,
+    pub duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ms: Option<f64>,
+    pub retries: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+    /// False when the response body did not reach its end (client or backend went away).
+    pub complete: bool,
+    pub config_version: u64,
+}
+
+impl<'a> LogEntry<'a> {
+    /// A request the HTTP parser rejected before it became a request.
+    pub fn parser_error(client: SocketAddr, status: u16, error: &'a str, bytes_sent: u64, config_version: u64) -> Self {
+        LogEntry {
+            time: rfc3339_now(),
+            request_id: "",
+            client,
+            method: "",
+            host: "",
+            path: "",
+            route: None,
+            pool: None,
+            backend: None,
+            status,
+            bytes_sent,
+            duration_ms: 0.0,
+            upstream_ms: None,
+            retries: 0,
+            error: Some(error),
+            complete: true,
+            config_version,
+        }
+    }
+}
+
+impl AccessLog {
+    pub fn disabled() -> Self {
+        AccessLog::default()
+    }
+
+    pub fn stdout() -> Self {
+        Self::spawn(Box::new(io::stdout()))
+    }
+
+    pub fn file(path: &Path) -> io::Result<Self> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self::spawn(Box::new(f)))
+    }
+
+    fn spawn(out: Box<dyn Write + Send>) -> Self {
+        let (tx, rx) = sync_channel::<String>(QUEUE);
+        // The thread ends when the last AccessLog clone (and so the sender) is dropped.
+        std::thread::Builder::new()
+            .name("safelb-access-log".into())
+            .spawn(move || {
+                let mut out = BufWriter::with_capacity(64 * 1024, out);
+                while let Ok(line) = rx.recv() {
+                    let _ = out.write_all(line.as_bytes());
+                    while let Ok(more) = rx.try_recv() {
+                        let _ = out.write_all(more.as_bytes());
+                    }
+                    let _ = out.flush();
+                }
+            })
+            .expect("spawning the access-log thread");
+        AccessLog { tx: Some(tx), dropped: Arc::default() }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn write(&self, entry: &LogEntry<'_>) {
+        let Some(tx) = &self.tx else { return };
+        let Ok(mut line) = serde_json::to_string(entry) else { return };
+        line.push('\n');
+        if let Err(TrySendError::Full(_)) = tx.try_send(line) {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Lines dropped because the writer fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
+}
+
+/// The current UTC time as `2026-11-25T03:04:05.678Z`.
+pub fn rfc3339_now() -> String {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    rfc3339(now.as_secs() as i64, now.subsec_millis())
+}
+
+pub fn rfc3339(secs: i64, millis: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_timestamps() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_000_000, 42), "2026-11-18T11:06:40.042Z");
+        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+    }
+}

@@ -1,0 +1,170 @@
+//! Streaming bodies in both directions, never buffered whole.
+//!
+//! [`RequestBody`] forwards the client's body upstream and enforces the size limit as bytes
+//! pass. [`ResponseBody`] relays the backend's body (or carries a short local answer) and,
+//! when it ends or is dropped, runs the request's [`Completion`]: the upstream connection goes
+//! back to its pool only if the body was read to the end, and the access-log line is written.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::proxy::Completion;
+
+/// Why a request body stopped.
+#[derive(Debug)]
+pub enum RequestBodyError {
+    TooLarge { limit: u64 },
+    Client(hyper::Error),
+}
+
+impl fmt::Display for RequestBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestBodyError::TooLarge { limit } => write!(f, "request body exceeds {limit} bytes"),
+            RequestBodyError::Client(e) => write!(f, "reading the request body failed: {e}"),
+        }
+    }
+}
+
+impl StdError for RequestBodyError {}
+
+/// Finds a [`RequestBodyError`] in the cause chain of an upstream send error.
+pub(crate) fn request_body_error<'e>(e: &'e (dyn StdError + 'static)) -> Option<&'e RequestBodyError> {
+    let mut cur: Option<&'e (dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = err.downcast_ref::<RequestBodyError>() {
+            return Some(found);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+pub struct RequestBody {
+    inner: Incoming,
+    remaining: u64,
+    limit: u64,
+}
+
+impl RequestBody {
+    pub(crate) fn new(inner: Incoming, limit: u64) -> Self {
+        RequestBody { inner, remaining: limit, limit }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > this.remaining {
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit: this.limit })));
+                    }
+                    this.remaining -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(RequestBodyError::Client(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+enum Source {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+/// The body sent to the client.
+pub struct ResponseBody {
+    source: Source,
+    bytes: u64,
+    completion: Option<Box<Completion>>,
+}
+
+impl ResponseBody {
+    pub(crate) fn upstream(body: Incoming, completion: Box<Completion>) -> Self {
+        ResponseBody { source: Source::Upstream(body), bytes: 0, completion: Some(completion) }
+    }
+
+    pub(crate) fn local(text: Bytes, completion: Option<Box<Completion>>) -> Self {
+        ResponseBody { source: Source::Local(Some(text)), bytes: 0, completion }
+    }
+
+    fn complete(&mut self, fully_read: bool) {
+        if let Some(c) = self.completion.take() {
+            c.finish(self.bytes, fully_read);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.source {
+            Source::Local(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
+            Source::Upstream(body) => Pin::new(body).poll_frame(cx),
+        };
+        match ready!(polled) {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.complete(false);
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                this.complete(true);
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.source {
+            Source::Local(text) => text.is_none(),
+            Source::Upstream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Local(Some(t)) => SizeHint::with_exact(t.len() as u64),
+            Source::Local(None) => SizeHint::with_exact(0),
+            Source::Upstream(body) => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper may skip polling a body that reports its end up front (HEAD, 204, length 0).
+        let ended = self.is_end_stream();
+        self.complete(ended);
+    }
+}

@@ -1,0 +1,189 @@
+//! The client connection's transport: header timeout (slowloris), keep-alive idle timeout, and
+//! readable answers for requests the HTTP parser rejects.
+//!
+//! hyper closes a connection whose headers are late without a word, and answers a malformed
+//! or oversized head with an empty 400/431. Operators and clients deserve the status, a short
+//! body and an access-log line, so this wrapper watches the bytes:
+//! - between requests it arms the keep-alive timer; the first byte of a request head arms the
+//!   header timer; the service being called (a request in flight) disarms both;
+//! - when the header timer fires it writes a 408 itself and ends the connection;
+//! - when hyper writes one of its automatic error responses while a head is being read (no
+//!   request in flight), the wrapper writes its own answer with the same status instead.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use crate::access_log::{AccessLog, LogEntry};
+use crate::error::parser_answer;
+
+/// Shared between the transport and the service of one client connection.
+#[derive(Default)]
+pub struct ConnState {
+    /// Requests of this connection whose response has not finished.
+    pub in_flight: AtomicU32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    /// Between requests: the keep-alive timer runs.
+    Idle,
+    /// Part of a request head has arrived: the header timer runs.
+    Head,
+    /// A request is in flight: no timer here (the proxy's own timeouts apply).
+    Busy,
+}
+
+pub struct ClientIo {
+    stream: TcpStream,
+    state: Arc<ConnState>,
+    phase: Phase,
+    head_bytes: usize,
+    timer: Pin<Box<Sleep>>,
+    header_timeout: Duration,
+    keepalive_timeout: Duration,
+    peer: SocketAddr,
+    log: AccessLog,
+    version: u64,
+}
+
+impl ClientIo {
+    pub fn new(
+        stream: TcpStream,
+        state: Arc<ConnState>,
+        peer: SocketAddr,
+        header_timeout: Duration,
+        keepalive_timeout: Duration,
+        log: AccessLog,
+        version: u64,
+    ) -> Self {
+        ClientIo {
+            stream,
+            state,
+            // A new connection must send its first head within the header timeout.
+            phase: Phase::Head,
+            head_bytes: 0,
+            timer: Box::pin(tokio::time::sleep(header_timeout)),
+            header_timeout,
+            keepalive_timeout,
+            peer,
+            log,
+            version,
+        }
+    }
+
+    fn arm(&mut self, phase: Phase, after: Duration) {
+        self.phase = phase;
+        self.timer.as_mut().reset(tokio::time::Instant::now() + after);
+    }
+
+    /// Writes a complete local answer directly to the socket. Small enough for the socket
+    /// buffer of a connection that is about to close; a client that does not read loses it.
+    fn answer(&mut self, status: u16) -> bool {
+        let Some((code, text)) = parser_answer(status) else { return false };
+        let reason = code.canonical_reason().unwrap_or("");
+        let body = format!("{status} {reason}: {text}\n");
+        let response = format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let written = self.stream.try_write(response.as_bytes()).is_ok_and(|n| n == response.len());
+        self.log.write(&LogEntry::parser_error(self.peer, status, text, body.len() as u64, self.version));
+        written
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.state.in_flight.load(Relaxed) > 0 {
+            this.phase = Phase::Busy;
+        } else if this.phase == Phase::Busy {
+            let after = this.keepalive_timeout;
+            this.arm(Phase::Idle, after);
+        }
+        let before = buf.filled().len();
+        if let Poll::Ready(result) = Pin::new(&mut this.stream).poll_read(cx, buf) {
+            let n = buf.filled().len() - before;
+            if n > 0 && this.phase == Phase::Idle {
+                this.head_bytes = 0;
+                let after = this.header_timeout;
+                this.arm(Phase::Head, after);
+            }
+            if this.phase == Phase::Head {
+                this.head_bytes += n;
+            }
+            return Poll::Ready(result);
+        }
+        if this.phase != Phase::Busy && this.timer.as_mut().poll(cx).is_ready() {
+            if this.phase == Phase::Head && this.head_bytes > 0 {
+                this.answer(408);
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "request head not received in time")));
+            }
+            // Idle keep-alive connection (or one that never sent a byte): close quietly.
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.phase == Phase::Head && this.state.in_flight.load(Relaxed) == 0 {
+            if let Some(status) = automatic_error_status(buf) {
+                if this.answer(status) {
+                    // The connection closes after this; hyper's own bytes are replaced.
+                    return Poll::Ready(Ok(buf.len()));
+                }
+            }
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.phase == Phase::Head && this.state.in_flight.load(Relaxed) == 0 {
+            if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+                if let Some(status) = automatic_error_status(first) {
+                    if this.answer(status) {
+                        return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+                    }
+                }
+            }
+        }
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The status of one of hyper's automatic parse-error responses, recognised by its exact
+/// status line.
+fn automatic_error_status(buf: &[u8]) -> Option<u16> {
+    const LINES: [(&[u8], u16); 3] = [
+        (b"HTTP/1.1 400 Bad Request\r\n", 400),
+        (b"HTTP/1.1 431 Request Header Fields Too Large\r\n", 431),
+        (b"HTTP/1.1 414 URI Too Long\r\n", 414),
+    ];
+    LINES.iter().find(|(line, _)| buf.starts_with(line)).map(|&(_, s)| s)
+}

@@ -1,0 +1,117 @@
+//! Data-path errors: what failed, on which side, whether another backend may be tried, and
+//! the one function that turns an error into the status and short body a client receives.
+
+use http::StatusCode;
+
+/// Who is at fault, as the canary verdict and the metrics will read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something we refuse.
+    Client,
+    /// A backend failed or the pool has none to offer.
+    Upstream,
+    /// safelb itself (a bug or resource exhaustion).
+    Internal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    NoRoute,
+    NoHealthyBackend,
+    /// The pool is under its panic threshold and its policy is `fail_closed`.
+    PanicFailClosed,
+    ConnectRefused,
+    ConnectTimeout,
+    /// The backend accepted the request but sent no response head in time.
+    ResponseTimeout,
+    /// The backend closed or broke the connection, or answered with invalid HTTP.
+    UpstreamProtocol,
+    BodyTooLarge,
+    /// The request itself cannot be forwarded (e.g. an invalid target).
+    BadRequest,
+    /// Reading the client's request body failed (it went away or sent bad framing).
+    ClientBody,
+}
+
+impl ErrorKind {
+    pub fn side(self) -> Side {
+        match self {
+            ErrorKind::NoRoute | ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::ClientBody => Side::Client,
+            ErrorKind::NoHealthyBackend
+            | ErrorKind::PanicFailClosed
+            | ErrorKind::ConnectRefused
+            | ErrorKind::ConnectTimeout
+            | ErrorKind::ResponseTimeout
+            | ErrorKind::UpstreamProtocol => Side::Upstream,
+        }
+    }
+
+    /// May the request be sent to another backend? Only when nothing reached a backend.
+    pub fn retryable(self) -> bool {
+        matches!(self, ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout)
+    }
+
+    /// The short name used in access logs and response bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NoRoute => "no_route",
+            ErrorKind::NoHealthyBackend => "no_healthy_backend",
+            ErrorKind::PanicFailClosed => "panic_fail_closed",
+            ErrorKind::ConnectRefused => "connect_failed",
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::ResponseTimeout => "response_timeout",
+            ErrorKind::UpstreamProtocol => "upstream_protocol",
+            ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::ClientBody => "client_body",
+        }
+    }
+}
+
+/// An error on the request path, with the pool it concerns when there is one.
+#[derive(Clone, Debug)]
+pub struct ProxyError {
+    pub kind: ErrorKind,
+    pub pool: Option<std::sync::Arc<str>>,
+}
+
+impl ProxyError {
+    pub fn new(kind: ErrorKind) -> Self {
+        ProxyError { kind, pool: None }
+    }
+
+    pub fn in_pool(kind: ErrorKind, pool: &std::sync::Arc<str>) -> Self {
+        ProxyError { kind, pool: Some(pool.clone()) }
+    }
+}
+
+/// The single mapping from error to client answer: status and a one-line body naming the cause.
+pub fn client_answer(err: &ProxyError) -> (StatusCode, String) {
+    let pool = err.pool.as_deref().unwrap_or("?");
+    match err.kind {
+        ErrorKind::NoRoute => (StatusCode::NOT_FOUND, "no route matches this host and path".into()),
+        ErrorKind::NoHealthyBackend => (StatusCode::SERVICE_UNAVAILABLE, format!("no healthy backend in pool `{pool}`")),
+        ErrorKind::PanicFailClosed => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("pool `{pool}` is below its panic threshold and fails closed"),
+        ),
+        ErrorKind::ConnectRefused => (StatusCode::BAD_GATEWAY, format!("could not connect to a backend of pool `{pool}`")),
+        ErrorKind::ConnectTimeout => (StatusCode::BAD_GATEWAY, format!("timed out connecting to a backend of pool `{pool}`")),
+        ErrorKind::ResponseTimeout => (StatusCode::GATEWAY_TIMEOUT, format!("a backend of pool `{pool}` did not answer in time")),
+        ErrorKind::UpstreamProtocol => (StatusCode::BAD_GATEWAY, format!("a backend of pool `{pool}` sent an invalid or incomplete response")),
+        ErrorKind::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request body exceeds the configured limit".into()),
+        ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "request cannot be forwarded".into()),
+        ErrorKind::ClientBody => (StatusCode::BAD_REQUEST, "request body could not be read".into()),
+    }
+}
+
+/// Answers for errors the HTTP parser produces before a request exists (see `client_io.rs`).
+pub fn parser_answer(status: u16) -> Option<(StatusCode, &'static str)> {
+    match status {
+        400 => Some((StatusCode::BAD_REQUEST, "malformed HTTP request")),
+        408 => Some((StatusCode::REQUEST_TIMEOUT, "request headers not received in time")),
+        414 => Some((StatusCode::URI_TOO_LONG, "request target too long")),
+        431 => Some((StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers exceed the configured limit")),
+        _ => None,
+    }
+}

@@ -1,0 +1,341 @@
+//! The request path, top to bottom: match route -> pick backend -> connect (retry) -> send ->
+//! relay -> record.
+//!
+//! Each request loads the current snapshot once and keeps it to the end. Every response, local
+//! or relayed, carries a [`Completion`] that runs exactly once, when the body ends or is
+//! dropped: it releases the backend, returns the upstream connection to its pool if the body
+//! was read to the end, and writes the access-log line.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{HeaderValue, Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use safelb_config::routing::RequestView;
+use safelb_config::HashKey;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::access_log::{rfc3339_now, AccessLog, LogEntry};
+use crate::backend::BackendState;
+use crate::body::{request_body_error, RequestBody, RequestBodyError, ResponseBody};
+use crate::client_io::ConnState;
+use crate::error::{client_answer, ErrorKind, ProxyError};
+use crate::handle::ProxyHandle;
+use crate::headers::{add_forwarded, request_id, strip_hop_by_hop, X_REQUEST_ID};
+use crate::snapshot::{PoolRuntime, Snapshot};
+use crate::upstream::{self, Sender};
+
+/// Stale pooled connections tried before a fresh one is opened; bounds a loop on a backend
+/// that closes every idle connection.
+const MAX_STALE_REUSE: u32 = 3;
+
+/// Everything a listener's connections share.
+pub struct Proxy {
+    pub handle: ProxyHandle,
+    pub log: AccessLog,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub scheme: &'static str,
+}
+
+impl Proxy {
+    pub fn new(handle: ProxyHandle, log: AccessLog) -> Arc<Proxy> {
+        Arc::new(Proxy { handle, log, scheme: "http" })
+    }
+
+    /// Serves one request. Never fails: every error becomes a response.
+    pub async fn serve(&self, req: Request<Incoming>, client: SocketAddr, conn: Arc<ConnState>) -> Response<ResponseBody> {
+        let snapshot = self.handle.snapshot();
+        let mut done = Completion::start(&self.log, client, conn, snapshot.version);
+        let (mut parts, body) = req.into_parts();
+        done.request_id = request_id(&mut parts.headers);
+        let host_header = parts.headers.get(HOST).cloned();
+        let host = parts.uri.authority().map(|a| a.as_str()).or_else(|| host_header.as_ref().and_then(|h| h.to_str().ok())).unwrap_or("");
+        if done.log.enabled() {
+            done.method = parts.method.clone();
+            done.host = host.to_owned();
+            done.path = parts.uri.path().to_owned();
+        }
+
+        let limits = &snapshot.config.limits;
+        let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limits.max_body_bytes) {
+            return local(done, ProxyError::new(ErrorKind::BodyTooLarge));
+        }
+
+        let view = RequestView {
+            method: parts.method.as_str(),
+            host,
+            path: parts.uri.path(),
+            header: |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()),
+        };
+        let Some(route) = snapshot.config.route_table.find(&view) else {
+            return local(done, ProxyError::new(ErrorKind::NoRoute));
+        };
+        let pool = &snapshot.pools[snapshot.config.routes[route].pool];
+        done.route = Some(snapshot.route_names[route].clone());
+        done.pool = Some(pool.name.clone());
+        let hash = if pool.balancer.needs_hash() { request_hash(&snapshot, pool, &parts.headers, client) } else { 0 };
+
+        // The upstream request: origin-form target, the client's Host kept, hop-by-hop gone.
+        if let Some(authority) = parts.uri.authority().map(|a| a.as_str().to_owned()) {
+            if host_header.is_none() {
+                if let Ok(v) = HeaderValue::from_str(&authority) {
+                    parts.headers.insert(HOST, v);
+                }
+            }
+            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+            parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
+        }
+        strip_hop_by_hop(&mut parts.headers);
+        add_forwarded(&mut parts.headers, client, self.scheme, host_header.as_ref());
+        parts.version = Version::HTTP_11;
+        let request = Request::from_parts(parts, RequestBody::new(body, limits.max_body_bytes));
+        self.forward(&snapshot, pool, request, hash, done).await
+    }
+
+    async fn forward(
+        &self,
+        snapshot: &Snapshot,
+        pool: &PoolRuntime,
+        request: Request<RequestBody>,
+        hash: u64,
+        mut done: Box<Completion>,
+    ) -> Response<ResponseBody> {
+        let config = snapshot.pool_config(pool);
+        pool.retry_budget.on_request();
+        let mut request = Some(request);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_error: Option<ErrorKind> = None;
+        let mut stale_reuses = 0;
+        loop {
+            let idx = match pool.select(hash, &tried) {
+                Ok(i) => i,
+                // A retry that finds no other backend reports the failure that caused it.
+                Err(kind) => return local(done, ProxyError::in_pool(last_error.unwrap_or(kind), &pool.name)),
+            };
+            let backend = &pool.backends[idx];
+            backend.start_request();
+            let started = Instant::now();
+            let (mut sender, reused) = match upstream::checkout(backend, config.connect_timeout).await {
+                Ok(s) => s,
+                Err(kind) => {
+                    backend.end_request();
+                    backend.observe_latency(config.connect_timeout);
+                    failure(pool, snapshot, backend, kind);
+                    tried.push(idx);
+                    last_error = Some(kind);
+                    // Nothing reached a backend, so any method may go elsewhere.
+                    if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
+                        done.retries += 1;
+                        continue;
+                    }
+                    return local(done, ProxyError::in_pool(kind, &pool.name));
+                }
+            };
+            let req = request.take().expect("the request is put back whenever the loop continues");
+            match tokio::time::timeout(config.response_timeout, sender.try_send_request(req)).await {
+                Err(_) => {
+                    backend.end_request();
+                    backend.observe_latency(config.response_timeout);
+                    done.backend = Some(backend.clone());
+                    failure(pool, snapshot, backend, ErrorKind::ResponseTimeout);
+                    return local(done, ProxyError::in_pool(ErrorKind::ResponseTimeout, &pool.name));
+                }
+                Ok(Err(mut e)) => {
+                    backend.end_request();
+                    if let Some(req) = e.take_message() {
+                        // Never written: a pooled connection the backend had closed.
+                        if reused && stale_reuses < MAX_STALE_REUSE {
+                            stale_reuses += 1;
+                            request = Some(req);
+                            continue;
+                        }
+                    }
+                    done.backend = Some(backend.clone());
+                    let err = e.into_error();
+                    if let Some(body_err) = request_body_error(&err) {
+                        let kind = match body_err {
+                            RequestBodyError::TooLarge { .. } => ErrorKind::BodyTooLarge,
+                            RequestBodyError::Client(_) => ErrorKind::ClientBody,
+                        };
+                        return local(done, ProxyError::in_pool(kind, &pool.name));
+                    }
+                    tracing::debug!(backend = %backend.addr, error = %err, "upstream exchange failed");
+                    failure(pool, snapshot, backend, ErrorKind::UpstreamProtocol);
+                    return local(done, ProxyError::in_pool(ErrorKind::UpstreamProtocol, &pool.name));
+                }
+                Ok(Ok(response)) => {
+                    let latency = started.elapsed();
+                    backend.observe_latency(latency);
+                    if response.status().is_server_error() {
+                        failure(pool, snapshot, backend, ErrorKind::UpstreamProtocol);
+                    } else {
+                        backend.record_success();
+                    }
+                    done.upstream = Some(latency);
+                    done.backend = Some(backend.clone());
+                    done.backend_in_flight = true;
+                    done.status = response.status().as_u16();
+                    done.release = Some(sender);
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    return Response::from_parts(parts, ResponseBody::upstream(body, done));
+                }
+            }
+        }
+    }
+}
+
+/// Counts a failure against the backend's outlier state; ejects it when the pool can spare it.
+fn failure(pool: &PoolRuntime, snapshot: &Snapshot, backend: &Arc<BackendState>, kind: ErrorKind) {
+    let outlier = &snapshot.pool_config(pool).outlier;
+    if let Some(for_how_long) = backend.record_failure(outlier, || pool.may_eject()) {
+        upstream::clear_idle(backend);
+        tracing::warn!(
+            backend = %backend.addr,
+            pool = %pool.name,
+            cause = kind.as_str(),
+            ejected_for_ms = for_how_long.as_millis() as u64,
+            "backend ejected after consecutive failures: no new requests until the ejection ends"
+        );
+    }
+}
+
+fn request_hash(snapshot: &Snapshot, pool: &PoolRuntime, headers: &http::HeaderMap, client: SocketAddr) -> u64 {
+    let by_client = || match client.ip() {
+        std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
+        std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),
+    };
+    match &snapshot.pool_config(pool).hash_key {
+        HashKey::ClientAddress => by_client(),
+        HashKey::Header(name) => headers.get(name.as_str()).map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
+        HashKey::Cookie(name) => cookie(headers, name).map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
+    }
+}
+
+fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A local answer: the status and short body for `err`, logged like any request.
+fn local(mut done: Box<Completion>, err: ProxyError) -> Response<ResponseBody> {
+    let (status, text) = client_answer(&err);
+    done.status = status.as_u16();
+    done.error = Some(err.kind.as_str());
+    let body = Bytes::from(format!("{} {}: {text}\n", status.as_u16(), status.canonical_reason().unwrap_or("")));
+    let request_id = done.request_id.clone();
+    let mut response = Response::new(ResponseBody::local(body, Some(done)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    response
+}
+
+/// What happens when a request's response ends: see the module doc.
+pub(crate) struct Completion {
+    log: AccessLog,
+    conn: Arc<ConnState>,
+    start: Instant,
+    client: SocketAddr,
+    version: u64,
+    request_id: HeaderValue,
+    method: Method,
+    host: String,
+    path: String,
+    route: Option<Arc<str>>,
+    pool: Option<Arc<str>>,
+    backend: Option<Arc<BackendState>>,
+    /// Whether `backend`'s in-flight count includes this request.
+    backend_in_flight: bool,
+    release: Option<Sender>,
+    upstream: Option<Duration>,
+    status: u16,
+    retries: u32,
+    error: Option<&'static str>,
+    bytes: u64,
+    complete: bool,
+}
+
+impl Completion {
+    fn start(log: &AccessLog, client: SocketAddr, conn: Arc<ConnState>, version: u64) -> Box<Completion> {
+        conn.in_flight.fetch_add(1, Relaxed);
+        Box::new(Completion {
+            log: log.clone(),
+            conn,
+            start: Instant::now(),
+            client,
+            version,
+            request_id: HeaderValue::from_static(""),
+            method: Method::GET,
+            host: String::new(),
+            path: String::new(),
+            route: None,
+            pool: None,
+            backend: None,
+            backend_in_flight: false,
+            release: None,
+            upstream: None,
+            // Until a response exists, the client went away first (nginx's 499).
+            status: 499,
+            retries: 0,
+            error: None,
+            bytes: 0,
+            complete: false,
+        })
+    }
+
+    /// Called by the response body when it ends or is dropped.
+    pub(crate) fn finish(mut self: Box<Self>, bytes: u64, complete: bool) {
+        self.bytes = bytes;
+        self.complete = complete;
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(backend) = &self.backend {
+            if self.backend_in_flight {
+                backend.end_request();
+            }
+            if let Some(sender) = self.release.take() {
+                if self.complete {
+                    upstream::checkin(backend, sender);
+                }
+            }
+        }
+        self.conn.in_flight.fetch_sub(1, Relaxed);
+        if self.log.enabled() {
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            self.log.write(&LogEntry {
+                time: rfc3339_now(),
+                request_id: self.request_id.to_str().unwrap_or(""),
+                client: self.client,
+                method: self.method.as_str(),
+                host: &self.host,
+                path: &self.path,
+                route: self.route.as_deref(),
+                pool: self.pool.as_deref(),
+                backend: self.backend.as_ref().map(|b| &*b.label),
+                status: self.status,
+                bytes_sent: self.bytes,
+                duration_ms: ms(self.start.elapsed()),
+                upstream_ms: self.upstream.map(ms),
+                retries: self.retries,
+                error: self.error,
+                complete: self.complete,
+                config_version: self.version,
+            });
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Client-facing listeners: accept, serve HTTP/1.1 with keep-alive, drain on shutdown.
+//!
+//! [`serve`] takes a bound listener and a shutdown token (the shape of mini-redis's
+//! `server::run`), so tests bind port 0 and own the lifetime. On shutdown it stops accepting;
+//! every connection finishes the request it is serving and then closes. The caller waits on
+//! the [`TaskTracker`] for at most its drain timeout.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client_io::{ClientIo, ConnState};
+use crate::proxy::Proxy;
+
+/// Binds a listening socket with a deep accept backlog (bursts of new connections are common
+/// in front of a website) and address reuse (a restart must not wait for TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Accepts and serves connections until `shutdown` is cancelled. Connection tasks are spawned
+/// on `tracker`, so the caller can wait for them to drain.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Usually EMFILE or a connection reset before accept: back off a little
+                    // rather than spin, and keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tracker.spawn(connection(stream, peer, proxy.clone(), shutdown.clone()));
+    }
+}
+
+async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let snapshot = proxy.handle.snapshot();
+    let limits = snapshot.config.limits.clone();
+    let state = Arc::new(ConnState::default());
+    let io = ClientIo::new(stream, state.clone(), peer, limits.header_timeout, limits.keepalive_timeout, proxy.log.clone(), snapshot.version);
+    drop(snapshot);
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(proxy.serve(req, peer, state).await) }
+    });
+    let conn = http1::Builder::new()
+        .keep_alive(true)
+        .max_header_size(limits.max_header_bytes)
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The routing snapshot: one config version compiled for the data plane.
+//!
+//! A snapshot is immutable once built except for counters (retry budget, panic flag); it is
+//! published behind one `ArcSwap` by [`crate::ProxyHandle`], and a request holds the `Arc` it
+//! loaded for its whole life, so a swap never changes the rules under a request in flight.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use safelb_config::{PanicPolicy, Pool, ValidConfig};
+
+use crate::backend::{now_ms, BackendState, Registry};
+use crate::balance::{Balancer, Candidates};
+use crate::error::ErrorKind;
+
+pub struct Snapshot {
+    pub version: u64,
+    pub config: ValidConfig,
+    pub pools: Vec<PoolRuntime>,
+    /// Route names, shared with access-log lines without copying.
+    pub route_names: Vec<Arc<str>>,
+}
+
+impl Snapshot {
+    pub fn build(config: ValidConfig, version: u64, registry: &Registry) -> Snapshot {
+        let pools = config.pools.iter().enumerate().map(|(i, p)| PoolRuntime::new(i, p, registry)).collect();
+        let route_names = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        Snapshot { version, config, pools, route_names }
+    }
+
+    pub fn pool_config(&self, pool: &PoolRuntime) -> &Pool {
+        &self.config.pools[pool.index]
+    }
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").field("version", &self.version).field("pools", &self.pools.len()).finish()
+    }
+}
+
+/// A pool as the data plane uses it.
+#[derive(Debug)]
+pub struct PoolRuntime {
+    pub index: usize,
+    pub name: Arc<str>,
+    pub backends: Vec<Arc<BackendState>>,
+    pub weights: Vec<u32>,
+    pub balancer: Balancer,
+    pub retry_budget: RetryBudget,
+    in_panic: AtomicBool,
+    panic_threshold: u8,
+    panic_policy: PanicPolicy,
+    max_ejected_percent: u8,
+}
+
+impl PoolRuntime {
+    fn new(index: usize, pool: &Pool, registry: &Registry) -> PoolRuntime {
+        let backends: Vec<_> = pool.backends.iter().map(|b| registry.get_or_insert(b.addr)).collect();
+        let weights: Vec<u32> = pool.backends.iter().map(|b| b.weight).collect();
+        PoolRuntime {
+            index,
+            name: Arc::from(pool.name.as_str()),
+            balancer: Balancer::new(pool.balance, &backends, &weights),
+            backends,
+            weights,
+            retry_budget: RetryBudget::new(pool.retry.budget_percent, pool.retry.min_per_second),
+            in_panic: AtomicBool::new(false),
+            panic_threshold: pool.panic_threshold,
+            panic_policy: pool.panic_policy,
+            max_ejected_percent: pool.outlier.max_ejected_percent,
+        }
+    }
+
+    /// Chooses a backend for a request, skipping those in `tried`.
+    pub fn select(&self, hash: u64, tried: &[usize]) -> Result<usize, ErrorKind> {
+        let now = now_ms();
+        let usable = |i: usize| self.weights[i] > 0 && !tried.contains(&i);
+        if self.panic_threshold > 0 {
+            let total = self.backends.iter().enumerate().filter(|(i, _)| self.weights[*i] > 0).count().max(1);
+            let available = self.backends.iter().enumerate().filter(|(i, b)| self.weights[*i] > 0 && b.is_available(now)).count();
+            let panic = available * 100 < total * self.panic_threshold as usize;
+            if self.in_panic.swap(panic, Relaxed) != panic {
+                if panic {
+                    tracing::warn!(pool = %self.name, available, total, threshold = self.panic_threshold, policy = ?self.panic_policy, "pool entered panic mode");
+                } else {
+                    tracing::info!(pool = %self.name, available, total, "pool left panic mode");
+                }
+            }
+            if panic {
+                return match self.panic_policy {
+                    PanicPolicy::FailClosed => Err(ErrorKind::PanicFailClosed),
+                    PanicPolicy::FailOpen => self.pick(hash, &usable).ok_or(ErrorKind::NoHealthyBackend),
+                };
+            }
+        }
+        let eligible = |i: usize| usable(i) && self.backends[i].is_available(now);
+        self.pick(hash, &eligible).ok_or(ErrorKind::NoHealthyBackend)
+    }
+
+    fn pick(&self, hash: u64, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let c = Candidates { backends: &self.backends, weights: &self.weights, eligible };
+        self.balancer.pick(&c, hash)
+    }
+
+    pub fn in_panic(&self) -> bool {
+        self.in_panic.load(Relaxed)
+    }
+
+    /// May one more backend of this pool be ejected? At least one always may, so a pool of one
+    /// answers a fast 503 instead of a slow timeout per request.
+    pub fn may_eject(&self) -> bool {
+        let now = now_ms();
+        let ejected = self.backends.iter().filter(|b| b.is_ejected(now)).count();
+        let cap = (self.backends.len() * self.max_ejected_percent as usize / 100).max(1);
+        self.max_ejected_percent > 0 && ejected < cap
+    }
+}
+
+/// Retries allowed per second: `percent` of requests, and never fewer than `min_per_second`.
+/// Keeps retries from doubling the load on a pool that is failing.
+#[derive(Debug)]
+pub struct RetryBudget {
+    percent: u32,
+    min_per_second: u32,
+    second: AtomicU64,
+    requests: AtomicU32,
+    retries: AtomicU32,
+}
+
+impl RetryBudget {
+    pub fn new(percent: u32, min_per_second: u32) -> Self {
+        RetryBudget { percent, min_per_second, second: AtomicU64::new(0), requests: AtomicU32::new(0), retries: AtomicU32::new(0) }
+    }
+
+    fn roll(&self) {
+        let now = now_ms() / 1000;
+        if self.second.load(Relaxed) != now && self.second.swap(now, Relaxed) != now {
+            self.requests.store(0, Relaxed);
+            self.retries.store(0, Relaxed);
+        }
+    }
+
+    pub fn on_request(&self) {
+        self.roll();
+        self.requests.fetch_add(1, Relaxed);
+    }
+
+    /// Takes one retry from the budget if there is one left this second.
+    pub fn try_retry(&self) -> bool {
+        self.roll();
+        let allowed = (self.requests.load(Relaxed) as u64 * self.percent as u64 / 100).max(self.min_per_second as u64);
+        let used = self.retries.fetch_add(1, Relaxed) as u64;
+        if used < allowed {
+            true
+        } else {
+            self.retries.fetch_sub(1, Relaxed);
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_budget_caps_retries_per_second() {
+        let b = RetryBudget::new(20, 2);
+        for _ in 0..100 {
+            b.on_request();
+        }
+        let granted = (0..100).filter(|_| b.try_retry()).count();
+        // Within one second: 20% of 100 requests. (A second boundary in the middle only resets.)
+        assert!((2..=20).contains(&granted), "granted {granted}");
+        let b = RetryBudget::new(0, 3);
+        b.on_request();
+        assert!((0..10).filter(|_| b.try_retry()).count() <= 3);
+    }
+}
