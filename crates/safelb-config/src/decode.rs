@@ -25,7 +25,11 @@ pub(crate) struct Section<'t, 'i> {
 
 impl<'t, 'i> Section<'t, 'i> {
     pub fn new(table: &'t DeTable<'i>, span: Range<usize>, what: impl Into<String>) -> Self {
-        Section { table, span, what: what.into() }
+        Section {
+            table,
+            span,
+            what: what.into(),
+        }
     }
 
     /// Reports every key not in `known`, with the closest known key as a hint.
@@ -35,7 +39,11 @@ impl<'t, 'i> Section<'t, 'i> {
             if known.contains(&name) {
                 continue;
             }
-            let diag = d.error(Rule::UnknownKey, key.span(), format!("unknown key `{name}` in {}", self.what));
+            let diag = d.error(
+                Rule::UnknownKey,
+                key.span(),
+                format!("unknown key `{name}` in {}", self.what),
+            );
             match did_you_mean(name, known.iter().copied()) {
                 Some(s) => diag.hint(format!("did you mean `{s}`?")),
                 None => diag.hint(format!("known keys: {}", known.join(", "))),
@@ -44,7 +52,10 @@ impl<'t, 'i> Section<'t, 'i> {
     }
 
     pub fn get(&self, key: &str) -> Option<&'t Value<'i>> {
-        self.table.iter().find(|(k, _)| k.get_ref().as_ref() == key).map(|(_, v)| v)
+        self.table
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == key)
+            .map(|(_, v)| v)
     }
 
     pub fn key_span(&self, key: &str) -> Range<usize> {
@@ -57,14 +68,19 @@ impl<'t, 'i> Section<'t, 'i> {
     pub fn require(&self, d: &mut Diagnostics, key: &str, example: &str) -> Option<&'t Value<'i>> {
         let v = self.get(key);
         if v.is_none() {
-            d.error(Rule::MissingKey, self.span.clone(), format!("{} needs `{key}`", self.what))
-                .hint(format!("add e.g. `{key} = {example}`"));
+            d.error(
+                Rule::MissingKey,
+                self.span.clone(),
+                format!("{} needs `{key}`", self.what),
+            )
+            .hint(format!("add e.g. `{key} = {example}`"));
         }
         v
     }
 
     pub fn str(&self, d: &mut Diagnostics, key: &str) -> Option<Spanned<&'t str>> {
-        self.get(key).and_then(|v| as_str(d, v, &format!("`{key}` in {}", self.what)))
+        self.get(key)
+            .and_then(|v| as_str(d, v, &format!("`{key}` in {}", self.what)))
     }
 
     pub fn bool(&self, d: &mut Diagnostics, key: &str) -> Option<bool> {
@@ -72,7 +88,13 @@ impl<'t, 'i> Section<'t, 'i> {
         match v.get_ref() {
             DeValue::Boolean(b) => Some(*b),
             other => {
-                wrong_type(d, v.span(), &format!("`{key}` in {}", self.what), "a boolean", other);
+                wrong_type(
+                    d,
+                    v.span(),
+                    &format!("`{key}` in {}", self.what),
+                    "a boolean",
+                    other,
+                );
                 None
             }
         }
@@ -80,7 +102,8 @@ impl<'t, 'i> Section<'t, 'i> {
 
     /// A non-negative integer no larger than `max`.
     pub fn uint(&self, d: &mut Diagnostics, key: &str, max: u64) -> Option<u64> {
-        self.get(key).and_then(|v| as_uint(d, v, &format!("`{key}` in {}", self.what), max))
+        self.get(key)
+            .and_then(|v| as_uint(d, v, &format!("`{key}` in {}", self.what), max))
     }
 
     pub fn duration(&self, d: &mut Diagnostics, key: &str) -> Option<Duration> {
@@ -88,8 +111,12 @@ impl<'t, 'i> Section<'t, 'i> {
         match parse_duration(s.get_ref()) {
             Ok(dur) => Some(dur),
             Err(msg) => {
-                d.error(Rule::InvalidDuration, s.span(), format!("`{key}` in {}: {msg}", self.what))
-                    .hint("durations look like \"250ms\", \"2s\", \"1m30s\"");
+                d.error(
+                    Rule::InvalidDuration,
+                    s.span(),
+                    format!("`{key}` in {}: {msg}", self.what),
+                )
+                .hint("durations look like \"250ms\", \"2s\", \"1m30s\"");
                 None
             }
         }
@@ -108,7 +135,11 @@ impl<'t, 'i> Section<'t, 'i> {
     }
 }
 
-pub(crate) fn as_section<'t, 'i>(d: &mut Diagnostics, v: &'t Value<'i>, what: String) -> Option<Section<'t, 'i>> {
+pub(crate) fn as_section<'t, 'i>(
+    d: &mut Diagnostics,
+    v: &'t Value<'i>,
+    what: String,
+) -> Option<Section<'t, 'i>> {
     match v.get_ref() {
         DeValue::Table(t) => Some(Section::new(t, v.span(), what)),
         other => {
@@ -118,7 +149,11 @@ pub(crate) fn as_section<'t, 'i>(d: &mut Diagnostics, v: &'t Value<'i>, what: St
     }
 }
 
-pub(crate) fn as_str<'t>(d: &mut Diagnostics, v: &'t Value<'_>, what: &str) -> Option<Spanned<&'t str>> {
+pub(crate) fn as_str<'t>(
+    d: &mut Diagnostics,
+    v: &'t Value<'_>,
+    what: &str,
+) -> Option<Spanned<&'t str>> {
     match v.get_ref() {
         DeValue::String(s) => Some(Spanned::new(v.span(), s.as_ref())),
         other => {
@@ -139,13 +174,21 @@ pub(crate) fn as_uint(d: &mut Diagnostics, v: &Value<'_>, what: &str, max: u64) 
     match parsed {
         Some(n) if n <= max => Some(n),
         _ => {
-            d.error(Rule::InvalidValue, v.span(), format!("{what} must be a whole number from 0 to {max}"));
+            d.error(
+                Rule::InvalidValue,
+                v.span(),
+                format!("{what} must be a whole number from 0 to {max}"),
+            );
             None
         }
     }
 }
 
-pub(crate) fn as_array<'t, 'i>(d: &mut Diagnostics, v: &'t Value<'i>, what: &str) -> Option<&'t [Value<'i>]> {
+pub(crate) fn as_array<'t, 'i>(
+    d: &mut Diagnostics,
+    v: &'t Value<'i>,
+    what: &str,
+) -> Option<&'t [Value<'i>]> {
     match v.get_ref() {
         DeValue::Array(a) => Some(a),
         other => {
@@ -155,12 +198,20 @@ pub(crate) fn as_array<'t, 'i>(d: &mut Diagnostics, v: &'t Value<'i>, what: &str
     }
 }
 
-pub(crate) fn parse_addr(d: &mut Diagnostics, s: &Spanned<&str>, what: &str) -> Option<Spanned<SocketAddr>> {
+pub(crate) fn parse_addr(
+    d: &mut Diagnostics,
+    s: &Spanned<&str>,
+    what: &str,
+) -> Option<Spanned<SocketAddr>> {
     match s.get_ref().parse::<SocketAddr>() {
         Ok(a) => Some(Spanned::new(s.span(), a)),
         Err(_) => {
             let text = *s.get_ref();
-            let diag = d.error(Rule::InvalidAddress, s.span(), format!("{what}: `{text}` is not an IP:port address"));
+            let diag = d.error(
+                Rule::InvalidAddress,
+                s.span(),
+                format!("{what}: `{text}` is not an IP:port address"),
+            );
             match text.rsplit_once(':') {
                 Some((host, port)) if host.parse::<IpAddr>().is_err() && port.parse::<u16>().is_ok() => {
                     diag.hint("host names are not resolved: write an IP address, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"")
@@ -172,6 +223,16 @@ pub(crate) fn parse_addr(d: &mut Diagnostics, s: &Spanned<&str>, what: &str) -> 
     }
 }
 
-pub(crate) fn wrong_type(d: &mut Diagnostics, span: Range<usize>, what: &str, expected: &str, got: &DeValue<'_>) {
-    d.error(Rule::WrongType, span, format!("{what} must be {expected}, not {}", got.type_str()));
+pub(crate) fn wrong_type(
+    d: &mut Diagnostics,
+    span: Range<usize>,
+    what: &str,
+    expected: &str,
+    got: &DeValue<'_>,
+) {
+    d.error(
+        Rule::WrongType,
+        span,
+        format!("{what} must be {expected}, not {}", got.type_str()),
+    );
 }

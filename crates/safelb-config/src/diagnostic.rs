@@ -95,19 +95,45 @@ pub struct Located<'a> {
 
 impl Diagnostics {
     pub fn new(file: impl Into<String>, source: impl Into<String>) -> Self {
-        Diagnostics { file: file.into(), source: source.into(), items: Vec::new() }
+        Diagnostics {
+            file: file.into(),
+            source: source.into(),
+            items: Vec::new(),
+        }
     }
 
-    pub fn error(&mut self, rule: Rule, span: Range<usize>, message: impl Into<String>) -> &mut Diagnostic {
+    pub fn error(
+        &mut self,
+        rule: Rule,
+        span: Range<usize>,
+        message: impl Into<String>,
+    ) -> &mut Diagnostic {
         self.push(Severity::Error, rule, span, message)
     }
 
-    pub fn warning(&mut self, rule: Rule, span: Range<usize>, message: impl Into<String>) -> &mut Diagnostic {
+    pub fn warning(
+        &mut self,
+        rule: Rule,
+        span: Range<usize>,
+        message: impl Into<String>,
+    ) -> &mut Diagnostic {
         self.push(Severity::Warning, rule, span, message)
     }
 
-    fn push(&mut self, severity: Severity, rule: Rule, span: Range<usize>, message: impl Into<String>) -> &mut Diagnostic {
-        self.items.push(Diagnostic { severity, rule, message: message.into(), span, hint: None });
+    fn push(
+        &mut self,
+        severity: Severity,
+        rule: Rule,
+        span: Range<usize>,
+        message: impl Into<String>,
+    ) -> &mut Diagnostic {
+        self.items.push(Diagnostic {
+            severity,
+            rule,
+            message: message.into(),
+            span,
+            hint: None,
+        });
         self.items.last_mut().expect("an item was just pushed")
     }
 
@@ -168,7 +194,12 @@ impl Diagnostics {
             let width = span_width(&self.source, &d.span, text, column);
             let _ = writeln!(out, "{pad} |");
             let _ = writeln!(out, "{gutter} | {text}");
-            let _ = write!(out, "{pad} | {}{}", " ".repeat(column - 1), "^".repeat(width));
+            let _ = write!(
+                out,
+                "{pad} | {}{}",
+                " ".repeat(column - 1),
+                "^".repeat(width)
+            );
             match &d.hint {
                 Some(h) => {
                     let _ = writeln!(out, " {h}");
@@ -177,9 +208,17 @@ impl Diagnostics {
             }
             out.push('\n');
         }
-        let errors = self.items.iter().filter(|d| d.severity == Severity::Error).count();
+        let errors = self
+            .items
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
         let warnings = self.items.len() - errors;
-        let _ = writeln!(out, "{}: {errors} error(s), {warnings} warning(s)", self.file);
+        let _ = writeln!(
+            out,
+            "{}: {errors} error(s), {warnings} warning(s)",
+            self.file
+        );
         out
     }
 }
@@ -217,7 +256,12 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 fn span_width(source: &str, span: &Range<usize>, line_text: &str, column: usize) -> usize {
     let start = floor_char_boundary(source, span.start.min(source.len()));
     let end = floor_char_boundary(source, span.end.min(source.len())).max(start);
-    let chars = source[start..end].split('\n').next().unwrap_or("").chars().count();
+    let chars = source[start..end]
+        .split('\n')
+        .next()
+        .unwrap_or("")
+        .chars()
+        .count();
     let room = line_text.chars().count().saturating_sub(column - 1);
     chars.clamp(1, room.max(1))
 }
@@ -247,7 +291,10 @@ mod tests {
 
     #[test]
     fn suggestion_only_for_close_names() {
-        assert_eq!(did_you_mean("balanse", ["balance", "backends"]), Some("balance"));
+        assert_eq!(
+            did_you_mean("balanse", ["balance", "backends"]),
+            Some("balance")
+        );
         assert_eq!(did_you_mean("zzz", ["balance", "backends"]), None);
     }
 }

@@ -15,7 +15,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!("`{text}` is not a duration: expected a number at `{rest}`"));
+            return Err(format!(
+                "`{text}` is not a duration: expected a number at `{rest}`"
+            ));
         }
         let value: u64 = rest[..digits]
             .parse()
@@ -29,8 +31,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(value),
             "m" => Duration::from_secs(value.saturating_mul(60)),
             "h" => Duration::from_secs(value.saturating_mul(3600)),
-            "" => return Err(format!("`{text}` has no unit: write e.g. \"{value}s\" or \"{value}ms\"")),
-            other => return Err(format!("`{text}`: unknown unit `{other}` (use ms, s, m or h)")),
+            "" => {
+                return Err(format!(
+                    "`{text}` has no unit: write e.g. \"{value}s\" or \"{value}ms\""
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "`{text}`: unknown unit `{other}` (use ms, s, m or h)"
+                ))
+            }
         };
         total = total.saturating_add(part);
     }

@@ -20,7 +20,9 @@ pub struct ValidConfig {
 
 impl ValidConfig {
     pub(crate) fn new(config: Config) -> Self {
-        ValidConfig { inner: Arc::new(config) }
+        ValidConfig {
+            inner: Arc::new(config),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -105,7 +107,10 @@ pub struct AccessLog {
 
 impl Default for AccessLog {
     fn default() -> Self {
-        AccessLog { enabled: true, path: None }
+        AccessLog {
+            enabled: true,
+            path: None,
+        }
     }
 }
 
@@ -150,8 +155,13 @@ pub enum Balance {
 }
 
 impl Balance {
-    pub const NAMES: [&'static str; 5] =
-        ["round_robin", "weighted", "least_request", "p2c_ewma", "consistent_hash"];
+    pub const NAMES: [&'static str; 5] = [
+        "round_robin",
+        "weighted",
+        "least_request",
+        "p2c_ewma",
+        "consistent_hash",
+    ];
 
     pub fn from_name(name: &str) -> Option<Balance> {
         Some(match name {
@@ -217,7 +227,11 @@ pub struct Retry {
 
 impl Default for Retry {
     fn default() -> Self {
-        Retry { attempts: 1, budget_percent: 20, min_per_second: 10 }
+        Retry {
+            attempts: 1,
+            budget_percent: 20,
+            min_per_second: 10,
+        }
     }
 }
 

@@ -15,7 +15,15 @@ use crate::model::*;
 use crate::routing::RouteTable;
 use crate::validate;
 
-const TOP_KEYS: &[&str] = &["listener", "admin", "limits", "access_log", "route", "pool", "test"];
+const TOP_KEYS: &[&str] = &[
+    "listener",
+    "admin",
+    "limits",
+    "access_log",
+    "route",
+    "pool",
+    "test",
+];
 const ROUTE_KEYS: &[&str] = &["name", "host", "path_prefix", "method", "headers", "pool"];
 const POOL_KEYS: &[&str] = &[
     "balance",
@@ -30,7 +38,13 @@ const POOL_KEYS: &[&str] = &[
     "health",
     "outlier",
 ];
-const TEST_KEYS: &[&str] = &["request", "headers", "expect_pool", "expect_route", "expect_status"];
+const TEST_KEYS: &[&str] = &[
+    "request",
+    "headers",
+    "expect_pool",
+    "expect_route",
+    "expect_status",
+];
 
 /// The result of checking a source: the config when there is no error, and all findings
 /// (warnings are reported even for a valid config).
@@ -53,28 +67,54 @@ pub fn check(file: &str, source: &str) -> Checked {
     if !errors.is_empty() {
         for e in errors {
             let span = e.span().unwrap_or(0..0);
-            d.error(Rule::Syntax, span, format!("TOML syntax: {}", e.message().trim()));
+            d.error(
+                Rule::Syntax,
+                span,
+                format!("TOML syntax: {}", e.message().trim()),
+            );
         }
-        return Checked { config: None, diagnostics: d };
+        return Checked {
+            config: None,
+            diagnostics: d,
+        };
     }
     let top = Section::new(root.get_ref(), root.span(), "the top level");
     top.deny_unknown(&mut d, TOP_KEYS);
 
     let listeners = listeners(&mut d, &top);
     let admin = top.section(&mut d, "admin").and_then(|s| admin(&mut d, &s));
-    let limits = top.section(&mut d, "limits").map(|s| limits(&mut d, &s)).unwrap_or_default();
-    let access_log = top.section(&mut d, "access_log").map(|s| access_log(&mut d, &s)).unwrap_or_default();
-    let pools = top.section(&mut d, "pool").map(|s| pools(&mut d, &s)).unwrap_or_default();
+    let limits = top
+        .section(&mut d, "limits")
+        .map(|s| limits(&mut d, &s))
+        .unwrap_or_default();
+    let access_log = top
+        .section(&mut d, "access_log")
+        .map(|s| access_log(&mut d, &s))
+        .unwrap_or_default();
+    let pools = top
+        .section(&mut d, "pool")
+        .map(|s| pools(&mut d, &s))
+        .unwrap_or_default();
     let routes = routes(&mut d, &top, &pools);
     let tests = tests(&mut d, &top);
 
     let route_list: Vec<Route> = routes.iter().map(|(r, _)| r.clone()).collect();
     let route_table = RouteTable::build(&route_list);
-    validate::cross_check(&mut d, &routes, &pools, &route_table, &tests, admin.as_ref());
+    validate::cross_check(
+        &mut d,
+        &routes,
+        &pools,
+        &route_table,
+        &tests,
+        admin.as_ref(),
+    );
     let pool_list: Vec<Pool> = pools.into_iter().map(|(p, _)| p).collect();
 
     if d.has_errors() {
-        return Checked { config: None, diagnostics: d };
+        return Checked {
+            config: None,
+            diagnostics: d,
+        };
     }
     let config = Config {
         source: source.to_owned(),
@@ -87,27 +127,50 @@ pub fn check(file: &str, source: &str) -> Checked {
         tests: tests.into_iter().map(|(t, _)| t).collect(),
         route_table,
     };
-    Checked { config: Some(ValidConfig::new(config)), diagnostics: d }
+    Checked {
+        config: Some(ValidConfig::new(config)),
+        diagnostics: d,
+    }
 }
 
 fn listeners(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<Listener> {
     let Some(section) = top.section(d, "listener") else {
-        d.error(Rule::MissingKey, 0..0, "no listener: safelb would accept no traffic")
-            .hint("add `[listener.public]` with `bind = \"127.0.0.1:8080\"`");
+        d.error(
+            Rule::MissingKey,
+            0..0,
+            "no listener: safelb would accept no traffic",
+        )
+        .hint("add `[listener.public]` with `bind = \"127.0.0.1:8080\"`");
         return Vec::new();
     };
     let mut out: Vec<Listener> = Vec::new();
     let mut seen: HashMap<std::net::SocketAddr, String> = HashMap::new();
     for (name, value) in section.table.iter() {
         let name = name.get_ref().to_string();
-        let Some(l) = as_section(d, value, format!("listener `{name}`")) else { continue };
+        let Some(l) = as_section(d, value, format!("listener `{name}`")) else {
+            continue;
+        };
         l.deny_unknown(d, &["bind"]);
-        let Some(_) = l.require(d, "bind", "\"127.0.0.1:8080\"") else { continue };
-        let Some(bind) = l.addr(d, "bind") else { continue };
+        let Some(_) = l.require(d, "bind", "\"127.0.0.1:8080\"") else {
+            continue;
+        };
+        let Some(bind) = l.addr(d, "bind") else {
+            continue;
+        };
         if let Some(other) = seen.insert(*bind.get_ref(), name.clone()) {
-            d.error(Rule::DuplicateName, bind.span(), format!("listeners `{other}` and `{name}` bind the same address {}", bind.get_ref()));
+            d.error(
+                Rule::DuplicateName,
+                bind.span(),
+                format!(
+                    "listeners `{other}` and `{name}` bind the same address {}",
+                    bind.get_ref()
+                ),
+            );
         }
-        out.push(Listener { name, bind: bind.into_inner() });
+        out.push(Listener {
+            name,
+            bind: bind.into_inner(),
+        });
     }
     out
 }
@@ -117,21 +180,47 @@ fn admin(d: &mut Diagnostics, s: &Section<'_, '_>) -> Option<(Admin, Range<usize
     s.require(d, "bind", "\"127.0.0.1:9090\"")?;
     let bind = s.addr(d, "bind")?;
     let token_file = s.str(d, "token_file").map(|t| PathBuf::from(*t.get_ref()));
-    Some((Admin { bind: *bind.get_ref(), token_file }, bind.span()))
+    Some((
+        Admin {
+            bind: *bind.get_ref(),
+            token_file,
+        },
+        bind.span(),
+    ))
 }
 
 fn limits(d: &mut Diagnostics, s: &Section<'_, '_>) -> Limits {
-    s.deny_unknown(d, &["header_timeout", "keepalive_timeout", "max_header_bytes", "max_body_bytes", "drain_timeout"]);
+    s.deny_unknown(
+        d,
+        &[
+            "header_timeout",
+            "keepalive_timeout",
+            "max_header_bytes",
+            "max_body_bytes",
+            "drain_timeout",
+        ],
+    );
     let def = Limits::default();
     let max_header_bytes = s.uint(d, "max_header_bytes", 1 << 20).map(|n| n as usize);
     if let Some(n) = max_header_bytes.filter(|n| *n < 8192) {
-        d.error(Rule::InvalidValue, s.get("max_header_bytes").map_or(s.span.clone(), |v| v.span()), format!("`max_header_bytes` = {n} is below the 8192 bytes that common clients need"));
+        d.error(
+            Rule::InvalidValue,
+            s.get("max_header_bytes")
+                .map_or(s.span.clone(), |v| v.span()),
+            format!("`max_header_bytes` = {n} is below the 8192 bytes that common clients need"),
+        );
     }
     Limits {
-        header_timeout: s.duration(d, "header_timeout").unwrap_or(def.header_timeout),
-        keepalive_timeout: s.duration(d, "keepalive_timeout").unwrap_or(def.keepalive_timeout),
+        header_timeout: s
+            .duration(d, "header_timeout")
+            .unwrap_or(def.header_timeout),
+        keepalive_timeout: s
+            .duration(d, "keepalive_timeout")
+            .unwrap_or(def.keepalive_timeout),
         max_header_bytes: max_header_bytes.unwrap_or(def.max_header_bytes).max(8192),
-        max_body_bytes: s.uint(d, "max_body_bytes", u64::MAX >> 1).unwrap_or(def.max_body_bytes),
+        max_body_bytes: s
+            .uint(d, "max_body_bytes", u64::MAX >> 1)
+            .unwrap_or(def.max_body_bytes),
         drain_timeout: s.duration(d, "drain_timeout").unwrap_or(def.drain_timeout),
     }
 }
@@ -140,7 +229,10 @@ fn access_log(d: &mut Diagnostics, s: &Section<'_, '_>) -> AccessLog {
     s.deny_unknown(d, &["enabled", "path"]);
     AccessLog {
         enabled: s.bool(d, "enabled").unwrap_or(true),
-        path: s.str(d, "path").filter(|p| *p.get_ref() != "-").map(|p| PathBuf::from(*p.get_ref())),
+        path: s
+            .str(d, "path")
+            .filter(|p| *p.get_ref() != "-")
+            .map(|p| PathBuf::from(*p.get_ref())),
     }
 }
 
@@ -148,7 +240,9 @@ fn pools(d: &mut Diagnostics, section: &Section<'_, '_>) -> Vec<(Pool, Range<usi
     let mut out = Vec::new();
     for (name, value) in section.table.iter() {
         let pool_name = name.get_ref().to_string();
-        let Some(s) = as_section(d, value, format!("pool `{pool_name}`")) else { continue };
+        let Some(s) = as_section(d, value, format!("pool `{pool_name}`")) else {
+            continue;
+        };
         s.deny_unknown(d, POOL_KEYS);
         let mut span = name.span();
         span.end = span.end.max(span.start);
@@ -159,13 +253,22 @@ fn pools(d: &mut Diagnostics, section: &Section<'_, '_>) -> Vec<(Pool, Range<usi
     out
 }
 
-fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_span: Range<usize>) -> Option<Pool> {
+fn pool(
+    d: &mut Diagnostics,
+    s: &Section<'_, '_>,
+    name: String,
+    name_span: Range<usize>,
+) -> Option<Pool> {
     let balance = match s.str(d, "balance") {
         None => Balance::RoundRobin,
         Some(b) => match Balance::from_name(b.get_ref()) {
             Some(b) => b,
             None => {
-                let diag = d.error(Rule::InvalidValue, b.span(), format!("pool `{name}`: unknown balance policy `{}`", b.get_ref()));
+                let diag = d.error(
+                    Rule::InvalidValue,
+                    b.span(),
+                    format!("pool `{name}`: unknown balance policy `{}`", b.get_ref()),
+                );
                 match did_you_mean(b.get_ref(), Balance::NAMES) {
                     Some(s) => diag.hint(format!("did you mean `{s}`?")),
                     None => diag.hint(format!("one of: {}", Balance::NAMES.join(", "))),
@@ -178,7 +281,13 @@ fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_span: Range
         None => HashKey::ClientAddress,
         Some(h) => {
             if balance != Balance::ConsistentHash {
-                d.warning(Rule::InvalidValue, h.span(), format!("pool `{name}`: `hash_on` only matters with balance = \"consistent_hash\""));
+                d.warning(
+                    Rule::InvalidValue,
+                    h.span(),
+                    format!(
+                        "pool `{name}`: `hash_on` only matters with balance = \"consistent_hash\""
+                    ),
+                );
             }
             let text = *h.get_ref();
             if text == "client_address" {
@@ -188,8 +297,12 @@ fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_span: Range
             } else if let Some(cookie) = text.strip_prefix("cookie:").filter(|v| !v.is_empty()) {
                 HashKey::Cookie(cookie.to_string())
             } else {
-                d.error(Rule::InvalidValue, h.span(), format!("pool `{name}`: `hash_on` = \"{text}\" is not a hash key"))
-                    .hint("use \"client_address\", \"header:NAME\" or \"cookie:NAME\"");
+                d.error(
+                    Rule::InvalidValue,
+                    h.span(),
+                    format!("pool `{name}`: `hash_on` = \"{text}\" is not a hash key"),
+                )
+                .hint("use \"client_address\", \"header:NAME\" or \"cookie:NAME\"");
                 HashKey::ClientAddress
             }
         }
@@ -197,8 +310,14 @@ fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_span: Range
     let backends = backends(d, s, &name, name_span.clone());
     let min_healthy = s.uint(d, "min_healthy", 10_000).unwrap_or(1) as usize;
     if !backends.is_empty() && min_healthy > backends.len() {
-        d.error(Rule::InvalidValue, s.get("min_healthy").map_or(name_span.clone(), |v| v.span()),
-            format!("pool `{name}`: min_healthy = {min_healthy} but the pool has {} backend(s)", backends.len()));
+        d.error(
+            Rule::InvalidValue,
+            s.get("min_healthy").map_or(name_span.clone(), |v| v.span()),
+            format!(
+                "pool `{name}`: min_healthy = {min_healthy} but the pool has {} backend(s)",
+                backends.len()
+            ),
+        );
     }
     let retry_def = Retry::default();
     let retry = match s.section(d, "retry") {
@@ -206,9 +325,15 @@ fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_span: Range
         Some(r) => {
             r.deny_unknown(d, &["attempts", "budget_percent", "min_per_second"]);
             Retry {
-                attempts: r.uint(d, "attempts", 5).map_or(retry_def.attempts, |n| n as u32),
-                budget_percent: r.uint(d, "budget_percent", 100).map_or(retry_def.budget_percent, |n| n as u32),
-                min_per_second: r.uint(d, "min_per_second", 1_000_000).map_or(retry_def.min_per_second, |n| n as u32),
+                attempts: r
+                    .uint(d, "attempts", 5)
+                    .map_or(retry_def.attempts, |n| n as u32),
+                budget_percent: r
+                    .uint(d, "budget_percent", 100)
+                    .map_or(retry_def.budget_percent, |n| n as u32),
+                min_per_second: r
+                    .uint(d, "min_per_second", 1_000_000)
+                    .map_or(retry_def.min_per_second, |n| n as u32),
             }
         }
     };
@@ -218,21 +343,32 @@ fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_span: Range
             "fail_open" => PanicPolicy::FailOpen,
             "fail_closed" => PanicPolicy::FailClosed,
             other => {
-                d.error(Rule::InvalidValue, p.span(), format!("pool `{name}`: unknown panic_policy `{other}`"))
-                    .hint("one of: fail_open, fail_closed");
+                d.error(
+                    Rule::InvalidValue,
+                    p.span(),
+                    format!("pool `{name}`: unknown panic_policy `{other}`"),
+                )
+                .hint("one of: fail_open, fail_closed");
                 PanicPolicy::FailClosed
             }
         },
     };
     let health = s.section(d, "health").and_then(|h| health(d, &h, &name));
-    let outlier = s.section(d, "outlier").map(|o| outlier(d, &o)).unwrap_or_default();
+    let outlier = s
+        .section(d, "outlier")
+        .map(|o| outlier(d, &o))
+        .unwrap_or_default();
     Some(Pool {
         balance,
         hash_key,
         backends,
         min_healthy,
-        connect_timeout: s.duration(d, "connect_timeout").unwrap_or(std::time::Duration::from_secs(1)),
-        response_timeout: s.duration(d, "response_timeout").unwrap_or(std::time::Duration::from_secs(15)),
+        connect_timeout: s
+            .duration(d, "connect_timeout")
+            .unwrap_or(std::time::Duration::from_secs(1)),
+        response_timeout: s
+            .duration(d, "response_timeout")
+            .unwrap_or(std::time::Duration::from_secs(15)),
         retry,
         panic_threshold: s.uint(d, "panic_threshold", 100).unwrap_or(0) as u8,
         panic_policy,
@@ -242,23 +378,40 @@ fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_span: Range
     })
 }
 
-fn backends(d: &mut Diagnostics, s: &Section<'_, '_>, pool: &str, name_span: Range<usize>) -> Vec<Backend> {
+fn backends(
+    d: &mut Diagnostics,
+    s: &Section<'_, '_>,
+    pool: &str,
+    name_span: Range<usize>,
+) -> Vec<Backend> {
     let Some(list) = s.get("backends") else {
-        d.error(Rule::EmptyPool, name_span, format!("pool `{pool}` has no `backends`"))
-            .hint("add `backends = [\"127.0.0.1:9001\"]`");
+        d.error(
+            Rule::EmptyPool,
+            name_span,
+            format!("pool `{pool}` has no `backends`"),
+        )
+        .hint("add `backends = [\"127.0.0.1:9001\"]`");
         return Vec::new();
     };
-    let Some(items) = as_array(d, list, &format!("`backends` of pool `{pool}`")) else { return Vec::new() };
+    let Some(items) = as_array(d, list, &format!("`backends` of pool `{pool}`")) else {
+        return Vec::new();
+    };
     if items.is_empty() {
-        d.error(Rule::EmptyPool, list.span(), format!("pool `{pool}` has an empty backend list"))
-            .hint("a pool needs at least one backend to serve requests");
+        d.error(
+            Rule::EmptyPool,
+            list.span(),
+            format!("pool `{pool}` has an empty backend list"),
+        )
+        .hint("a pool needs at least one backend to serve requests");
         return Vec::new();
     }
     let mut out: Vec<Backend> = Vec::new();
     for item in items {
         let what = format!("a backend of pool `{pool}`");
         let parsed = match item.get_ref() {
-            DeValue::String(_) => as_str(d, item, &what).and_then(|a| parse_addr(d, &a, &what)).map(|a| (a, 1)),
+            DeValue::String(_) => as_str(d, item, &what)
+                .and_then(|a| parse_addr(d, &a, &what))
+                .map(|a| (a, 1)),
             DeValue::Table(_) => {
                 let b = as_section(d, item, what.clone()).expect("the value is a table");
                 b.deny_unknown(d, &["addr", "weight"]);
@@ -272,78 +425,150 @@ fn backends(d: &mut Diagnostics, s: &Section<'_, '_>, pool: &str, name_span: Ran
                 None
             }
         };
-        let Some((addr, weight)) = parsed else { continue };
+        let Some((addr, weight)) = parsed else {
+            continue;
+        };
         if out.iter().any(|b| b.addr == *addr.get_ref()) {
-            d.error(Rule::DuplicateBackend, addr.span(), format!("pool `{pool}` lists backend {} twice", addr.get_ref()))
-                .hint("use `weight` to give a backend a larger share");
+            d.error(
+                Rule::DuplicateBackend,
+                addr.span(),
+                format!("pool `{pool}` lists backend {} twice", addr.get_ref()),
+            )
+            .hint("use `weight` to give a backend a larger share");
             continue;
         }
-        out.push(Backend { addr: *addr.get_ref(), weight });
+        out.push(Backend {
+            addr: *addr.get_ref(),
+            weight,
+        });
     }
     if !out.is_empty() && out.iter().all(|b| b.weight == 0) {
-        d.error(Rule::ZeroWeights, list.span(), format!("every backend of pool `{pool}` has weight 0: the pool could serve nothing"));
+        d.error(
+            Rule::ZeroWeights,
+            list.span(),
+            format!("every backend of pool `{pool}` has weight 0: the pool could serve nothing"),
+        );
     }
     out
 }
 
 fn health(d: &mut Diagnostics, h: &Section<'_, '_>, pool: &str) -> Option<HealthCheck> {
-    h.deny_unknown(d, &["kind", "path", "interval", "timeout", "healthy", "unhealthy"]);
+    h.deny_unknown(
+        d,
+        &[
+            "kind",
+            "path",
+            "interval",
+            "timeout",
+            "healthy",
+            "unhealthy",
+        ],
+    );
     let kind = match h.str(d, "kind").map(|k| (k.span(), *k.get_ref())) {
         None | Some((_, "http")) => {
-            let path = h.str(d, "path").map_or("/healthz".to_string(), |p| p.get_ref().to_string());
+            let path = h
+                .str(d, "path")
+                .map_or("/healthz".to_string(), |p| p.get_ref().to_string());
             if !path.starts_with('/') {
-                d.error(Rule::InvalidValue, h.get("path").map_or(h.span.clone(), |v| v.span()), format!("pool `{pool}`: health `path` must start with `/`"));
+                d.error(
+                    Rule::InvalidValue,
+                    h.get("path").map_or(h.span.clone(), |v| v.span()),
+                    format!("pool `{pool}`: health `path` must start with `/`"),
+                );
             }
             HealthCheckKind::Http { path }
         }
         Some((_, "tcp")) => HealthCheckKind::Tcp,
         Some((span, other)) => {
-            d.error(Rule::InvalidValue, span, format!("pool `{pool}`: unknown health check kind `{other}`")).hint("one of: http, tcp");
+            d.error(
+                Rule::InvalidValue,
+                span,
+                format!("pool `{pool}`: unknown health check kind `{other}`"),
+            )
+            .hint("one of: http, tcp");
             return None;
         }
     };
     let check = HealthCheck {
         kind,
-        interval: h.duration(d, "interval").unwrap_or(std::time::Duration::from_secs(2)),
-        timeout: h.duration(d, "timeout").unwrap_or(std::time::Duration::from_secs(1)),
+        interval: h
+            .duration(d, "interval")
+            .unwrap_or(std::time::Duration::from_secs(2)),
+        timeout: h
+            .duration(d, "timeout")
+            .unwrap_or(std::time::Duration::from_secs(1)),
         healthy: h.uint(d, "healthy", 100).unwrap_or(2).max(1) as u32,
         unhealthy: h.uint(d, "unhealthy", 100).unwrap_or(3).max(1) as u32,
     };
     if check.interval.is_zero() {
-        d.error(Rule::InvalidValue, h.key_span("interval"), format!("pool `{pool}`: health `interval` must be above zero"));
+        d.error(
+            Rule::InvalidValue,
+            h.key_span("interval"),
+            format!("pool `{pool}`: health `interval` must be above zero"),
+        );
     }
     if check.timeout.is_zero() || check.timeout > check.interval {
-        d.error(Rule::InvalidValue, h.key_span("timeout"), format!("pool `{pool}`: health `timeout` must be above zero and at most `interval`"));
+        d.error(
+            Rule::InvalidValue,
+            h.key_span("timeout"),
+            format!("pool `{pool}`: health `timeout` must be above zero and at most `interval`"),
+        );
     }
     Some(check)
 }
 
 fn outlier(d: &mut Diagnostics, o: &Section<'_, '_>) -> Outlier {
-    o.deny_unknown(d, &["consecutive_failures", "base_ejection", "max_ejection", "max_ejected_percent"]);
+    o.deny_unknown(
+        d,
+        &[
+            "consecutive_failures",
+            "base_ejection",
+            "max_ejection",
+            "max_ejected_percent",
+        ],
+    );
     let def = Outlier::default();
     Outlier {
-        consecutive_failures: o.uint(d, "consecutive_failures", 1000).map_or(def.consecutive_failures, |n| n as u32),
+        consecutive_failures: o
+            .uint(d, "consecutive_failures", 1000)
+            .map_or(def.consecutive_failures, |n| n as u32),
         base_ejection: o.duration(d, "base_ejection").unwrap_or(def.base_ejection),
         max_ejection: o.duration(d, "max_ejection").unwrap_or(def.max_ejection),
-        max_ejected_percent: o.uint(d, "max_ejected_percent", 100).map_or(def.max_ejected_percent, |n| n as u8),
+        max_ejected_percent: o
+            .uint(d, "max_ejected_percent", 100)
+            .map_or(def.max_ejected_percent, |n| n as u8),
     }
 }
 
 /// Routes with the span of their `name` (or table) for later cross-checks.
 pub(crate) type SpannedRoute = (Route, Range<usize>);
 
-fn routes(d: &mut Diagnostics, top: &Section<'_, '_>, pools: &[(Pool, Range<usize>)]) -> Vec<SpannedRoute> {
-    let Some(list) = top.get("route") else { return Vec::new() };
-    let Some(items) = as_array(d, list, "`route`") else { return Vec::new() };
+fn routes(
+    d: &mut Diagnostics,
+    top: &Section<'_, '_>,
+    pools: &[(Pool, Range<usize>)],
+) -> Vec<SpannedRoute> {
+    let Some(list) = top.get("route") else {
+        return Vec::new();
+    };
+    let Some(items) = as_array(d, list, "`route`") else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     let mut names: HashMap<String, ()> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
-        let Some(r) = as_section(d, item, format!("route #{}", i + 1)) else { continue };
+        let Some(r) = as_section(d, item, format!("route #{}", i + 1)) else {
+            continue;
+        };
         r.deny_unknown(d, ROUTE_KEYS);
         let name = match r.str(d, "name") {
             Some(n) => {
                 if names.insert(n.get_ref().to_string(), ()).is_some() {
-                    d.error(Rule::DuplicateName, n.span(), format!("two routes are named `{}`", n.get_ref()));
+                    d.error(
+                        Rule::DuplicateName,
+                        n.span(),
+                        format!("two routes are named `{}`", n.get_ref()),
+                    );
                 }
                 n.get_ref().to_string()
             }
@@ -355,40 +580,90 @@ fn routes(d: &mut Diagnostics, top: &Section<'_, '_>, pools: &[(Pool, Range<usiz
             None => "/".to_string(),
             Some(p) if p.get_ref().starts_with('/') => p.get_ref().to_string(),
             Some(p) => {
-                d.error(Rule::InvalidValue, p.span(), format!("{what}: `path_prefix` must start with `/`"))
-                    .hint(format!("write \"/{}\"", p.get_ref()));
+                d.error(
+                    Rule::InvalidValue,
+                    p.span(),
+                    format!("{what}: `path_prefix` must start with `/`"),
+                )
+                .hint(format!("write \"/{}\"", p.get_ref()));
                 continue;
             }
         };
-        let methods = r.get("method").map(|m| methods(d, m, &what)).unwrap_or_default();
-        let headers = r.section(d, "headers").map(|h| header_pairs(d, &h)).unwrap_or_default();
-        let Some(_) = r.require(d, "pool", "\"api\"") else { continue };
-        let Some(pool_name) = r.str(d, "pool") else { continue };
-        let Some(pool) = pools.iter().position(|(p, _)| p.name == *pool_name.get_ref()) else {
-            let diag = d.error(Rule::UndefinedPool, pool_name.span(), format!("{what} sends traffic to pool `{}`, which is not defined", pool_name.get_ref()));
-            match did_you_mean(pool_name.get_ref(), pools.iter().map(|(p, _)| p.name.as_str())) {
+        let methods = r
+            .get("method")
+            .map(|m| methods(d, m, &what))
+            .unwrap_or_default();
+        let headers = r
+            .section(d, "headers")
+            .map(|h| header_pairs(d, &h))
+            .unwrap_or_default();
+        let Some(_) = r.require(d, "pool", "\"api\"") else {
+            continue;
+        };
+        let Some(pool_name) = r.str(d, "pool") else {
+            continue;
+        };
+        let Some(pool) = pools
+            .iter()
+            .position(|(p, _)| p.name == *pool_name.get_ref())
+        else {
+            let diag = d.error(
+                Rule::UndefinedPool,
+                pool_name.span(),
+                format!(
+                    "{what} sends traffic to pool `{}`, which is not defined",
+                    pool_name.get_ref()
+                ),
+            );
+            match did_you_mean(
+                pool_name.get_ref(),
+                pools.iter().map(|(p, _)| p.name.as_str()),
+            ) {
                 Some(s) => diag.hint(format!("did you mean `{s}`?")),
                 None => diag.hint(format!("define it with `[pool.{}]`", pool_name.get_ref())),
             };
             continue;
         };
         let span = r.get("name").map_or(item.span(), |v| v.span());
-        out.push((Route { name, host, path_prefix, methods, headers, pool }, span));
+        out.push((
+            Route {
+                name,
+                host,
+                path_prefix,
+                methods,
+                headers,
+                pool,
+            },
+            span,
+        ));
     }
     out
 }
 
 fn host_match(d: &mut Diagnostics, h: &Spanned<&str>, what: &str) -> Option<HostMatch> {
     let text = h.get_ref().to_ascii_lowercase();
-    let valid_label = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    let valid_label = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    };
     let parsed = match text.strip_prefix("*.") {
         Some(rest) if valid_label(rest) => Some(HostMatch::Wildcard(format!(".{rest}"))),
-        None if valid_label(&text) || (text.starts_with('[') && text.ends_with(']')) => Some(HostMatch::Exact(text.clone())),
+        None if valid_label(&text) || (text.starts_with('[') && text.ends_with(']')) => {
+            Some(HostMatch::Exact(text.clone()))
+        }
         _ => None,
     };
     if parsed.is_none() {
-        d.error(Rule::InvalidValue, h.span(), format!("{what}: `host` = \"{}\" is not a host name or `*.domain` wildcard", h.get_ref()))
-            .hint("write the name without scheme or port, e.g. \"shop.example\" or \"*.shop.example\"");
+        d.error(
+            Rule::InvalidValue,
+            h.span(),
+            format!(
+                "{what}: `host` = \"{}\" is not a host name or `*.domain` wildcard",
+                h.get_ref()
+            ),
+        )
+        .hint("write the name without scheme or port, e.g. \"shop.example\" or \"*.shop.example\"");
     }
     parsed
 }
@@ -398,7 +673,11 @@ fn methods(d: &mut Diagnostics, v: &Value<'_>, what: &str) -> Vec<String> {
         let m = as_str(d, v, &format!("`method` of {what}"))?;
         let upper = m.get_ref().to_ascii_uppercase();
         if upper.is_empty() || !upper.bytes().all(|b| b.is_ascii_alphabetic()) {
-            d.error(Rule::InvalidValue, m.span(), format!("{what}: `{}` is not an HTTP method", m.get_ref()));
+            d.error(
+                Rule::InvalidValue,
+                m.span(),
+                format!("{what}: `{}` is not an HTTP method", m.get_ref()),
+            );
             return None;
         }
         Some(upper)
@@ -412,7 +691,13 @@ fn methods(d: &mut Diagnostics, v: &Value<'_>, what: &str) -> Vec<String> {
 fn header_pairs(d: &mut Diagnostics, h: &Section<'_, '_>) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (name, value) in h.table.iter() {
-        let Some(v) = as_str(d, value, &format!("header `{}` in {}", name.get_ref(), h.what)) else { continue };
+        let Some(v) = as_str(
+            d,
+            value,
+            &format!("header `{}` in {}", name.get_ref(), h.what),
+        ) else {
+            continue;
+        };
         out.push((name.get_ref().to_ascii_lowercase(), v.get_ref().to_string()));
     }
     out
@@ -421,27 +706,56 @@ fn header_pairs(d: &mut Diagnostics, h: &Section<'_, '_>) -> Vec<(String, String
 pub(crate) type SpannedTest = (RouteTest, Range<usize>);
 
 fn tests(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<SpannedTest> {
-    let Some(list) = top.get("test") else { return Vec::new() };
-    let Some(items) = as_array(d, list, "`test`") else { return Vec::new() };
+    let Some(list) = top.get("test") else {
+        return Vec::new();
+    };
+    let Some(items) = as_array(d, list, "`test`") else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let Some(t) = as_section(d, item, format!("test #{}", i + 1)) else { continue };
-        t.deny_unknown(d, TEST_KEYS);
-        let Some(_) = t.require(d, "request", "\"GET http://shop.example/api/cart\"") else { continue };
-        let Some(request) = t.str(d, "request") else { continue };
-        let Some((method, host, path)) = parse_test_request(request.get_ref()) else {
-            d.error(Rule::InvalidValue, request.span(), format!("test #{}: `request` = \"{}\" is not \"METHOD http://host/path\"", i + 1, request.get_ref()))
-                .hint("e.g. \"GET http://shop.example/api/cart\"");
+        let Some(t) = as_section(d, item, format!("test #{}", i + 1)) else {
             continue;
         };
-        let expect = match (t.str(d, "expect_pool"), t.str(d, "expect_route"), t.get("expect_status")) {
+        t.deny_unknown(d, TEST_KEYS);
+        let Some(_) = t.require(d, "request", "\"GET http://shop.example/api/cart\"") else {
+            continue;
+        };
+        let Some(request) = t.str(d, "request") else {
+            continue;
+        };
+        let Some((method, host, path)) = parse_test_request(request.get_ref()) else {
+            d.error(
+                Rule::InvalidValue,
+                request.span(),
+                format!(
+                    "test #{}: `request` = \"{}\" is not \"METHOD http://host/path\"",
+                    i + 1,
+                    request.get_ref()
+                ),
+            )
+            .hint("e.g. \"GET http://shop.example/api/cart\"");
+            continue;
+        };
+        let expect = match (
+            t.str(d, "expect_pool"),
+            t.str(d, "expect_route"),
+            t.get("expect_status"),
+        ) {
             (Some(p), None, None) => TestExpectation::Pool(p.get_ref().to_string()),
             (None, Some(r), None) => TestExpectation::Route(r.get_ref().to_string()),
             (None, None, Some(s)) => match as_uint(d, s, "`expect_status`", 999) {
                 Some(404) => TestExpectation::Status(404),
                 Some(other) => {
-                    d.error(Rule::InvalidValue, s.span(), format!("test #{}: expect_status = {other} cannot be checked offline", i + 1))
-                        .hint("only 404 (no route matches) is decided by the routing table");
+                    d.error(
+                        Rule::InvalidValue,
+                        s.span(),
+                        format!(
+                            "test #{}: expect_status = {other} cannot be checked offline",
+                            i + 1
+                        ),
+                    )
+                    .hint("only 404 (no route matches) is decided by the routing table");
                     continue;
                 }
                 None => continue,
@@ -451,8 +765,20 @@ fn tests(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<SpannedTest> {
                 continue;
             }
         };
-        let headers = t.section(d, "headers").map(|h| header_pairs(d, &h)).unwrap_or_default();
-        out.push((RouteTest { method, host, path, headers, expect }, request.span()));
+        let headers = t
+            .section(d, "headers")
+            .map(|h| header_pairs(d, &h))
+            .unwrap_or_default();
+        out.push((
+            RouteTest {
+                method,
+                host,
+                path,
+                headers,
+                expect,
+            },
+            request.span(),
+        ));
     }
     out
 }
@@ -460,14 +786,22 @@ fn tests(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<SpannedTest> {
 /// "GET http://shop.example/api/cart?x=1" -> ("GET", "shop.example", "/api/cart").
 fn parse_test_request(text: &str) -> Option<(String, String, String)> {
     let (method, url) = text.trim().split_once(char::is_whitespace)?;
-    let rest = url.trim().strip_prefix("http://").or_else(|| url.trim().strip_prefix("https://"))?;
+    let rest = url
+        .trim()
+        .strip_prefix("http://")
+        .or_else(|| url.trim().strip_prefix("https://"))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let path = path.split(['?', '#']).next().unwrap_or("/");
-    if authority.is_empty() || method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+    if authority.is_empty() || method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic())
+    {
         return None;
     }
-    Some((method.to_ascii_uppercase(), authority.to_string(), path.to_string()))
+    Some((
+        method.to_ascii_uppercase(),
+        authority.to_string(),
+        path.to_string(),
+    ))
 }

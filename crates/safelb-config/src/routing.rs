@@ -36,7 +36,10 @@ pub struct RequestView<'a, H: Fn(&str) -> Option<&'a str>> {
 
 impl RouteTable {
     pub fn build(routes: &[Route]) -> RouteTable {
-        let mut table = RouteTable { routes: routes.to_vec(), ..RouteTable::default() };
+        let mut table = RouteTable {
+            routes: routes.to_vec(),
+            ..RouteTable::default()
+        };
         for (i, route) in routes.iter().enumerate() {
             match &route.host {
                 Some(HostMatch::Exact(h)) => table.exact.entry(h.clone()).or_default().push(i),
@@ -54,9 +57,14 @@ impl RouteTable {
             list.sort_by_key(|&i| std::cmp::Reverse(routes[i].path_prefix.len()));
         };
         table.exact.values_mut().for_each(by_prefix);
-        table.wildcard.iter_mut().for_each(|(_, list)| by_prefix(list));
+        table
+            .wildcard
+            .iter_mut()
+            .for_each(|(_, list)| by_prefix(list));
         by_prefix(&mut table.any_host);
-        table.wildcard.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        table
+            .wildcard
+            .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         table
     }
 
@@ -65,7 +73,10 @@ impl RouteTable {
     }
 
     /// The index of the route the request takes, if any.
-    pub fn find<'a, H: Fn(&str) -> Option<&'a str>>(&self, req: &RequestView<'a, H>) -> Option<usize> {
+    pub fn find<'a, H: Fn(&str) -> Option<&'a str>>(
+        &self,
+        req: &RequestView<'a, H>,
+    ) -> Option<usize> {
         let host = normalize_host(req.host);
         let host = host.as_ref();
         if let Some(list) = self.exact.get(host) {
@@ -92,7 +103,9 @@ impl RouteTable {
             let r = &self.routes[i];
             prefix_matches(&r.path_prefix, req.path)
                 && (r.methods.is_empty() || r.methods.iter().any(|m| m == req.method))
-                && r.headers.iter().all(|(name, value)| (req.header)(name) == Some(value.as_str()))
+                && r.headers
+                    .iter()
+                    .all(|(name, value)| (req.header)(name) == Some(value.as_str()))
         })
     }
 
@@ -105,7 +118,8 @@ impl RouteTable {
                 earlier.host == r.host
                     && earlier.path_prefix == r.path_prefix
                     && (earlier.methods.is_empty()
-                        || (!r.methods.is_empty() && r.methods.iter().all(|m| earlier.methods.contains(m))))
+                        || (!r.methods.is_empty()
+                            && r.methods.iter().all(|m| earlier.methods.contains(m))))
                     && earlier.headers.iter().all(|h| r.headers.contains(h))
             }) {
                 out.push((i, by));
@@ -170,7 +184,13 @@ mod tests {
         find_with(t, "GET", host, path, &[])
     }
 
-    fn find_with(t: &RouteTable, method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {
+    fn find_with(
+        t: &RouteTable,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<String> {
         let view = RequestView {
             method,
             host,
@@ -189,11 +209,20 @@ mod tests {
             route("shop-api", Some("shop.example"), "/api"),
             route("deep-wild", Some("*.eu.shop.example"), "/"),
         ]);
-        assert_eq!(find(&t, "shop.example", "/api/cart").as_deref(), Some("shop-api"));
-        assert_eq!(find(&t, "SHOP.example:8080", "/api").as_deref(), Some("shop-api"));
+        assert_eq!(
+            find(&t, "shop.example", "/api/cart").as_deref(),
+            Some("shop-api")
+        );
+        assert_eq!(
+            find(&t, "SHOP.example:8080", "/api").as_deref(),
+            Some("shop-api")
+        );
         assert_eq!(find(&t, "shop.example", "/apix").as_deref(), Some("shop"));
         assert_eq!(find(&t, "m.shop.example", "/").as_deref(), Some("wild"));
-        assert_eq!(find(&t, "a.eu.shop.example", "/").as_deref(), Some("deep-wild"));
+        assert_eq!(
+            find(&t, "a.eu.shop.example", "/").as_deref(),
+            Some("deep-wild")
+        );
         assert_eq!(find(&t, "other.example", "/x").as_deref(), Some("default"));
     }
 
@@ -210,11 +239,28 @@ mod tests {
         canary.headers = vec![("x-canary".into(), "1".into())];
         let mut writes = route("writes", Some("shop.example"), "/api");
         writes.methods = vec!["POST".into()];
-        let t = RouteTable::build(&[canary, writes, route("api", Some("shop.example"), "/api"), route("any", None, "/")]);
-        assert_eq!(find_with(&t, "GET", "shop.example", "/api", &[("x-canary", "1")]).as_deref(), Some("canary"));
-        assert_eq!(find_with(&t, "POST", "shop.example", "/api", &[]).as_deref(), Some("writes"));
-        assert_eq!(find_with(&t, "GET", "shop.example", "/api", &[]).as_deref(), Some("api"));
-        assert_eq!(find_with(&t, "GET", "shop.example", "/web", &[]).as_deref(), Some("any"));
+        let t = RouteTable::build(&[
+            canary,
+            writes,
+            route("api", Some("shop.example"), "/api"),
+            route("any", None, "/"),
+        ]);
+        assert_eq!(
+            find_with(&t, "GET", "shop.example", "/api", &[("x-canary", "1")]).as_deref(),
+            Some("canary")
+        );
+        assert_eq!(
+            find_with(&t, "POST", "shop.example", "/api", &[]).as_deref(),
+            Some("writes")
+        );
+        assert_eq!(
+            find_with(&t, "GET", "shop.example", "/api", &[]).as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            find_with(&t, "GET", "shop.example", "/web", &[]).as_deref(),
+            Some("any")
+        );
     }
 
     #[test]

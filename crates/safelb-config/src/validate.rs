@@ -28,7 +28,11 @@ pub(crate) fn cross_check(
     let routes_complete = !d.has_errors();
     for (i, (pool, span)) in pools.iter().enumerate() {
         if routes_complete && !routes.iter().any(|(r, _)| r.pool == i) {
-            d.warning(Rule::UnusedPool, span.clone(), format!("pool `{}` is not used by any route", pool.name));
+            d.warning(
+                Rule::UnusedPool,
+                span.clone(),
+                format!("pool `{}` is not used by any route", pool.name),
+            );
         }
     }
     if let Some((admin, span)) = admin {
@@ -42,7 +46,12 @@ pub(crate) fn cross_check(
             method: &test.method,
             host: &test.host,
             path: &test.path,
-            header: |name: &str| test.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()),
+            header: |name: &str| {
+                test.headers
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_str())
+            },
         };
         let found = table.find(&view).map(|i| &table.routes()[i]);
         let request = format!("{} http://{}{}", test.method, test.host, test.path);
@@ -62,7 +71,11 @@ pub(crate) fn cross_check(
                 TestExpectation::Route(r) => format!("route `{r}`"),
                 TestExpectation::Status(s) => format!("status {s}"),
             };
-            d.error(Rule::TestFailed, span.clone(), format!("route test failed: {request} expected {want}, got {got}"));
+            d.error(
+                Rule::TestFailed,
+                span.clone(),
+                format!("route test failed: {request} expected {want}, got {got}"),
+            );
         }
     }
 }

@@ -19,14 +19,29 @@ pool = "api"
 fn expect(source: &str, expected: &[(Rule, usize, usize, &str)]) {
     let checked = check("safelb.toml", source);
     let got = checked.diagnostics.located();
-    let summary: Vec<String> = got.iter().map(|l| format!("{}:{}:{} {}", l.rule.as_str(), l.line, l.column, l.message)).collect();
+    let summary: Vec<String> = got
+        .iter()
+        .map(|l| format!("{}:{}:{} {}", l.rule.as_str(), l.line, l.column, l.message))
+        .collect();
     assert_eq!(got.len(), expected.len(), "findings: {summary:#?}");
     for (l, (rule, line, column, fragment)) in got.iter().zip(expected) {
-        assert_eq!((l.rule, l.line, l.column), (*rule, *line, *column), "findings: {summary:#?}");
-        assert!(l.message.contains(fragment), "{:?} lacks {fragment:?}", l.message);
+        assert_eq!(
+            (l.rule, l.line, l.column),
+            (*rule, *line, *column),
+            "findings: {summary:#?}"
+        );
+        assert!(
+            l.message.contains(fragment),
+            "{:?} lacks {fragment:?}",
+            l.message
+        );
     }
     let errors = got.iter().any(|l| l.severity == Severity::Error);
-    assert_eq!(checked.config.is_some(), !errors, "a config is produced exactly when there is no error");
+    assert_eq!(
+        checked.config.is_some(),
+        !errors,
+        "a config is produced exactly when there is no error"
+    );
 }
 
 #[test]
@@ -36,16 +51,33 @@ fn the_base_config_is_valid() {
 
 #[test]
 fn syntax_error_has_position() {
-    expect("[listener.public\nbind = 1", &[(Rule::Syntax, 1, 17, "TOML syntax")]);
+    expect(
+        "[listener.public\nbind = 1",
+        &[(Rule::Syntax, 1, 17, "TOML syntax")],
+    );
 }
 
 #[test]
 fn unknown_keys_suggest_the_closest_name() {
     let src = BASE.replace("backends = [", "balanse = \"round_robin\"\nbackends = [");
-    expect(&src, &[(Rule::UnknownKey, 6, 1, "unknown key `balanse` in pool `api`")]);
+    expect(
+        &src,
+        &[(
+            Rule::UnknownKey,
+            6,
+            1,
+            "unknown key `balanse` in pool `api`",
+        )],
+    );
     let checked = check("f.toml", &src);
-    assert_eq!(checked.diagnostics.items()[0].hint.as_deref(), Some("did you mean `balance`?"));
-    expect(&format!("{BASE}\n[rollot]\nx = 1\n"), &[(Rule::UnknownKey, 12, 2, "unknown key `rollot`")]);
+    assert_eq!(
+        checked.diagnostics.items()[0].hint.as_deref(),
+        Some("did you mean `balance`?")
+    );
+    expect(
+        &format!("{BASE}\n[rollot]\nx = 1\n"),
+        &[(Rule::UnknownKey, 12, 2, "unknown key `rollot`")],
+    );
 }
 
 #[test]
@@ -68,11 +100,21 @@ pool = "apii"
         src,
         &[
             (Rule::InvalidAddress, 3, 8, "not an IP:port"),
-            (Rule::InvalidValue, 6, 11, "unknown balance policy `fastest`"),
+            (
+                Rule::InvalidValue,
+                6,
+                11,
+                "unknown balance policy `fastest`",
+            ),
             (Rule::DuplicateBackend, 7, 31, "twice"),
             (Rule::InvalidDuration, 8, 19, "no unit"),
             (Rule::InvalidDuration, 9, 23, "unknown unit"),
-            (Rule::UndefinedPool, 13, 8, "pool `apii`, which is not defined"),
+            (
+                Rule::UndefinedPool,
+                13,
+                8,
+                "pool `apii`, which is not defined",
+            ),
         ],
     );
     let rendered = check("safelb.toml", src).diagnostics.render();
@@ -83,7 +125,10 @@ pool = "apii"
 #[test]
 fn wrong_types_name_the_expected_type() {
     let src = BASE.replace("bind = \"127.0.0.1:8080\"", "bind = 8080");
-    expect(&src, &[(Rule::WrongType, 3, 8, "must be a string, not integer")]);
+    expect(
+        &src,
+        &[(Rule::WrongType, 3, 8, "must be a string, not integer")],
+    );
 }
 
 #[test]
@@ -102,15 +147,32 @@ fn pools_without_usable_backends() {
 #[test]
 fn duplicate_names() {
     let src = format!("{BASE}\n[[route]]\nname = \"api\"\npath_prefix = \"/v2\"\npool = \"api\"\n");
-    expect(&src, &[(Rule::DuplicateName, 13, 8, "two routes are named `api`")]);
-    let listeners = BASE.replace("bind = \"127.0.0.1:8080\"\n", "bind = \"127.0.0.1:8080\"\n[listener.other]\nbind = \"127.0.0.1:8080\"\n");
-    expect(&listeners, &[(Rule::DuplicateName, 5, 8, "bind the same address")]);
+    expect(
+        &src,
+        &[(Rule::DuplicateName, 13, 8, "two routes are named `api`")],
+    );
+    let listeners = BASE.replace(
+        "bind = \"127.0.0.1:8080\"\n",
+        "bind = \"127.0.0.1:8080\"\n[listener.other]\nbind = \"127.0.0.1:8080\"\n",
+    );
+    expect(
+        &listeners,
+        &[(Rule::DuplicateName, 5, 8, "bind the same address")],
+    );
 }
 
 #[test]
 fn shadowed_route_is_an_error() {
     let src = format!("{BASE}\n[[route]]\nname = \"api-again\"\npool = \"api\"\n");
-    expect(&src, &[(Rule::ShadowedRoute, 13, 8, "route `api-again` can never match: route `api`")]);
+    expect(
+        &src,
+        &[(
+            Rule::ShadowedRoute,
+            13,
+            8,
+            "route `api-again` can never match: route `api`",
+        )],
+    );
 }
 
 #[test]
@@ -118,7 +180,15 @@ fn unused_pool_and_public_admin_are_warnings() {
     let src = format!("{BASE}\n[pool.spare]\nbackends = [\"127.0.0.1:9009\"]\n\n[admin]\nbind = \"0.0.0.0:9090\"\n");
     expect(
         &src,
-        &[(Rule::UnusedPool, 12, 7, "pool `spare` is not used"), (Rule::AdminNotLoopback, 16, 8, "reachable from other machines")],
+        &[
+            (Rule::UnusedPool, 12, 7, "pool `spare` is not used"),
+            (
+                Rule::AdminNotLoopback,
+                16,
+                8,
+                "reachable from other machines",
+            ),
+        ],
     );
 }
 
@@ -127,7 +197,15 @@ fn route_tests_run_at_check() {
     let src = format!(
         "{BASE}\n[[test]]\nrequest = \"GET http://shop.example/api/cart\"\nexpect_pool = \"api\"\n\n[[test]]\nrequest = \"GET http://shop.example/\"\nexpect_status = 404\n"
     );
-    expect(&src, &[(Rule::TestFailed, 17, 11, "expected status 404, got route `api` (pool `api`)")]);
+    expect(
+        &src,
+        &[(
+            Rule::TestFailed,
+            17,
+            11,
+            "expected status 404, got route `api` (pool `api`)",
+        )],
+    );
 }
 
 #[test]

@@ -53,7 +53,13 @@ pub struct LogEntry<'a> {
 
 impl<'a> LogEntry<'a> {
     /// A request the HTTP parser rejected before it became a request.
-    pub fn parser_error(client: SocketAddr, status: u16, error: &'a str, bytes_sent: u64, config_version: u64) -> Self {
+    pub fn parser_error(
+        client: SocketAddr,
+        status: u16,
+        error: &'a str,
+        bytes_sent: u64,
+        config_version: u64,
+    ) -> Self {
         LogEntry {
             time: rfc3339_now(),
             request_id: "",
@@ -86,7 +92,10 @@ impl AccessLog {
     }
 
     pub fn file(path: &Path) -> io::Result<Self> {
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
         Ok(Self::spawn(Box::new(f)))
     }
 
@@ -106,7 +115,10 @@ impl AccessLog {
                 }
             })
             .expect("spawning the access-log thread");
-        AccessLog { tx: Some(tx), dropped: Arc::default() }
+        AccessLog {
+            tx: Some(tx),
+            dropped: Arc::default(),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -115,7 +127,9 @@ impl AccessLog {
 
     pub fn write(&self, entry: &LogEntry<'_>) {
         let Some(tx) = &self.tx else { return };
-        let Ok(mut line) = serde_json::to_string(entry) else { return };
+        let Ok(mut line) = serde_json::to_string(entry) else {
+            return;
+        };
         line.push('\n');
         if let Err(TrySendError::Full(_)) = tx.try_send(line) {
             self.dropped.fetch_add(1, Relaxed);
@@ -130,7 +144,9 @@ impl AccessLog {
 
 /// The current UTC time as `2026-11-25T03:04:05.678Z`.
 pub fn rfc3339_now() -> String {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     rfc3339(now.as_secs() as i64, now.subsec_millis())
 }
 
@@ -138,7 +154,12 @@ pub fn rfc3339(secs: i64, millis: u32) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).

@@ -93,7 +93,9 @@ impl BackendState {
         if self.active() == Active::Down {
             Availability::FailedHealthCheck
         } else if until > now {
-            Availability::Ejected { remaining: Duration::from_millis(until - now) }
+            Availability::Ejected {
+                remaining: Duration::from_millis(until - now),
+            }
         } else {
             Availability::Available
         }
@@ -158,7 +160,11 @@ impl BackendState {
 
     /// A connect error, timeout or 5xx. Returns the ejection time if this failure ejected the
     /// backend. `pool_ejected_share` tells whether the pool can afford one more ejection.
-    pub(crate) fn record_failure(&self, outlier: &Outlier, may_eject: impl FnOnce() -> bool) -> Option<Duration> {
+    pub(crate) fn record_failure(
+        &self,
+        outlier: &Outlier,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Option<Duration> {
         let failures = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
         if outlier.consecutive_failures == 0 || failures < outlier.consecutive_failures {
             return None;
@@ -175,7 +181,9 @@ impl BackendState {
             self.ejections.store(0, Relaxed);
         }
         let n = self.ejections.fetch_add(1, Relaxed).min(16);
-        let ms = (outlier.base_ejection.as_millis() as u64).saturating_mul(1 << n).min(max_ms.max(1));
+        let ms = (outlier.base_ejection.as_millis() as u64)
+            .saturating_mul(1 << n)
+            .min(max_ms.max(1));
         self.ejected_until_ms.store(now + ms, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         Some(Duration::from_millis(ms))
@@ -208,21 +216,39 @@ pub struct Registry {
 
 impl Registry {
     pub fn get_or_insert(&self, addr: SocketAddr) -> Arc<BackendState> {
-        let mut map = self.backends.lock().expect("registry lock is never poisoned: no panics under it");
-        map.entry(addr).or_insert_with(|| Arc::new(BackendState::new(addr))).clone()
+        let mut map = self
+            .backends
+            .lock()
+            .expect("registry lock is never poisoned: no panics under it");
+        map.entry(addr)
+            .or_insert_with(|| Arc::new(BackendState::new(addr)))
+            .clone()
     }
 
     pub fn get(&self, addr: &SocketAddr) -> Option<Arc<BackendState>> {
-        self.backends.lock().expect("registry lock is never poisoned").get(addr).cloned()
+        self.backends
+            .lock()
+            .expect("registry lock is never poisoned")
+            .get(addr)
+            .cloned()
     }
 
     /// Forgets addresses no live snapshot names any more.
     pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
-        self.backends.lock().expect("registry lock is never poisoned").retain(|a, _| keep(a));
+        self.backends
+            .lock()
+            .expect("registry lock is never poisoned")
+            .retain(|a, _| keep(a));
     }
 
     pub fn all(&self) -> Vec<Arc<BackendState>> {
-        let mut v: Vec<_> = self.backends.lock().expect("registry lock is never poisoned").values().cloned().collect();
+        let mut v: Vec<_> = self
+            .backends
+            .lock()
+            .expect("registry lock is never poisoned")
+            .values()
+            .cloned()
+            .collect();
         v.sort_by_key(|b| b.addr);
         v
     }
@@ -233,7 +259,12 @@ mod tests {
     use super::*;
 
     fn outlier(n: u32) -> Outlier {
-        Outlier { consecutive_failures: n, base_ejection: Duration::from_secs(10), max_ejection: Duration::from_secs(60), max_ejected_percent: 50 }
+        Outlier {
+            consecutive_failures: n,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 50,
+        }
     }
 
     #[test]
@@ -268,6 +299,9 @@ mod tests {
         b.observe_latency(Duration::from_millis(50));
         assert_eq!(b.ewma_micros(), 50_000.0);
         b.observe_latency(Duration::from_millis(1));
-        assert!(b.ewma_micros() > 1_000.0, "a fast sample is blended, not taken whole");
+        assert!(
+            b.ewma_micros() > 1_000.0,
+            "a fast sample is blended, not taken whole"
+        );
     }
 }

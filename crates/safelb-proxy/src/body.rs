@@ -35,7 +35,9 @@ impl fmt::Display for RequestBodyError {
 impl StdError for RequestBodyError {}
 
 /// Finds a [`RequestBodyError`] in the cause chain of an upstream send error.
-pub(crate) fn request_body_error<'e>(e: &'e (dyn StdError + 'static)) -> Option<&'e RequestBodyError> {
+pub(crate) fn request_body_error<'e>(
+    e: &'e (dyn StdError + 'static),
+) -> Option<&'e RequestBodyError> {
     let mut cur: Option<&'e (dyn StdError + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(found) = err.downcast_ref::<RequestBodyError>() {
@@ -54,7 +56,11 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub(crate) fn new(inner: Incoming, limit: u64) -> Self {
-        RequestBody { inner, remaining: limit, limit }
+        RequestBody {
+            inner,
+            remaining: limit,
+            limit,
+        }
     }
 }
 
@@ -62,14 +68,19 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = RequestBodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > this.remaining {
-                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit: this.limit })));
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
+                            limit: this.limit,
+                        })));
                     }
                     this.remaining -= n;
                 }
@@ -103,11 +114,19 @@ pub struct ResponseBody {
 
 impl ResponseBody {
     pub(crate) fn upstream(body: Incoming, completion: Box<Completion>) -> Self {
-        ResponseBody { source: Source::Upstream(body), bytes: 0, completion: Some(completion) }
+        ResponseBody {
+            source: Source::Upstream(body),
+            bytes: 0,
+            completion: Some(completion),
+        }
     }
 
     pub(crate) fn local(text: Bytes, completion: Option<Box<Completion>>) -> Self {
-        ResponseBody { source: Source::Local(Some(text)), bytes: 0, completion }
+        ResponseBody {
+            source: Source::Local(Some(text)),
+            bytes: 0,
+            completion,
+        }
     }
 
     fn complete(&mut self, fully_read: bool) {
@@ -121,7 +140,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let polled = match &mut this.source {
             Source::Local(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),

@@ -83,27 +83,44 @@ impl ClientIo {
 
     fn arm(&mut self, phase: Phase, after: Duration) {
         self.phase = phase;
-        self.timer.as_mut().reset(tokio::time::Instant::now() + after);
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + after);
     }
 
     /// Writes a complete local answer directly to the socket. Small enough for the socket
     /// buffer of a connection that is about to close; a client that does not read loses it.
     fn answer(&mut self, status: u16) -> bool {
-        let Some((code, text)) = parser_answer(status) else { return false };
+        let Some((code, text)) = parser_answer(status) else {
+            return false;
+        };
         let reason = code.canonical_reason().unwrap_or("");
         let body = format!("{status} {reason}: {text}\n");
         let response = format!(
             "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
-        let written = self.stream.try_write(response.as_bytes()).is_ok_and(|n| n == response.len());
-        self.log.write(&LogEntry::parser_error(self.peer, status, text, body.len() as u64, self.version));
+        let written = self
+            .stream
+            .try_write(response.as_bytes())
+            .is_ok_and(|n| n == response.len());
+        self.log.write(&LogEntry::parser_error(
+            self.peer,
+            status,
+            text,
+            body.len() as u64,
+            self.version,
+        ));
         written
     }
 }
 
 impl AsyncRead for ClientIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.state.in_flight.load(Relaxed) > 0 {
             this.phase = Phase::Busy;
@@ -127,7 +144,10 @@ impl AsyncRead for ClientIo {
         if this.phase != Phase::Busy && this.timer.as_mut().poll(cx).is_ready() {
             if this.phase == Phase::Head && this.head_bytes > 0 {
                 this.answer(408);
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "request head not received in time")));
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request head not received in time",
+                )));
             }
             // Idle keep-alive connection (or one that never sent a byte): close quietly.
             return Poll::Ready(Ok(()));
@@ -137,7 +157,11 @@ impl AsyncRead for ClientIo {
 }
 
 impl AsyncWrite for ClientIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.phase == Phase::Head && this.state.in_flight.load(Relaxed) == 0 {
             if let Some(status) = automatic_error_status(buf) {
@@ -150,7 +174,11 @@ impl AsyncWrite for ClientIo {
         Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.phase == Phase::Head && this.state.in_flight.load(Relaxed) == 0 {
             if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
@@ -185,5 +213,8 @@ fn automatic_error_status(buf: &[u8]) -> Option<u16> {
         (b"HTTP/1.1 431 Request Header Fields Too Large\r\n", 431),
         (b"HTTP/1.1 414 URI Too Long\r\n", 414),
     ];
-    LINES.iter().find(|(line, _)| buf.starts_with(line)).map(|&(_, s)| s)
+    LINES
+        .iter()
+        .find(|(line, _)| buf.starts_with(line))
+        .map(|&(_, s)| s)
 }

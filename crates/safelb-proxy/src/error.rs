@@ -36,7 +36,10 @@ pub enum ErrorKind {
 impl ErrorKind {
     pub fn side(self) -> Side {
         match self {
-            ErrorKind::NoRoute | ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::ClientBody => Side::Client,
+            ErrorKind::NoRoute
+            | ErrorKind::BodyTooLarge
+            | ErrorKind::BadRequest
+            | ErrorKind::ClientBody => Side::Client,
             ErrorKind::NoHealthyBackend
             | ErrorKind::PanicFailClosed
             | ErrorKind::ConnectRefused
@@ -81,7 +84,10 @@ impl ProxyError {
     }
 
     pub fn in_pool(kind: ErrorKind, pool: &std::sync::Arc<str>) -> Self {
-        ProxyError { kind, pool: Some(pool.clone()) }
+        ProxyError {
+            kind,
+            pool: Some(pool.clone()),
+        }
     }
 }
 
@@ -89,19 +95,46 @@ impl ProxyError {
 pub fn client_answer(err: &ProxyError) -> (StatusCode, String) {
     let pool = err.pool.as_deref().unwrap_or("?");
     match err.kind {
-        ErrorKind::NoRoute => (StatusCode::NOT_FOUND, "no route matches this host and path".into()),
-        ErrorKind::NoHealthyBackend => (StatusCode::SERVICE_UNAVAILABLE, format!("no healthy backend in pool `{pool}`")),
+        ErrorKind::NoRoute => (
+            StatusCode::NOT_FOUND,
+            "no route matches this host and path".into(),
+        ),
+        ErrorKind::NoHealthyBackend => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no healthy backend in pool `{pool}`"),
+        ),
         ErrorKind::PanicFailClosed => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("pool `{pool}` is below its panic threshold and fails closed"),
         ),
-        ErrorKind::ConnectRefused => (StatusCode::BAD_GATEWAY, format!("could not connect to a backend of pool `{pool}`")),
-        ErrorKind::ConnectTimeout => (StatusCode::BAD_GATEWAY, format!("timed out connecting to a backend of pool `{pool}`")),
-        ErrorKind::ResponseTimeout => (StatusCode::GATEWAY_TIMEOUT, format!("a backend of pool `{pool}` did not answer in time")),
-        ErrorKind::UpstreamProtocol => (StatusCode::BAD_GATEWAY, format!("a backend of pool `{pool}` sent an invalid or incomplete response")),
-        ErrorKind::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request body exceeds the configured limit".into()),
-        ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "request cannot be forwarded".into()),
-        ErrorKind::ClientBody => (StatusCode::BAD_REQUEST, "request body could not be read".into()),
+        ErrorKind::ConnectRefused => (
+            StatusCode::BAD_GATEWAY,
+            format!("could not connect to a backend of pool `{pool}`"),
+        ),
+        ErrorKind::ConnectTimeout => (
+            StatusCode::BAD_GATEWAY,
+            format!("timed out connecting to a backend of pool `{pool}`"),
+        ),
+        ErrorKind::ResponseTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("a backend of pool `{pool}` did not answer in time"),
+        ),
+        ErrorKind::UpstreamProtocol => (
+            StatusCode::BAD_GATEWAY,
+            format!("a backend of pool `{pool}` sent an invalid or incomplete response"),
+        ),
+        ErrorKind::BodyTooLarge => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body exceeds the configured limit".into(),
+        ),
+        ErrorKind::BadRequest => (
+            StatusCode::BAD_REQUEST,
+            "request cannot be forwarded".into(),
+        ),
+        ErrorKind::ClientBody => (
+            StatusCode::BAD_REQUEST,
+            "request body could not be read".into(),
+        ),
     }
 }
 
@@ -109,9 +142,15 @@ pub fn client_answer(err: &ProxyError) -> (StatusCode, String) {
 pub fn parser_answer(status: u16) -> Option<(StatusCode, &'static str)> {
     match status {
         400 => Some((StatusCode::BAD_REQUEST, "malformed HTTP request")),
-        408 => Some((StatusCode::REQUEST_TIMEOUT, "request headers not received in time")),
+        408 => Some((
+            StatusCode::REQUEST_TIMEOUT,
+            "request headers not received in time",
+        )),
         414 => Some((StatusCode::URI_TOO_LONG, "request target too long")),
-        431 => Some((StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers exceed the configured limit")),
+        431 => Some((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request headers exceed the configured limit",
+        )),
         _ => None,
     }
 }

@@ -75,15 +75,27 @@ impl ProxyHandle {
         let next = Arc::new(Snapshot::build(config, version, &self.inner.registry));
         self.inner.current.store(next.clone());
         self.reconcile(&next);
-        tracing::info!(from = running.version, to = version, "config version now serving");
+        tracing::info!(
+            from = running.version,
+            to = version,
+            "config version now serving"
+        );
         Ok(next)
     }
 
     fn reconcile(&self, live: &Snapshot) {
-        let pools = live.pools.iter().map(|p| (&live.config.pools[p.index], p.backends.as_slice()));
-        self.inner.checkers.reconcile(desired_checks(pools), &self.inner.cancel);
-        let names: std::collections::HashSet<SocketAddr> =
-            live.pools.iter().flat_map(|p| p.backends.iter().map(|b| b.addr)).collect();
+        let pools = live
+            .pools
+            .iter()
+            .map(|p| (&live.config.pools[p.index], p.backends.as_slice()));
+        self.inner
+            .checkers
+            .reconcile(desired_checks(pools), &self.inner.cancel);
+        let names: std::collections::HashSet<SocketAddr> = live
+            .pools
+            .iter()
+            .flat_map(|p| p.backends.iter().map(|b| b.addr))
+            .collect();
         // Snapshots still held by in-flight requests keep their own Arcs; the registry only
         // stops handing out state for addresses no current config names.
         self.inner.registry.retain(|a| names.contains(a));
@@ -111,7 +123,10 @@ impl ProxyHandle {
 
 fn check_swappable(running: &ValidConfig, next: &ValidConfig) -> Result<(), SwapError> {
     if running.listeners != next.listeners {
-        return Err(SwapError::ListenersChanged { running: describe(&running.listeners), new: describe(&next.listeners) });
+        return Err(SwapError::ListenersChanged {
+            running: describe(&running.listeners),
+            new: describe(&next.listeners),
+        });
     }
     if running.access_log != next.access_log {
         return Err(SwapError::AccessLogChanged);
@@ -120,5 +135,9 @@ fn check_swappable(running: &ValidConfig, next: &ValidConfig) -> Result<(), Swap
 }
 
 fn describe(listeners: &BTreeMap<String, Listener>) -> String {
-    listeners.values().map(|l| format!("{}={}", l.name, l.bind)).collect::<Vec<_>>().join(", ")
+    listeners
+        .values()
+        .map(|l| format!("{}={}", l.name, l.bind))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -28,8 +28,15 @@ pub(crate) struct HealthCheckers {
 impl HealthCheckers {
     /// Makes the running checkers match `desired`: starts new ones, stops those no longer
     /// wanted, restarts those whose check changed. Must run inside a tokio runtime.
-    pub fn reconcile(&self, desired: HashMap<SocketAddr, (HealthCheck, Arc<BackendState>)>, parent: &CancellationToken) {
-        let mut running = self.running.lock().expect("checker map lock is never poisoned");
+    pub fn reconcile(
+        &self,
+        desired: HashMap<SocketAddr, (HealthCheck, Arc<BackendState>)>,
+        parent: &CancellationToken,
+    ) {
+        let mut running = self
+            .running
+            .lock()
+            .expect("checker map lock is never poisoned");
         running.retain(|addr, (check, token)| {
             let keep = desired.get(addr).is_some_and(|(want, _)| want == check);
             if !keep {
@@ -49,7 +56,12 @@ impl HealthCheckers {
 
     /// Addresses with a running checker.
     pub fn checked(&self) -> Vec<SocketAddr> {
-        self.running.lock().expect("checker map lock is never poisoned").keys().copied().collect()
+        self.running
+            .lock()
+            .expect("checker map lock is never poisoned")
+            .keys()
+            .copied()
+            .collect()
     }
 }
 
@@ -66,14 +78,18 @@ async fn run(backend: Arc<BackendState>, check: HealthCheck, cancel: Cancellatio
             Ok(()) => {
                 successes += 1;
                 failures = 0;
-                if current == Active::Unknown || (current == Active::Down && successes >= check.healthy) {
+                if current == Active::Unknown
+                    || (current == Active::Down && successes >= check.healthy)
+                {
                     transition(&backend, Active::Up, None);
                 }
             }
             Err(why) => {
                 failures += 1;
                 successes = 0;
-                if current == Active::Unknown || (current == Active::Up && failures >= check.unhealthy) {
+                if current == Active::Unknown
+                    || (current == Active::Up && failures >= check.unhealthy)
+                {
                     transition(&backend, Active::Down, Some(&why));
                 }
             }
@@ -95,7 +111,9 @@ fn transition(backend: &BackendState, to: Active, why: Option<&str>) {
         return;
     }
     match to {
-        Active::Down => tracing::warn!(backend = %backend.addr, ?from, reason = why.unwrap_or(""), "backend failed its health check: no new requests"),
+        Active::Down => {
+            tracing::warn!(backend = %backend.addr, ?from, reason = why.unwrap_or(""), "backend failed its health check: no new requests")
+        }
         _ => tracing::info!(backend = %backend.addr, ?from, "backend passed its health check"),
     }
 }
@@ -109,15 +127,18 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> 
 }
 
 async fn probe_inner(addr: SocketAddr, kind: &HealthCheckKind) -> Result<(), String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let path = match kind {
         HealthCheckKind::Tcp => return Ok(()),
         HealthCheckKind::Http { path } => path,
     };
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
     // Ends with the exchange: the backend closes (Connection: close), or hyper closes the
     // connection once the probe's timeout drops the sender and its pending response.
     tokio::spawn(async move {
@@ -129,7 +150,10 @@ async fn probe_inner(addr: SocketAddr, kind: &HealthCheckKind) -> Result<(), Str
         .header(http::header::CONNECTION, "close")
         .body(Empty::new())
         .map_err(|e| format!("request: {e}"))?;
-    let resp = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
+    let resp = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
     if resp.status().is_success() {
         Ok(())
     } else {
@@ -146,7 +170,8 @@ pub(crate) fn desired_checks<'a>(
     for (pool, backends) in pools {
         let Some(check) = &pool.health else { continue };
         for b in backends {
-            out.entry(b.addr).or_insert_with(|| (check.clone(), b.clone()));
+            out.entry(b.addr)
+                .or_insert_with(|| (check.clone(), b.clone()));
         }
     }
     out

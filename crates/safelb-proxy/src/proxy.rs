@@ -43,17 +43,31 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(handle: ProxyHandle, log: AccessLog) -> Arc<Proxy> {
-        Arc::new(Proxy { handle, log, scheme: "http" })
+        Arc::new(Proxy {
+            handle,
+            log,
+            scheme: "http",
+        })
     }
 
     /// Serves one request. Never fails: every error becomes a response.
-    pub async fn serve(&self, req: Request<Incoming>, client: SocketAddr, conn: Arc<ConnState>) -> Response<ResponseBody> {
+    pub async fn serve(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        conn: Arc<ConnState>,
+    ) -> Response<ResponseBody> {
         let snapshot = self.handle.snapshot();
         let mut done = Completion::start(&self.log, client, conn, snapshot.version);
         let (mut parts, body) = req.into_parts();
         done.request_id = request_id(&mut parts.headers);
         let host_header = parts.headers.get(HOST).cloned();
-        let host = parts.uri.authority().map(|a| a.as_str()).or_else(|| host_header.as_ref().and_then(|h| h.to_str().ok())).unwrap_or("");
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| host_header.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or("");
         if done.log.enabled() {
             done.method = parts.method.clone();
             done.host = host.to_owned();
@@ -61,7 +75,11 @@ impl Proxy {
         }
 
         let limits = &snapshot.config.limits;
-        let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limits.max_body_bytes) {
             return local(done, ProxyError::new(ErrorKind::BodyTooLarge));
         }
@@ -78,7 +96,11 @@ impl Proxy {
         let pool = &snapshot.pools[snapshot.config.routes[route].pool];
         done.route = Some(snapshot.route_names[route].clone());
         done.pool = Some(pool.name.clone());
-        let hash = if pool.balancer.needs_hash() { request_hash(&snapshot, pool, &parts.headers, client) } else { 0 };
+        let hash = if pool.balancer.needs_hash() {
+            request_hash(&snapshot, pool, &parts.headers, client)
+        } else {
+            0
+        };
 
         // The upstream request: origin-form target, the client's Host kept, hop-by-hop gone.
         if let Some(authority) = parts.uri.authority().map(|a| a.as_str().to_owned()) {
@@ -87,11 +109,20 @@ impl Proxy {
                     parts.headers.insert(HOST, v);
                 }
             }
-            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+            let target = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned();
             parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
         }
         strip_hop_by_hop(&mut parts.headers);
-        add_forwarded(&mut parts.headers, client, self.scheme, host_header.as_ref());
+        add_forwarded(
+            &mut parts.headers,
+            client,
+            self.scheme,
+            host_header.as_ref(),
+        );
         parts.version = Version::HTTP_11;
         let request = Request::from_parts(parts, RequestBody::new(body, limits.max_body_bytes));
         self.forward(&snapshot, pool, request, hash, done).await
@@ -115,35 +146,47 @@ impl Proxy {
             let idx = match pool.select(hash, &tried) {
                 Ok(i) => i,
                 // A retry that finds no other backend reports the failure that caused it.
-                Err(kind) => return local(done, ProxyError::in_pool(last_error.unwrap_or(kind), &pool.name)),
+                Err(kind) => {
+                    return local(
+                        done,
+                        ProxyError::in_pool(last_error.unwrap_or(kind), &pool.name),
+                    )
+                }
             };
             let backend = &pool.backends[idx];
             backend.start_request();
             let started = Instant::now();
-            let (mut sender, reused) = match upstream::checkout(backend, config.connect_timeout).await {
-                Ok(s) => s,
-                Err(kind) => {
-                    backend.end_request();
-                    backend.observe_latency(config.connect_timeout);
-                    failure(pool, snapshot, backend, kind);
-                    tried.push(idx);
-                    last_error = Some(kind);
-                    // Nothing reached a backend, so any method may go elsewhere.
-                    if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
-                        done.retries += 1;
-                        continue;
+            let (mut sender, reused) =
+                match upstream::checkout(backend, config.connect_timeout).await {
+                    Ok(s) => s,
+                    Err(kind) => {
+                        backend.end_request();
+                        backend.observe_latency(config.connect_timeout);
+                        failure(pool, snapshot, backend, kind);
+                        tried.push(idx);
+                        last_error = Some(kind);
+                        // Nothing reached a backend, so any method may go elsewhere.
+                        if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
+                            done.retries += 1;
+                            continue;
+                        }
+                        return local(done, ProxyError::in_pool(kind, &pool.name));
                     }
-                    return local(done, ProxyError::in_pool(kind, &pool.name));
-                }
-            };
-            let req = request.take().expect("the request is put back whenever the loop continues");
-            match tokio::time::timeout(config.response_timeout, sender.try_send_request(req)).await {
+                };
+            let req = request
+                .take()
+                .expect("the request is put back whenever the loop continues");
+            match tokio::time::timeout(config.response_timeout, sender.try_send_request(req)).await
+            {
                 Err(_) => {
                     backend.end_request();
                     backend.observe_latency(config.response_timeout);
                     done.backend = Some(backend.clone());
                     failure(pool, snapshot, backend, ErrorKind::ResponseTimeout);
-                    return local(done, ProxyError::in_pool(ErrorKind::ResponseTimeout, &pool.name));
+                    return local(
+                        done,
+                        ProxyError::in_pool(ErrorKind::ResponseTimeout, &pool.name),
+                    );
                 }
                 Ok(Err(mut e)) => {
                     backend.end_request();
@@ -166,7 +209,10 @@ impl Proxy {
                     }
                     tracing::debug!(backend = %backend.addr, error = %err, "upstream exchange failed");
                     failure(pool, snapshot, backend, ErrorKind::UpstreamProtocol);
-                    return local(done, ProxyError::in_pool(ErrorKind::UpstreamProtocol, &pool.name));
+                    return local(
+                        done,
+                        ProxyError::in_pool(ErrorKind::UpstreamProtocol, &pool.name),
+                    );
                 }
                 Ok(Ok(response)) => {
                     let latency = started.elapsed();
@@ -205,15 +251,24 @@ fn failure(pool: &PoolRuntime, snapshot: &Snapshot, backend: &Arc<BackendState>,
     }
 }
 
-fn request_hash(snapshot: &Snapshot, pool: &PoolRuntime, headers: &http::HeaderMap, client: SocketAddr) -> u64 {
+fn request_hash(
+    snapshot: &Snapshot,
+    pool: &PoolRuntime,
+    headers: &http::HeaderMap,
+    client: SocketAddr,
+) -> u64 {
     let by_client = || match client.ip() {
         std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
         std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),
     };
     match &snapshot.pool_config(pool).hash_key {
         HashKey::ClientAddress => by_client(),
-        HashKey::Header(name) => headers.get(name.as_str()).map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
-        HashKey::Cookie(name) => cookie(headers, name).map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
+        HashKey::Header(name) => headers
+            .get(name.as_str())
+            .map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
+        HashKey::Cookie(name) => {
+            cookie(headers, name).map_or_else(by_client, |v| xxh3_64(v.as_bytes()))
+        }
     }
 }
 
@@ -233,12 +288,21 @@ fn local(mut done: Box<Completion>, err: ProxyError) -> Response<ResponseBody> {
     let (status, text) = client_answer(&err);
     done.status = status.as_u16();
     done.error = Some(err.kind.as_str());
-    let body = Bytes::from(format!("{} {}: {text}\n", status.as_u16(), status.canonical_reason().unwrap_or("")));
+    let body = Bytes::from(format!(
+        "{} {}: {text}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    ));
     let request_id = done.request_id.clone();
     let mut response = Response::new(ResponseBody::local(body, Some(done)));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id);
     response
 }
 
@@ -268,7 +332,12 @@ pub(crate) struct Completion {
 }
 
 impl Completion {
-    fn start(log: &AccessLog, client: SocketAddr, conn: Arc<ConnState>, version: u64) -> Box<Completion> {
+    fn start(
+        log: &AccessLog,
+        client: SocketAddr,
+        conn: Arc<ConnState>,
+        version: u64,
+    ) -> Box<Completion> {
         conn.in_flight.fetch_add(1, Relaxed);
         Box::new(Completion {
             log: log.clone(),

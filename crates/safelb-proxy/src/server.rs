@@ -23,7 +23,11 @@ use crate::proxy::Proxy;
 /// Binds a listening socket with a deep accept backlog (bursts of new connections are common
 /// in front of a website) and address reuse (a restart must not wait for TIME_WAIT).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
@@ -31,7 +35,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Accepts and serves connections until `shutdown` is cancelled. Connection tasks are spawned
 /// on `tracker`, so the caller can wait for them to drain.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -51,11 +60,24 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
     }
 }
 
-async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) {
     let snapshot = proxy.handle.snapshot();
     let limits = snapshot.config.limits.clone();
     let state = Arc::new(ConnState::default());
-    let io = ClientIo::new(stream, state.clone(), peer, limits.header_timeout, limits.keepalive_timeout, proxy.log.clone(), snapshot.version);
+    let io = ClientIo::new(
+        stream,
+        state.clone(),
+        peer,
+        limits.header_timeout,
+        limits.keepalive_timeout,
+        proxy.log.clone(),
+        snapshot.version,
+    );
     drop(snapshot);
     let service = service_fn(move |req| {
         let proxy = proxy.clone();

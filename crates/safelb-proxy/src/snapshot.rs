@@ -23,9 +23,23 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn build(config: ValidConfig, version: u64, registry: &Registry) -> Snapshot {
-        let pools = config.pools.iter().enumerate().map(|(i, p)| PoolRuntime::new(i, p, registry)).collect();
-        let route_names = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
-        Snapshot { version, config, pools, route_names }
+        let pools = config
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PoolRuntime::new(i, p, registry))
+            .collect();
+        let route_names = config
+            .routes
+            .iter()
+            .map(|r| Arc::from(r.name.as_str()))
+            .collect();
+        Snapshot {
+            version,
+            config,
+            pools,
+            route_names,
+        }
     }
 
     pub fn pool_config(&self, pool: &PoolRuntime) -> &Pool {
@@ -35,7 +49,10 @@ impl Snapshot {
 
 impl std::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshot").field("version", &self.version).field("pools", &self.pools.len()).finish()
+        f.debug_struct("Snapshot")
+            .field("version", &self.version)
+            .field("pools", &self.pools.len())
+            .finish()
     }
 }
 
@@ -56,7 +73,11 @@ pub struct PoolRuntime {
 
 impl PoolRuntime {
     fn new(index: usize, pool: &Pool, registry: &Registry) -> PoolRuntime {
-        let backends: Vec<_> = pool.backends.iter().map(|b| registry.get_or_insert(b.addr)).collect();
+        let backends: Vec<_> = pool
+            .backends
+            .iter()
+            .map(|b| registry.get_or_insert(b.addr))
+            .collect();
         let weights: Vec<u32> = pool.backends.iter().map(|b| b.weight).collect();
         PoolRuntime {
             index,
@@ -77,8 +98,19 @@ impl PoolRuntime {
         let now = now_ms();
         let usable = |i: usize| self.weights[i] > 0 && !tried.contains(&i);
         if self.panic_threshold > 0 {
-            let total = self.backends.iter().enumerate().filter(|(i, _)| self.weights[*i] > 0).count().max(1);
-            let available = self.backends.iter().enumerate().filter(|(i, b)| self.weights[*i] > 0 && b.is_available(now)).count();
+            let total = self
+                .backends
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| self.weights[*i] > 0)
+                .count()
+                .max(1);
+            let available = self
+                .backends
+                .iter()
+                .enumerate()
+                .filter(|(i, b)| self.weights[*i] > 0 && b.is_available(now))
+                .count();
             let panic = available * 100 < total * self.panic_threshold as usize;
             if self.in_panic.swap(panic, Relaxed) != panic {
                 if panic {
@@ -90,16 +122,23 @@ impl PoolRuntime {
             if panic {
                 return match self.panic_policy {
                     PanicPolicy::FailClosed => Err(ErrorKind::PanicFailClosed),
-                    PanicPolicy::FailOpen => self.pick(hash, &usable).ok_or(ErrorKind::NoHealthyBackend),
+                    PanicPolicy::FailOpen => {
+                        self.pick(hash, &usable).ok_or(ErrorKind::NoHealthyBackend)
+                    }
                 };
             }
         }
         let eligible = |i: usize| usable(i) && self.backends[i].is_available(now);
-        self.pick(hash, &eligible).ok_or(ErrorKind::NoHealthyBackend)
+        self.pick(hash, &eligible)
+            .ok_or(ErrorKind::NoHealthyBackend)
     }
 
     fn pick(&self, hash: u64, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
-        let c = Candidates { backends: &self.backends, weights: &self.weights, eligible };
+        let c = Candidates {
+            backends: &self.backends,
+            weights: &self.weights,
+            eligible,
+        };
         self.balancer.pick(&c, hash)
     }
 
@@ -130,7 +169,13 @@ pub struct RetryBudget {
 
 impl RetryBudget {
     pub fn new(percent: u32, min_per_second: u32) -> Self {
-        RetryBudget { percent, min_per_second, second: AtomicU64::new(0), requests: AtomicU32::new(0), retries: AtomicU32::new(0) }
+        RetryBudget {
+            percent,
+            min_per_second,
+            second: AtomicU64::new(0),
+            requests: AtomicU32::new(0),
+            retries: AtomicU32::new(0),
+        }
     }
 
     fn roll(&self) {
@@ -149,7 +194,8 @@ impl RetryBudget {
     /// Takes one retry from the budget if there is one left this second.
     pub fn try_retry(&self) -> bool {
         self.roll();
-        let allowed = (self.requests.load(Relaxed) as u64 * self.percent as u64 / 100).max(self.min_per_second as u64);
+        let allowed = (self.requests.load(Relaxed) as u64 * self.percent as u64 / 100)
+            .max(self.min_per_second as u64);
         let used = self.retries.fetch_add(1, Relaxed) as u64;
         if used < allowed {
             true

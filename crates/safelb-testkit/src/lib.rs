@@ -40,6 +40,7 @@ struct Shared {
     name: String,
     behavior: Mutex<Behavior>,
     hits: AtomicU64,
+    connections: AtomicU64,
 }
 
 /// A running backend. Dropping it stops it.
@@ -52,17 +53,28 @@ pub struct TestBackend {
 impl TestBackend {
     /// Starts a backend on a free loopback port.
     pub async fn start(name: &str) -> TestBackend {
-        Self::start_on("127.0.0.1:0".parse().expect("a valid address"), name).await.expect("binding a free loopback port")
+        Self::start_on("127.0.0.1:0".parse().expect("a valid address"), name)
+            .await
+            .expect("binding a free loopback port")
     }
 
     /// Starts a backend on a given address.
     pub async fn start_on(addr: SocketAddr, name: &str) -> std::io::Result<TestBackend> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared { name: name.to_string(), behavior: Mutex::new(Behavior::Ok), hits: AtomicU64::new(0) });
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            behavior: Mutex::new(Behavior::Ok),
+            hits: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+        });
         let cancel = CancellationToken::new();
         tokio::spawn(accept_loop(listener, shared.clone(), cancel.clone()));
-        Ok(TestBackend { addr, shared, cancel })
+        Ok(TestBackend {
+            addr,
+            shared,
+            cancel,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -76,6 +88,11 @@ impl TestBackend {
     /// Requests received (health checks included), whatever the answer.
     pub fn hits(&self) -> u64 {
         self.shared.hits.load(Relaxed)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Relaxed)
     }
 
     /// Stops listening and closes every open connection: afterwards connects are refused.
@@ -106,6 +123,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: Cancell
             },
         };
         let _ = stream.set_nodelay(true);
+        shared.connections.fetch_add(1, Relaxed);
         let shared = shared.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
@@ -127,10 +145,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: Cancell
 type Body = BoxBody<Bytes, hyper::Error>;
 
 fn full(text: impl Into<Bytes>) -> Body {
-    Full::new(text.into()).map_err(|never: Infallible| match never {}).boxed()
+    Full::new(text.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
 }
 
-async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationToken) -> Response<Body> {
+async fn answer(
+    req: Request<Incoming>,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) -> Response<Body> {
     shared.hits.fetch_add(1, Relaxed);
     let behavior = *shared.behavior.lock().expect("behavior lock");
     match behavior {
@@ -140,9 +164,16 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
         }
         Behavior::Delay(d) => tokio::time::sleep(d).await,
         Behavior::Status(code) => {
-            let mut r = Response::new(full(format!("backend {} failing with {code}\n", shared.name)));
-            *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            r.headers_mut().insert("x-backend", shared.name.parse().expect("names are header-safe"));
+            let mut r = Response::new(full(format!(
+                "backend {} failing with {code}\n",
+                shared.name
+            )));
+            *r.status_mut() =
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            r.headers_mut().insert(
+                "x-backend",
+                shared.name.parse().expect("names are header-safe"),
+            );
             return r;
         }
         Behavior::Ok => {}
@@ -154,13 +185,19 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
             text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
         }
         Response::new(full(text))
-    } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+    } else if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
         Response::new(full(vec![b'x'; n.min(64 << 20)]))
     } else if path == "/echo" {
         Response::new(req.into_body().boxed())
     } else {
         Response::new(full(format!("backend {}\n", shared.name)))
     };
-    response.headers_mut().insert("x-backend", shared.name.parse().expect("names are header-safe"));
+    response.headers_mut().insert(
+        "x-backend",
+        shared.name.parse().expect("names are header-safe"),
+    );
     response
 }

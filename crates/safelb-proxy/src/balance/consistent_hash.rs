@@ -60,9 +60,18 @@ mod tests {
     use super::super::{Balancer, Candidates};
     use super::*;
 
-    fn owner(ring: &Ring, bs: &[Arc<BackendState>], key: u64, eligible: &dyn Fn(usize) -> bool) -> std::net::SocketAddr {
+    fn owner(
+        ring: &Ring,
+        bs: &[Arc<BackendState>],
+        key: u64,
+        eligible: &dyn Fn(usize) -> bool,
+    ) -> std::net::SocketAddr {
         let w = vec![1; bs.len()];
-        let c = Candidates { backends: bs, weights: &w, eligible };
+        let c = Candidates {
+            backends: bs,
+            weights: &w,
+            eligible,
+        };
         bs[ring.pick(&c, key).unwrap()].addr
     }
 
@@ -70,7 +79,11 @@ mod tests {
     fn removing_a_backend_moves_only_its_keys() {
         let bs = backends(5);
         let ring = Ring::new(&bs, &[1; 5]);
-        let fewer: Vec<_> = bs.iter().filter(|b| b.addr != bs[2].addr).cloned().collect();
+        let fewer: Vec<_> = bs
+            .iter()
+            .filter(|b| b.addr != bs[2].addr)
+            .cloned()
+            .collect();
         let ring_fewer = Ring::new(&fewer, &[1; 4]);
         let mut moved = 0;
         for k in 0..10_000u64 {
@@ -83,7 +96,10 @@ mod tests {
                 assert_eq!(before, after, "key {k} moved though its backend stayed");
             }
         }
-        assert!((1400..2600).contains(&moved), "the removed backend owned {moved} of 10000 keys");
+        assert!(
+            (1400..2600).contains(&moved),
+            "the removed backend owned {moved} of 10000 keys"
+        );
     }
 
     #[test]

@@ -45,13 +45,25 @@ mod tests {
         bs[1].start_request();
         let b = Balancer::LeastRequest(LeastRequest);
         let all = |_: usize| true;
-        let c = Candidates { backends: &bs, weights: &[1, 1, 1], eligible: &all };
+        let c = Candidates {
+            backends: &bs,
+            weights: &[1, 1, 1],
+            eligible: &all,
+        };
         assert_eq!(b.pick(&c, 0), Some(2));
         // Weight 4 makes 4 in flight on backend 0 cost (4+1)/4 < (0+1)/1.
-        let c = Candidates { backends: &bs, weights: &[8, 1, 1], eligible: &all };
+        let c = Candidates {
+            backends: &bs,
+            weights: &[8, 1, 1],
+            eligible: &all,
+        };
         assert_eq!(b.pick(&c, 0), Some(0));
         let not2 = |i: usize| i != 2;
-        let c = Candidates { backends: &bs, weights: &[1, 1, 1], eligible: &not2 };
+        let c = Candidates {
+            backends: &bs,
+            weights: &[1, 1, 1],
+            eligible: &not2,
+        };
         assert_eq!(b.pick(&c, 0), Some(1));
     }
 
@@ -60,6 +72,9 @@ mod tests {
         let bs = backends(4);
         let b = Balancer::LeastRequest(LeastRequest);
         let counts = super::super::testing::distribution(&b, &bs, &[1, 1, 1, 1], &|_| true, 4000);
-        assert!(counts.iter().all(|&n| (800..1200).contains(&n)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&n| (800..1200).contains(&n)),
+            "{counts:?}"
+        );
     }
 }

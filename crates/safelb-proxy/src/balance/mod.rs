@@ -70,15 +70,33 @@ pub(crate) mod testing {
     use super::*;
 
     pub fn backends(n: usize) -> Vec<Arc<BackendState>> {
-        (0..n).map(|i| Arc::new(BackendState::new(format!("127.0.0.1:{}", 10_000 + i).parse().unwrap()))).collect()
+        (0..n)
+            .map(|i| {
+                Arc::new(BackendState::new(
+                    format!("127.0.0.1:{}", 10_000 + i).parse().unwrap(),
+                ))
+            })
+            .collect()
     }
 
     /// How many of `rounds` picks each backend gets.
-    pub fn distribution(b: &Balancer, backends: &[Arc<BackendState>], weights: &[u32], eligible: &dyn Fn(usize) -> bool, rounds: usize) -> Vec<usize> {
+    pub fn distribution(
+        b: &Balancer,
+        backends: &[Arc<BackendState>],
+        weights: &[u32],
+        eligible: &dyn Fn(usize) -> bool,
+        rounds: usize,
+    ) -> Vec<usize> {
         let mut counts = vec![0; backends.len()];
-        let c = Candidates { backends, weights, eligible };
+        let c = Candidates {
+            backends,
+            weights,
+            eligible,
+        };
         for i in 0..rounds {
-            let picked = b.pick(&c, xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes())).expect("some backend is eligible");
+            let picked = b
+                .pick(&c, xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()))
+                .expect("some backend is eligible");
             counts[picked] += 1;
         }
         counts

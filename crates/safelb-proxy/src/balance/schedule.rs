@@ -20,7 +20,10 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn round_robin(n: usize) -> Schedule {
-        Schedule { order: (0..n as u32).collect(), next: AtomicUsize::new(fastrand::usize(..n.max(1))) }
+        Schedule {
+            order: (0..n as u32).collect(),
+            next: AtomicUsize::new(fastrand::usize(..n.max(1))),
+        }
     }
 
     pub fn smooth_weighted(weights: &[u32]) -> Schedule {
@@ -32,12 +35,17 @@ impl Schedule {
             for (s, &w) in score.iter_mut().zip(&weights) {
                 *s += w as i64;
             }
-            let best = (0..weights.len()).max_by_key(|&i| (score[i], std::cmp::Reverse(i))).expect("a pool has at least one backend");
+            let best = (0..weights.len())
+                .max_by_key(|&i| (score[i], std::cmp::Reverse(i)))
+                .expect("a pool has at least one backend");
             score[best] -= total;
             order.push(best as u32);
         }
         let start = fastrand::usize(..order.len().max(1));
-        Schedule { order, next: AtomicUsize::new(start) }
+        Schedule {
+            order,
+            next: AtomicUsize::new(start),
+        }
     }
 
     pub fn pick(&self, c: &Candidates<'_>) -> Option<usize> {
@@ -53,7 +61,9 @@ impl Schedule {
         // Hand a skipped turn to a random later entry, not always to the same neighbour, so the
         // share of a backend that is out spreads over all the others.
         let from = start + 1 + fastrand::usize(..len);
-        (0..len).map(|k| self.order[(from + k) % len] as usize).find(|&i| (c.eligible)(i))
+        (0..len)
+            .map(|k| self.order[(from + k) % len] as usize)
+            .find(|&i| (c.eligible)(i))
     }
 }
 
@@ -66,7 +76,16 @@ fn scale(weights: &[u32]) -> Vec<u32> {
     if total <= MAX_LEN {
         return reduced.iter().map(|&w| w as u32).collect();
     }
-    reduced.iter().map(|&w| if w == 0 { 0 } else { ((w * MAX_LEN) / total).max(1) as u32 }).collect()
+    reduced
+        .iter()
+        .map(|&w| {
+            if w == 0 {
+                0
+            } else {
+                ((w * MAX_LEN) / total).max(1) as u32
+            }
+        })
+        .collect()
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -87,7 +106,10 @@ mod tests {
     fn round_robin_is_even_and_skips_the_ineligible() {
         let bs = backends(3);
         let b = Balancer::Schedule(Schedule::round_robin(3));
-        assert_eq!(distribution(&b, &bs, &[1, 1, 1], &|_| true, 300), vec![100, 100, 100]);
+        assert_eq!(
+            distribution(&b, &bs, &[1, 1, 1], &|_| true, 300),
+            vec![100, 100, 100]
+        );
         let skipped = distribution(&b, &bs, &[1, 1, 1], &|i| i != 1, 3000);
         assert_eq!(skipped[1], 0);
         assert!(skipped[0] > 1300 && skipped[2] > 1300, "{skipped:?}");
@@ -99,7 +121,10 @@ mod tests {
         assert_eq!(s.order, vec![0, 0, 1, 0, 2, 0, 0]);
         let bs = backends(3);
         let b = Balancer::Schedule(Schedule::smooth_weighted(&[3, 2, 0]));
-        assert_eq!(distribution(&b, &bs, &[3, 2, 0], &|_| true, 500), vec![300, 200, 0]);
+        assert_eq!(
+            distribution(&b, &bs, &[3, 2, 0], &|_| true, 500),
+            vec![300, 200, 0]
+        );
     }
 
     #[test]

@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "safelb", version, about = "An HTTP load balancer whose configuration changes cannot take a website down")]
+#[command(
+    name = "safelb",
+    version,
+    about = "An HTTP load balancer whose configuration changes cannot take a website down"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -37,7 +37,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
@@ -49,24 +52,37 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 /// Reads and checks a config file; on failure returns the rendered diagnostics.
 fn load(path: &Path) -> Result<ValidConfig, String> {
-    let source = std::fs::read_to_string(path).map_err(|e| format!("safelb: cannot read {}: {e}\n", path.display()))?;
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| format!("safelb: cannot read {}: {e}\n", path.display()))?;
     let checked = safelb_config::check(&path.display().to_string(), &source);
     if !checked.diagnostics.is_empty() {
         eprint!("{}", checked.diagnostics.render());
     }
-    checked.into_result().map_err(|_| format!("safelb: {} is not valid; nothing was started\n", path.display()))
+    checked.into_result().map_err(|_| {
+        format!(
+            "safelb: {} is not valid; nothing was started\n",
+            path.display()
+        )
+    })
 }
 
 async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::Result<ExitCode> {
-    let _demo = if args.demo_backends { start_demo_backends(&config).await? } else { Vec::new() };
+    let _demo = if args.demo_backends {
+        start_demo_backends(&config).await?
+    } else {
+        Vec::new()
+    };
     let log = match (&config.access_log.enabled, &config.access_log.path) {
         (false, _) => AccessLog::disabled(),
         (true, None) => AccessLog::stdout(),
-        (true, Some(p)) => AccessLog::file(p).with_context(|| format!("opening the access log {}", p.display()))?,
+        (true, Some(p)) => {
+            AccessLog::file(p).with_context(|| format!("opening the access log {}", p.display()))?
+        }
     };
     let mut bound = Vec::new();
     for l in config.listeners.values() {
-        let listener = server::bind(l.bind).with_context(|| format!("cannot bind listener `{}` on {}", l.name, l.bind))?;
+        let listener = server::bind(l.bind)
+            .with_context(|| format!("cannot bind listener `{}` on {}", l.name, l.bind))?;
         bound.push((l.name.clone(), l.bind, listener));
     }
     let drain_timeout = config.limits.drain_timeout;
@@ -78,7 +94,12 @@ async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::
     let mut accept_loops = Vec::new();
     for (name, addr, listener) in bound {
         tracing::info!(listener = %name, %addr, threads, "listening");
-        accept_loops.push(tokio::spawn(server::serve(listener, proxy.clone(), shutdown.clone(), tracker.clone())));
+        accept_loops.push(tokio::spawn(server::serve(
+            listener,
+            proxy.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        )));
     }
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -100,13 +121,18 @@ async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::
         }
     }
 
-    tracing::info!(drain_timeout_ms = drain_timeout.as_millis() as u64, "shutting down: no new connections, draining requests in flight");
+    tracing::info!(
+        drain_timeout_ms = drain_timeout.as_millis() as u64,
+        "shutting down: no new connections, draining requests in flight"
+    );
     shutdown.cancel();
     for l in accept_loops {
         let _ = l.await;
     }
     tracker.close();
-    let drained = tokio::time::timeout(drain_timeout, tracker.wait()).await.is_ok();
+    let drained = tokio::time::timeout(drain_timeout, tracker.wait())
+        .await
+        .is_ok();
     handle.shutdown();
     if drained {
         tracing::info!("drained; exiting");
@@ -122,11 +148,16 @@ async fn start_demo_backends(config: &ValidConfig) -> anyhow::Result<Vec<Arc<Tes
     for pool in &config.pools {
         for b in &pool.backends {
             if !b.addr.ip().is_loopback() {
-                bail!("--demo-backends only starts backends on loopback, and {} is not", b.addr);
+                bail!(
+                    "--demo-backends only starts backends on loopback, and {} is not",
+                    b.addr
+                );
             }
             if seen.insert(b.addr) {
                 let name = format!("{}-{}", pool.name, b.addr.port());
-                let backend = TestBackend::start_on(b.addr, &name).await.with_context(|| format!("starting a demo backend on {}", b.addr))?;
+                let backend = TestBackend::start_on(b.addr, &name)
+                    .await
+                    .with_context(|| format!("starting a demo backend on {}", b.addr))?;
                 tracing::info!(addr = %b.addr, name, "demo backend started");
                 started.push(Arc::new(backend));
             }
@@ -136,6 +167,10 @@ async fn start_demo_backends(config: &ValidConfig) -> anyhow::Result<Vec<Arc<Tes
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SAFELB_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SAFELB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

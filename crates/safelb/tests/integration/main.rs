@@ -1,1 +1,11 @@
+//! safelb's integration tests: one binary, one module per invariant area. Everything runs on
+//! loopback with real sockets, real backends (safelb-testkit) and, where the process matters,
+//! the real `safelb` binary.
 
+mod common;
+
+mod check_cli;
+mod failures;
+pub mod lifecycle;
+mod proxying;
+mod swap;

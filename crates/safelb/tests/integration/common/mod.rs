@@ -1,0 +1,281 @@
+//! Shared test helpers: a proxy on a loopback port, HTTP clients, bounded load loops, waits.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use safelb_config::ValidConfig;
+use safelb_proxy::{server, AccessLog, Proxy, ProxyHandle};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The listener section every in-process test config starts with. The proxy under test binds
+/// its own port 0; this address only has to stay the same across swaps.
+pub const HEADER: &str =
+    "[listener.public]\nbind = \"127.0.0.1:1\"\n\n[access_log]\nenabled = false\n\n";
+
+pub fn config(body: &str) -> ValidConfig {
+    let source = format!("{HEADER}{body}");
+    match safelb_config::check("test.toml", &source).into_result() {
+        Ok(c) => c,
+        Err(d) => panic!("test config is invalid:\n{}\n{source}", d.render()),
+    }
+}
+
+/// A proxy serving on a free loopback port, stopped when dropped.
+pub struct Lb {
+    pub addr: SocketAddr,
+    pub handle: ProxyHandle,
+    shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Lb {
+    pub async fn start(body: &str) -> Lb {
+        Self::start_with(config(body)).await
+    }
+
+    pub async fn start_with(config: ValidConfig) -> Lb {
+        let handle = ProxyHandle::new(config, 1);
+        let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let proxy = Proxy::new(handle.clone(), AccessLog::disabled());
+        tokio::spawn(server::serve(
+            listener,
+            proxy,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        Lb {
+            addr,
+            handle,
+            shutdown,
+            tracker,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.handle.shutdown();
+    }
+}
+
+/// One response, body collected.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn backend(&self) -> &str {
+        self.headers
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection.
+pub struct Client {
+    sender: http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr)
+            .await
+            .expect("connecting to the proxy");
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Client { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Reply, String> {
+        self.sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    pub async fn get(&mut self, host: &str, path: &str) -> Result<Reply, String> {
+        self.send(request("GET", host, path, Bytes::new())).await
+    }
+}
+
+pub fn request(method: &str, host: &str, path: &str, body: Bytes) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(Full::new(body))
+        .unwrap()
+}
+
+/// One request on a new connection.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
+    Client::connect(addr)
+        .await
+        .get(host, path)
+        .await
+        .expect("a response")
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub ok: u64,
+    /// Responses by status (all of them, 2xx included).
+    pub statuses: BTreeMap<u16, u64>,
+    /// Transport errors (no response at all).
+    pub errors: u64,
+    pub by_backend: BTreeMap<String, u64>,
+    pub slowest: Duration,
+}
+
+impl LoadReport {
+    pub fn failed(&self) -> u64 {
+        self.errors
+            + self
+                .statuses
+                .iter()
+                .filter(|(s, _)| **s >= 500)
+                .map(|(_, n)| n)
+                .sum::<u64>()
+    }
+    pub fn total(&self) -> u64 {
+        self.errors + self.statuses.values().sum::<u64>()
+    }
+}
+
+/// Runs `concurrency` keep-alive clients doing GETs until `duration` passes or `max` requests
+/// were made. Bounded in time and count; stops by itself.
+pub async fn load(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    concurrency: usize,
+    duration: Duration,
+    max: u64,
+) -> LoadReport {
+    let deadline = Instant::now() + duration;
+    let per_client = max / concurrency as u64;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let host = host.to_string();
+        let path = path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut report = LoadReport::default();
+            let mut client = Client::connect(addr).await;
+            for _ in 0..per_client {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let started = Instant::now();
+                match client.get(&host, &path).await {
+                    Ok(r) => {
+                        *report.statuses.entry(r.status).or_default() += 1;
+                        if r.status < 400 {
+                            report.ok += 1;
+                            *report
+                                .by_backend
+                                .entry(r.backend().to_string())
+                                .or_default() += 1;
+                        }
+                        if r.headers.get("connection").is_some_and(|v| v == "close") {
+                            client = Client::connect(addr).await;
+                        }
+                    }
+                    Err(_) => {
+                        report.errors += 1;
+                        client = Client::connect(addr).await;
+                    }
+                }
+                report.slowest = report.slowest.max(started.elapsed());
+            }
+            report
+        }));
+    }
+    let mut total = LoadReport::default();
+    for t in tasks {
+        let r = t.await.expect("load task");
+        total.ok += r.ok;
+        total.errors += r.errors;
+        total.slowest = total.slowest.max(r.slowest);
+        for (s, n) in r.statuses {
+            *total.statuses.entry(s).or_default() += n;
+        }
+        for (b, n) in r.by_backend {
+            *total.by_backend.entry(b).or_default() += n;
+        }
+    }
+    total
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+/// Sends raw bytes on a new connection and reads until the proxy closes it (bounded).
+pub async fn raw(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn shared<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}
+
+/// Path of the built `safelb` binary.
+pub fn safelb_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_safelb")
+}

@@ -1,0 +1,214 @@
+//! The `safelb serve` process: graceful shutdown with a request in flight, SIGHUP reloads,
+//! refusal of an invalid config at start.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use safelb_testkit::{Behavior, TestBackend};
+
+use crate::common::*;
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Only the process this test started, by its pid.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_config(
+    dir: &std::path::Path,
+    port: u16,
+    backend: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = dir.join("safelb.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[listener.public]\nbind = \"127.0.0.1:{port}\"\n[limits]\ndrain_timeout = \"5s\"\n[access_log]\nenabled = false\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"{backend}\"]\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn spawn_serve(config: &std::path::Path) -> Process {
+    let child = Command::new(safelb_bin())
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--threads", "1"])
+        .env("SAFELB_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting safelb serve");
+    Process(child)
+}
+
+/// Waits until the process logs a line containing `needle` (bounded).
+fn wait_for_log(p: &mut Process, needle: &str, limit: Duration) -> Vec<String> {
+    let stderr = p.0.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let hit = line.contains(needle);
+        seen.push(line);
+        if hit {
+            // Keep draining in the background so the child never blocks on a full pipe.
+            std::thread::spawn(move || while rx.recv().is_ok() {});
+            return seen;
+        }
+    }
+    panic!("`{needle}` not logged within {limit:?}: {seen:#?}");
+}
+
+fn signal(p: &Process, sig: i32) {
+    let rc = unsafe_free_kill(p.0.id(), sig);
+    assert_eq!(rc, 0, "kill failed");
+}
+
+/// `kill(2)` through the `kill` command, keeping the test crate free of unsafe code.
+fn unsafe_free_kill(pid: u32, sig: i32) -> i32 {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.code().unwrap_or(1))
+        .unwrap_or(1)
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    let slow = TestBackend::start("slow").await;
+    slow.set(Behavior::Delay(Duration::from_millis(1500)));
+    let dir = tempdir();
+    let port = free_port();
+    let cfg = write_config(
+        &dir,
+        port,
+        &slow.addr.to_string(),
+        "response_timeout = \"10s\"\n",
+    );
+    let mut p = spawn_serve(&cfg);
+    wait_for_log(&mut p, "listening", Duration::from_secs(10));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let in_flight = tokio::spawn(async move { get(addr, "x", "/").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&p, 15);
+    let reply = in_flight.await.unwrap();
+    assert_eq!(
+        reply.status, 200,
+        "the request in flight completed: {reply:?}"
+    );
+    assert_eq!(reply.backend(), "slow");
+    let exited = wait_exit(&mut p, Duration::from_secs(5));
+    assert_eq!(exited, Some(0));
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "no new connections after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let dir = tempdir();
+    let port = free_port();
+    let cfg = write_config(&dir, port, &a.addr.to_string(), "");
+    let mut p = spawn_serve(&cfg);
+    wait_for_log(&mut p, "listening", Duration::from_secs(10));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(get(addr, "x", "/").await.backend(), "a");
+
+    // An invalid file changes nothing.
+    std::fs::write(
+        &cfg,
+        "[listener.public]\nbind = \"127.0.0.1:1\"\n[pool.p]\nbackends = []\n",
+    )
+    .unwrap();
+    signal(&p, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(addr, "x", "/").await.backend(), "a");
+
+    write_config(&dir, port, &b.addr.to_string(), "");
+    signal(&p, 1);
+    let mut client = Client::connect(addr).await;
+    let mut moved = false;
+    for _ in 0..100 {
+        if client.get("x", "/").await.unwrap().backend() == "b" {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        moved,
+        "SIGHUP with a valid config moves traffic to the new pool"
+    );
+}
+
+#[test]
+fn serve_refuses_an_invalid_config_and_binds_nothing() {
+    let dir = tempdir();
+    let port = free_port();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, format!("[listener.public]\nbind = \"127.0.0.1:{port}\"\n[[route]]\nname = \"r\"\npool = \"missing\"\n")).unwrap();
+    let out = Command::new(safelb_bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("undefined-pool"), "{stderr}");
+    assert!(stderr.contains("nothing was started"), "{stderr}");
+}
+
+fn wait_exit(p: &mut Process, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = p.0.try_wait() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A fresh directory under the target dir's tmp (removed at the next run, never elsewhere).
+pub fn tempdir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "t-{}-{}",
+        std::process::id(),
+        fastrand_name()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn fastrand_name() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}", N.fetch_add(1, Ordering::Relaxed))
+}
