@@ -67,6 +67,11 @@ fn load(path: &Path) -> Result<ValidConfig, String> {
 }
 
 async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::Result<ExitCode> {
+    // Before anything is announced: a SIGHUP or SIGTERM during start-up must not kill the
+    // process with the default action.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let _demo = if args.demo_backends {
         start_demo_backends(&config).await?
     } else {
@@ -102,9 +107,6 @@ async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::
         )));
     }
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
