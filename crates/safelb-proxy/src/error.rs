@@ -138,17 +138,28 @@ pub fn client_answer(err: &ProxyError) -> (StatusCode, String) {
     }
 }
 
-/// Answers for errors the HTTP parser produces before a request exists (see `client_io.rs`).
-pub fn parser_answer(status: u16) -> Option<(StatusCode, &'static str)> {
+/// Answers for errors the HTTP parser produces before a request exists (see `client_io.rs`):
+/// status, the short log name of the cause, and the body text.
+pub fn parser_answer(status: u16) -> Option<(StatusCode, &'static str, &'static str)> {
     match status {
-        400 => Some((StatusCode::BAD_REQUEST, "malformed HTTP request")),
+        400 => Some((
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            "malformed HTTP request",
+        )),
         408 => Some((
             StatusCode::REQUEST_TIMEOUT,
+            "header_timeout",
             "request headers not received in time",
         )),
-        414 => Some((StatusCode::URI_TOO_LONG, "request target too long")),
+        414 => Some((
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            "request target too long",
+        )),
         431 => Some((
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
             "request headers exceed the configured limit",
         )),
         _ => None,

@@ -8,14 +8,6 @@ use safelb_testkit::{closed_port, Behavior, TestBackend};
 
 use crate::common::*;
 
-fn pool_config(backends: &[String], extra: &str) -> String {
-    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
-    format!(
-        "[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [{}]\n{extra}\n",
-        list.join(", ")
-    )
-}
-
 #[tokio::test]
 async fn connect_failure_is_retried_on_another_backend() {
     let good = TestBackend::start("good").await;
@@ -357,4 +349,82 @@ async fn malformed_oversized_and_slow_requests() {
         "closed after {took:?}"
     );
     assert_eq!(be.hits(), 0, "no bad request reached the backend");
+}
+
+#[tokio::test]
+async fn fail_open_panic_routes_to_every_backend() {
+    let up = TestBackend::start("up").await;
+    let down = TestBackend::start("down").await;
+    down.set(Behavior::Status(503));
+    // Health says `down` is out, but the pool is under its 75% threshold and fails open: the
+    // operator chose "some answers beat none", so both backends get traffic.
+    let lb = Lb::start(&pool_config(
+        &[up.addr.to_string(), down.addr.to_string()],
+        "balance = \"round_robin\"\npanic_threshold = 75\npanic_policy = \"fail_open\"\noutlier = { consecutive_failures = 0 }\nhealth = { path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\" }",
+    ))
+    .await;
+    let state = lb.handle.backend(&down.addr).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(2), || state.active()
+            == safelb_proxy::backend::Active::Down)
+        .await
+    );
+    let report = load(lb.addr, "x", "/", 1, Duration::from_secs(2), 100).await;
+    assert!(lb.handle.snapshot().pools[0].in_panic());
+    assert!(
+        report.statuses.get(&503).copied().unwrap_or(0) > 20,
+        "{report:?}"
+    );
+    assert!(
+        report.by_backend.get("up").copied().unwrap_or(0) > 20,
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_answer_has_an_access_log_line() {
+    let be = TestBackend::start("be").await;
+    let dead = closed_port();
+    let path = crate::lifecycle::tempdir().join("access.log");
+    let config = config(&format!(
+        "[[route]]\nname = \"ok\"\npath_prefix = \"/ok\"\npool = \"ok\"\n[[route]]\nname = \"dead\"\npath_prefix = \"/dead\"\npool = \"dead\"\n[pool.ok]\nbackends = [\"{}\"]\n[pool.dead]\nbackends = [\"{dead}\"]\n",
+        be.addr
+    ));
+    let lb = Lb::start_logged(config, safelb_proxy::AccessLog::file(&path).unwrap()).await;
+    assert_eq!(get(lb.addr, "shop.example", "/ok/x?q=1").await.status, 200);
+    assert_eq!(get(lb.addr, "shop.example", "/dead").await.status, 502);
+    assert_eq!(get(lb.addr, "shop.example", "/none").await.status, 404);
+    assert!(raw(lb.addr, b"NOT HTTP\r\n\r\n", Duration::from_secs(2))
+        .await
+        .starts_with("HTTP/1.1 400"));
+    let read = || std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(2), || read().lines().count() == 4).await,
+        "{}",
+        read()
+    );
+    let lines: Vec<serde_json::Value> = read()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |status: u64| {
+        lines
+            .iter()
+            .find(|l| l["status"] == status)
+            .unwrap_or_else(|| panic!("no {status} line in {lines:?}"))
+    };
+    let ok = find(200);
+    assert_eq!(
+        (
+            ok["route"].as_str(),
+            ok["pool"].as_str(),
+            ok["path"].as_str()
+        ),
+        (Some("ok"), Some("ok"), Some("/ok/x"))
+    );
+    assert_eq!(ok["backend"], be.addr.to_string());
+    assert_eq!(ok["request_id"].as_str().map(str::len), Some(32));
+    assert_eq!(find(502)["error"], "connect_failed");
+    assert_eq!(find(404)["error"], "no_route");
+    assert_eq!(find(400)["error"], "malformed_request");
 }

@@ -134,11 +134,7 @@ async fn consistent_hash_keeps_a_key_on_one_backend() {
 #[tokio::test]
 async fn forwarding_headers_and_request_id_are_added() {
     let be = TestBackend::start("be").await;
-    let lb = Lb::start(&format!(
-        "[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"{}\"]\n",
-        be.addr
-    ))
-    .await;
+    let lb = Lb::start(&pool_config(&[be.addr.to_string()], "")).await;
     let mut client = Client::connect(lb.addr).await;
     let mut req = request("GET", "shop.example", "/headers", Bytes::new());
     req.headers_mut()
@@ -180,8 +176,8 @@ async fn forwarding_headers_and_request_id_are_added() {
 async fn bodies_stream_both_ways_and_connections_are_reused() {
     let be = TestBackend::start("be").await;
     let lb = Lb::start(&format!(
-        "[limits]\nmax_body_bytes = 8388608\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"{}\"]\n",
-        be.addr
+        "[limits]\nmax_body_bytes = 8388608\n{}",
+        pool_config(&[be.addr.to_string()], "")
     ))
     .await;
     let mut client = Client::connect(lb.addr).await;

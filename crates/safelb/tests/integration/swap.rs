@@ -71,11 +71,7 @@ async fn health_state_survives_a_swap() {
 #[tokio::test]
 async fn listener_changes_are_refused_by_name_and_change_nothing() {
     let a = TestBackend::start("a").await;
-    let lb = Lb::start(&format!(
-        "[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"{}\"]\n",
-        a.addr
-    ))
-    .await;
+    let lb = Lb::start(&pool_config(&[a.addr.to_string()], "")).await;
     let moved = safelb_config::check(
         "t.toml",
         &format!("[listener.public]\nbind = \"127.0.0.1:2\"\n[access_log]\nenabled = false\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"{}\"]\n", a.addr),

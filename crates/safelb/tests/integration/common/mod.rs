@@ -31,6 +31,15 @@ pub fn config(body: &str) -> ValidConfig {
     }
 }
 
+/// One route to one pool `p` of `backends`, with `extra` lines inside `[pool.p]`.
+pub fn pool_config(backends: &[String], extra: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
 /// A proxy serving on a free loopback port, stopped when dropped.
 pub struct Lb {
     pub addr: SocketAddr,
@@ -45,12 +54,16 @@ impl Lb {
     }
 
     pub async fn start_with(config: ValidConfig) -> Lb {
+        Self::start_logged(config, AccessLog::disabled()).await
+    }
+
+    pub async fn start_logged(config: ValidConfig, log: AccessLog) -> Lb {
         let handle = ProxyHandle::new(config, 1);
         let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let proxy = Proxy::new(handle.clone(), AccessLog::disabled());
+        let proxy = Proxy::new(handle.clone(), log);
         tokio::spawn(server::serve(
             listener,
             proxy,
