@@ -91,7 +91,7 @@ impl ClientIo {
     /// Writes a complete local answer directly to the socket. Small enough for the socket
     /// buffer of a connection that is about to close; a client that does not read loses it.
     fn answer(&mut self, status: u16) -> bool {
-        let Some((code, text)) = parser_answer(status) else {
+        let Some((code, cause, text)) = parser_answer(status) else {
             return false;
         };
         let reason = code.canonical_reason().unwrap_or("");
@@ -107,7 +107,7 @@ impl ClientIo {
         self.log.write(&LogEntry::parser_error(
             self.peer,
             status,
-            text,
+            cause,
             body.len() as u64,
             self.version,
         ));
