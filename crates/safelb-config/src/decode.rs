@@ -88,13 +88,7 @@ impl<'t, 'i> Section<'t, 'i> {
         match v.get_ref() {
             DeValue::Boolean(b) => Some(*b),
             other => {
-                wrong_type(
-                    d,
-                    v.span(),
-                    &format!("`{key}` in {}", self.what),
-                    "a boolean",
-                    other,
-                );
+                wrong_type(d, v.span(), &format!("`{key}` in {}", self.what), "a boolean", other);
                 None
             }
         }
@@ -104,6 +98,60 @@ impl<'t, 'i> Section<'t, 'i> {
     pub fn uint(&self, d: &mut Diagnostics, key: &str, max: u64) -> Option<u64> {
         self.get(key)
             .and_then(|v| as_uint(d, v, &format!("`{key}` in {}", self.what), max))
+    }
+
+    /// A number (integer or float) within `min..=max`.
+    pub fn float(&self, d: &mut Diagnostics, key: &str, min: f64, max: f64) -> Option<f64> {
+        let v = self.get(key)?;
+        let what = format!("`{key}` in {}", self.what);
+        let n = match v.get_ref() {
+            DeValue::Float(f) => f.as_str().replace('_', "").parse::<f64>().ok(),
+            DeValue::Integer(i) => i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+                .ok()
+                .map(|n| n as f64),
+            other => {
+                wrong_type(d, v.span(), &what, "a number", other);
+                return None;
+            }
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                d.error(
+                    Rule::InvalidValue,
+                    v.span(),
+                    format!("{what} must be a number from {min} to {max}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// An offset date-time (`2026-12-24T00:00:00Z`) as seconds since the Unix epoch.
+    pub fn datetime(&self, d: &mut Diagnostics, key: &str) -> Option<i64> {
+        let v = self.get(key)?;
+        let what = format!("`{key}` in {}", self.what);
+        let DeValue::Datetime(dt) = v.get_ref() else {
+            wrong_type(d, v.span(), &what, "a date-time like 2026-12-24T00:00:00Z", v.get_ref());
+            return None;
+        };
+        let (Some(date), Some(time), Some(offset)) = (dt.date, dt.time, dt.offset) else {
+            d.error(
+                Rule::InvalidValue,
+                v.span(),
+                format!("{what} needs a date, a time and an offset (e.g. 2026-12-24T00:00:00Z)"),
+            );
+            return None;
+        };
+        let offset_minutes = match offset {
+            toml_datetime::Offset::Z => 0,
+            toml_datetime::Offset::Custom { minutes } => minutes as i64,
+        };
+        let days = days_from_civil(date.year as i64, date.month as i64, date.day as i64);
+        Some(
+            days * 86_400 + time.hour as i64 * 3600 + time.minute as i64 * 60 + time.second as i64
+                - offset_minutes * 60,
+        )
     }
 
     pub fn duration(&self, d: &mut Diagnostics, key: &str) -> Option<Duration> {
@@ -135,11 +183,7 @@ impl<'t, 'i> Section<'t, 'i> {
     }
 }
 
-pub(crate) fn as_section<'t, 'i>(
-    d: &mut Diagnostics,
-    v: &'t Value<'i>,
-    what: String,
-) -> Option<Section<'t, 'i>> {
+pub(crate) fn as_section<'t, 'i>(d: &mut Diagnostics, v: &'t Value<'i>, what: String) -> Option<Section<'t, 'i>> {
     match v.get_ref() {
         DeValue::Table(t) => Some(Section::new(t, v.span(), what)),
         other => {
@@ -149,11 +193,7 @@ pub(crate) fn as_section<'t, 'i>(
     }
 }
 
-pub(crate) fn as_str<'t>(
-    d: &mut Diagnostics,
-    v: &'t Value<'_>,
-    what: &str,
-) -> Option<Spanned<&'t str>> {
+pub(crate) fn as_str<'t>(d: &mut Diagnostics, v: &'t Value<'_>, what: &str) -> Option<Spanned<&'t str>> {
     match v.get_ref() {
         DeValue::String(s) => Some(Spanned::new(v.span(), s.as_ref())),
         other => {
@@ -184,11 +224,7 @@ pub(crate) fn as_uint(d: &mut Diagnostics, v: &Value<'_>, what: &str, max: u64) 
     }
 }
 
-pub(crate) fn as_array<'t, 'i>(
-    d: &mut Diagnostics,
-    v: &'t Value<'i>,
-    what: &str,
-) -> Option<&'t [Value<'i>]> {
+pub(crate) fn as_array<'t, 'i>(d: &mut Diagnostics, v: &'t Value<'i>, what: &str) -> Option<&'t [Value<'i>]> {
     match v.get_ref() {
         DeValue::Array(a) => Some(a),
         other => {
@@ -198,11 +234,7 @@ pub(crate) fn as_array<'t, 'i>(
     }
 }
 
-pub(crate) fn parse_addr(
-    d: &mut Diagnostics,
-    s: &Spanned<&str>,
-    what: &str,
-) -> Option<Spanned<SocketAddr>> {
+pub(crate) fn parse_addr(d: &mut Diagnostics, s: &Spanned<&str>, what: &str) -> Option<Spanned<SocketAddr>> {
     match s.get_ref().parse::<SocketAddr>() {
         Ok(a) => Some(Spanned::new(s.span(), a)),
         Err(_) => {
@@ -213,9 +245,9 @@ pub(crate) fn parse_addr(
                 format!("{what}: `{text}` is not an IP:port address"),
             );
             match text.rsplit_once(':') {
-                Some((host, port)) if host.parse::<IpAddr>().is_err() && port.parse::<u16>().is_ok() => {
-                    diag.hint("host names are not resolved: write an IP address, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"")
-                }
+                Some((host, port)) if host.parse::<IpAddr>().is_err() && port.parse::<u16>().is_ok() => diag.hint(
+                    "host names are not resolved: write an IP address, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                ),
                 _ => diag.hint("write it as IP:port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""),
             };
             None
@@ -223,16 +255,20 @@ pub(crate) fn parse_addr(
     }
 }
 
-pub(crate) fn wrong_type(
-    d: &mut Diagnostics,
-    span: Range<usize>,
-    what: &str,
-    expected: &str,
-    got: &DeValue<'_>,
-) {
+pub(crate) fn wrong_type(d: &mut Diagnostics, span: Range<usize>, what: &str, expected: &str, got: &DeValue<'_>) {
     d.error(
         Rule::WrongType,
         span,
         format!("{what} must be {expected}, not {}", got.type_str()),
     );
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+pub(crate) fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }

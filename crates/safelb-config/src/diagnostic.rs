@@ -102,21 +102,11 @@ impl Diagnostics {
         }
     }
 
-    pub fn error(
-        &mut self,
-        rule: Rule,
-        span: Range<usize>,
-        message: impl Into<String>,
-    ) -> &mut Diagnostic {
+    pub fn error(&mut self, rule: Rule, span: Range<usize>, message: impl Into<String>) -> &mut Diagnostic {
         self.push(Severity::Error, rule, span, message)
     }
 
-    pub fn warning(
-        &mut self,
-        rule: Rule,
-        span: Range<usize>,
-        message: impl Into<String>,
-    ) -> &mut Diagnostic {
+    pub fn warning(&mut self, rule: Rule, span: Range<usize>, message: impl Into<String>) -> &mut Diagnostic {
         self.push(Severity::Warning, rule, span, message)
     }
 
@@ -194,12 +184,7 @@ impl Diagnostics {
             let width = span_width(&self.source, &d.span, text, column);
             let _ = writeln!(out, "{pad} |");
             let _ = writeln!(out, "{gutter} | {text}");
-            let _ = write!(
-                out,
-                "{pad} | {}{}",
-                " ".repeat(column - 1),
-                "^".repeat(width)
-            );
+            let _ = write!(out, "{pad} | {}{}", " ".repeat(column - 1), "^".repeat(width));
             match &d.hint {
                 Some(h) => {
                     let _ = writeln!(out, " {h}");
@@ -208,17 +193,9 @@ impl Diagnostics {
             }
             out.push('\n');
         }
-        let errors = self
-            .items
-            .iter()
-            .filter(|d| d.severity == Severity::Error)
-            .count();
+        let errors = self.items.iter().filter(|d| d.severity == Severity::Error).count();
         let warnings = self.items.len() - errors;
-        let _ = writeln!(
-            out,
-            "{}: {errors} error(s), {warnings} warning(s)",
-            self.file
-        );
+        let _ = writeln!(out, "{}: {errors} error(s), {warnings} warning(s)", self.file);
         out
     }
 }
@@ -256,12 +233,7 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 fn span_width(source: &str, span: &Range<usize>, line_text: &str, column: usize) -> usize {
     let start = floor_char_boundary(source, span.start.min(source.len()));
     let end = floor_char_boundary(source, span.end.min(source.len())).max(start);
-    let chars = source[start..end]
-        .split('\n')
-        .next()
-        .unwrap_or("")
-        .chars()
-        .count();
+    let chars = source[start..end].split('\n').next().unwrap_or("").chars().count();
     let room = line_text.chars().count().saturating_sub(column - 1);
     chars.clamp(1, room.max(1))
 }
@@ -291,10 +263,7 @@ mod tests {
 
     #[test]
     fn suggestion_only_for_close_names() {
-        assert_eq!(
-            did_you_mean("balanse", ["balance", "backends"]),
-            Some("balance")
-        );
+        assert_eq!(did_you_mean("balanse", ["balance", "backends"]), Some("balance"));
         assert_eq!(did_you_mean("zzz", ["balance", "backends"]), None);
     }
 }

@@ -15,9 +15,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!(
-                "`{text}` is not a duration: expected a number at `{rest}`"
-            ));
+            return Err(format!("`{text}` is not a duration: expected a number at `{rest}`"));
         }
         let value: u64 = rest[..digits]
             .parse()
@@ -36,11 +34,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
                     "`{text}` has no unit: write e.g. \"{value}s\" or \"{value}ms\""
                 ))
             }
-            other => {
-                return Err(format!(
-                    "`{text}`: unknown unit `{other}` (use ms, s, m or h)"
-                ))
-            }
+            other => return Err(format!("`{text}`: unknown unit `{other}` (use ms, s, m or h)")),
         };
         total = total.saturating_add(part);
     }

@@ -49,6 +49,9 @@ pub struct Config {
     /// Pools in declaration order; `Route::pool` indexes into this.
     pub pools: Vec<Pool>,
     pub tests: Vec<RouteTest>,
+    /// How changes to this config are rolled out (the *running* version's policy judges a candidate).
+    pub rollout: Rollout,
+    pub change_freezes: Vec<ChangeFreeze>,
     /// The compiled route table, built once at validation.
     pub route_table: RouteTable,
 }
@@ -291,4 +294,61 @@ pub enum TestExpectation {
     Route(String),
     /// Only 404 (no route) can be decided offline.
     Status(u16),
+}
+
+/// The change policy: how a candidate is tested and judged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollout {
+    /// Percent of requests on the candidate at each step, ascending, ending at 100.
+    pub canary_steps: Vec<u8>,
+    /// How long each step runs before it is judged.
+    pub step_bake: Duration,
+    /// Absolute ceiling of the candidate's error rate (0.0..1.0).
+    pub max_error_rate: f64,
+    /// Ceiling of candidate error rate / stable error rate.
+    pub max_error_ratio: f64,
+    /// Ceiling of the candidate's p99 latency, if set.
+    pub max_p99: Option<Duration>,
+    /// Requests the candidate must have served in a step before a verdict.
+    pub min_requests: u64,
+    /// Largest share (percent) of recent traffic a change may move to another pool or to 404
+    /// without `--confirm`.
+    pub max_traffic_shift: f64,
+    /// Keep a client on the same side of the split (by client address).
+    pub sticky: bool,
+    /// Consecutive successful probes each candidate backend needs at preflight.
+    pub preflight_probes: u32,
+    pub preflight_timeout: Duration,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            canary_steps: vec![5, 25, 100],
+            step_bake: Duration::from_secs(10),
+            max_error_rate: 0.02,
+            max_error_ratio: 2.0,
+            max_p99: None,
+            min_requests: 20,
+            max_traffic_shift: 50.0,
+            sticky: false,
+            preflight_probes: 3,
+            preflight_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A window during which changes are refused unless marked as an emergency.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeFreeze {
+    pub reason: String,
+    /// Seconds since the Unix epoch (UTC).
+    pub start: i64,
+    pub end: i64,
+}
+
+impl ChangeFreeze {
+    pub fn covers(&self, unix_secs: i64) -> bool {
+        self.start <= unix_secs && unix_secs < self.end
+    }
 }

@@ -15,15 +15,7 @@ use crate::model::*;
 use crate::routing::RouteTable;
 use crate::validate;
 
-const TOP_KEYS: &[&str] = &[
-    "listener",
-    "admin",
-    "limits",
-    "access_log",
-    "route",
-    "pool",
-    "test",
-];
+const TOP_KEYS: &[&str] = &["listener", "admin", "limits", "access_log", "route", "pool", "test"];
 const ROUTE_KEYS: &[&str] = &["name", "host", "path_prefix", "method", "headers", "pool"];
 const POOL_KEYS: &[&str] = &[
     "balance",
@@ -38,13 +30,7 @@ const POOL_KEYS: &[&str] = &[
     "health",
     "outlier",
 ];
-const TEST_KEYS: &[&str] = &[
-    "request",
-    "headers",
-    "expect_pool",
-    "expect_route",
-    "expect_status",
-];
+const TEST_KEYS: &[&str] = &["request", "headers", "expect_pool", "expect_route", "expect_status"];
 
 /// The result of checking a source: the config when there is no error, and all findings
 /// (warnings are reported even for a valid config).
@@ -67,11 +53,7 @@ pub fn check(file: &str, source: &str) -> Checked {
     if !errors.is_empty() {
         for e in errors {
             let span = e.span().unwrap_or(0..0);
-            d.error(
-                Rule::Syntax,
-                span,
-                format!("TOML syntax: {}", e.message().trim()),
-            );
+            d.error(Rule::Syntax, span, format!("TOML syntax: {}", e.message().trim()));
         }
         return Checked {
             config: None,
@@ -97,17 +79,15 @@ pub fn check(file: &str, source: &str) -> Checked {
         .unwrap_or_default();
     let routes = routes(&mut d, &top, &pools);
     let tests = tests(&mut d, &top);
+    let rollout = top
+        .section(&mut d, "rollout")
+        .map(|s| rollout(&mut d, &s))
+        .unwrap_or_default();
+    let change_freezes = change_freezes(&mut d, &top);
 
     let route_list: Vec<Route> = routes.iter().map(|(r, _)| r.clone()).collect();
     let route_table = RouteTable::build(&route_list);
-    validate::cross_check(
-        &mut d,
-        &routes,
-        &pools,
-        &route_table,
-        &tests,
-        admin.as_ref(),
-    );
+    validate::cross_check(&mut d, &routes, &pools, &route_table, &tests, admin.as_ref());
     let pool_list: Vec<Pool> = pools.into_iter().map(|(p, _)| p).collect();
 
     if d.has_errors() {
@@ -125,6 +105,8 @@ pub fn check(file: &str, source: &str) -> Checked {
         routes: route_list,
         pools: pool_list,
         tests: tests.into_iter().map(|(t, _)| t).collect(),
+        rollout,
+        change_freezes,
         route_table,
     };
     Checked {
@@ -135,12 +117,8 @@ pub fn check(file: &str, source: &str) -> Checked {
 
 fn listeners(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<Listener> {
     let Some(section) = top.section(d, "listener") else {
-        d.error(
-            Rule::MissingKey,
-            0..0,
-            "no listener: safelb would accept no traffic",
-        )
-        .hint("add `[listener.public]` with `bind = \"127.0.0.1:8080\"`");
+        d.error(Rule::MissingKey, 0..0, "no listener: safelb would accept no traffic")
+            .hint("add `[listener.public]` with `bind = \"127.0.0.1:8080\"`");
         return Vec::new();
     };
     let mut out: Vec<Listener> = Vec::new();
@@ -205,22 +183,15 @@ fn limits(d: &mut Diagnostics, s: &Section<'_, '_>) -> Limits {
     if let Some(n) = max_header_bytes.filter(|n| *n < 8192) {
         d.error(
             Rule::InvalidValue,
-            s.get("max_header_bytes")
-                .map_or(s.span.clone(), |v| v.span()),
+            s.get("max_header_bytes").map_or(s.span.clone(), |v| v.span()),
             format!("`max_header_bytes` = {n} is below the 8192 bytes that common clients need"),
         );
     }
     Limits {
-        header_timeout: s
-            .duration(d, "header_timeout")
-            .unwrap_or(def.header_timeout),
-        keepalive_timeout: s
-            .duration(d, "keepalive_timeout")
-            .unwrap_or(def.keepalive_timeout),
+        header_timeout: s.duration(d, "header_timeout").unwrap_or(def.header_timeout),
+        keepalive_timeout: s.duration(d, "keepalive_timeout").unwrap_or(def.keepalive_timeout),
         max_header_bytes: max_header_bytes.unwrap_or(def.max_header_bytes).max(8192),
-        max_body_bytes: s
-            .uint(d, "max_body_bytes", u64::MAX >> 1)
-            .unwrap_or(def.max_body_bytes),
+        max_body_bytes: s.uint(d, "max_body_bytes", u64::MAX >> 1).unwrap_or(def.max_body_bytes),
         drain_timeout: s.duration(d, "drain_timeout").unwrap_or(def.drain_timeout),
     }
 }
@@ -253,12 +224,7 @@ fn pools(d: &mut Diagnostics, section: &Section<'_, '_>) -> Vec<(Pool, Range<usi
     out
 }
 
-fn pool(
-    d: &mut Diagnostics,
-    s: &Section<'_, '_>,
-    name: String,
-    name_span: Range<usize>,
-) -> Option<Pool> {
+fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_span: Range<usize>) -> Option<Pool> {
     let balance = match s.str(d, "balance") {
         None => Balance::RoundRobin,
         Some(b) => match Balance::from_name(b.get_ref()) {
@@ -284,9 +250,7 @@ fn pool(
                 d.warning(
                     Rule::InvalidValue,
                     h.span(),
-                    format!(
-                        "pool `{name}`: `hash_on` only matters with balance = \"consistent_hash\""
-                    ),
+                    format!("pool `{name}`: `hash_on` only matters with balance = \"consistent_hash\""),
                 );
             }
             let text = *h.get_ref();
@@ -325,9 +289,7 @@ fn pool(
         Some(r) => {
             r.deny_unknown(d, &["attempts", "budget_percent", "min_per_second"]);
             Retry {
-                attempts: r
-                    .uint(d, "attempts", 5)
-                    .map_or(retry_def.attempts, |n| n as u32),
+                attempts: r.uint(d, "attempts", 5).map_or(retry_def.attempts, |n| n as u32),
                 budget_percent: r
                     .uint(d, "budget_percent", 100)
                     .map_or(retry_def.budget_percent, |n| n as u32),
@@ -354,10 +316,7 @@ fn pool(
         },
     };
     let health = s.section(d, "health").and_then(|h| health(d, &h, &name));
-    let outlier = s
-        .section(d, "outlier")
-        .map(|o| outlier(d, &o))
-        .unwrap_or_default();
+    let outlier = s.section(d, "outlier").map(|o| outlier(d, &o)).unwrap_or_default();
     Some(Pool {
         balance,
         hash_key,
@@ -378,19 +337,10 @@ fn pool(
     })
 }
 
-fn backends(
-    d: &mut Diagnostics,
-    s: &Section<'_, '_>,
-    pool: &str,
-    name_span: Range<usize>,
-) -> Vec<Backend> {
+fn backends(d: &mut Diagnostics, s: &Section<'_, '_>, pool: &str, name_span: Range<usize>) -> Vec<Backend> {
     let Some(list) = s.get("backends") else {
-        d.error(
-            Rule::EmptyPool,
-            name_span,
-            format!("pool `{pool}` has no `backends`"),
-        )
-        .hint("add `backends = [\"127.0.0.1:9001\"]`");
+        d.error(Rule::EmptyPool, name_span, format!("pool `{pool}` has no `backends`"))
+            .hint("add `backends = [\"127.0.0.1:9001\"]`");
         return Vec::new();
     };
     let Some(items) = as_array(d, list, &format!("`backends` of pool `{pool}`")) else {
@@ -421,7 +371,14 @@ fn backends(
                 addr.map(|a| (a, weight))
             }
             other => {
-                d.error(Rule::WrongType, item.span(), format!("{what} must be \"IP:port\" or {{ addr = \"IP:port\", weight = N }}, not {}", other.type_str()));
+                d.error(
+                    Rule::WrongType,
+                    item.span(),
+                    format!(
+                        "{what} must be \"IP:port\" or {{ addr = \"IP:port\", weight = N }}, not {}",
+                        other.type_str()
+                    ),
+                );
                 None
             }
         };
@@ -453,17 +410,7 @@ fn backends(
 }
 
 fn health(d: &mut Diagnostics, h: &Section<'_, '_>, pool: &str) -> Option<HealthCheck> {
-    h.deny_unknown(
-        d,
-        &[
-            "kind",
-            "path",
-            "interval",
-            "timeout",
-            "healthy",
-            "unhealthy",
-        ],
-    );
+    h.deny_unknown(d, &["kind", "path", "interval", "timeout", "healthy", "unhealthy"]);
     let kind = match h.str(d, "kind").map(|k| (k.span(), *k.get_ref())) {
         None | Some((_, "http")) => {
             let path = h
@@ -491,12 +438,8 @@ fn health(d: &mut Diagnostics, h: &Section<'_, '_>, pool: &str) -> Option<Health
     };
     let check = HealthCheck {
         kind,
-        interval: h
-            .duration(d, "interval")
-            .unwrap_or(std::time::Duration::from_secs(2)),
-        timeout: h
-            .duration(d, "timeout")
-            .unwrap_or(std::time::Duration::from_secs(1)),
+        interval: h.duration(d, "interval").unwrap_or(std::time::Duration::from_secs(2)),
+        timeout: h.duration(d, "timeout").unwrap_or(std::time::Duration::from_secs(1)),
         healthy: h.uint(d, "healthy", 100).unwrap_or(2).max(1) as u32,
         unhealthy: h.uint(d, "unhealthy", 100).unwrap_or(3).max(1) as u32,
     };
@@ -543,11 +486,7 @@ fn outlier(d: &mut Diagnostics, o: &Section<'_, '_>) -> Outlier {
 /// Routes with the span of their `name` (or table) for later cross-checks.
 pub(crate) type SpannedRoute = (Route, Range<usize>);
 
-fn routes(
-    d: &mut Diagnostics,
-    top: &Section<'_, '_>,
-    pools: &[(Pool, Range<usize>)],
-) -> Vec<SpannedRoute> {
+fn routes(d: &mut Diagnostics, top: &Section<'_, '_>, pools: &[(Pool, Range<usize>)]) -> Vec<SpannedRoute> {
     let Some(list) = top.get("route") else {
         return Vec::new();
     };
@@ -589,24 +528,15 @@ fn routes(
                 continue;
             }
         };
-        let methods = r
-            .get("method")
-            .map(|m| methods(d, m, &what))
-            .unwrap_or_default();
-        let headers = r
-            .section(d, "headers")
-            .map(|h| header_pairs(d, &h))
-            .unwrap_or_default();
+        let methods = r.get("method").map(|m| methods(d, m, &what)).unwrap_or_default();
+        let headers = r.section(d, "headers").map(|h| header_pairs(d, &h)).unwrap_or_default();
         let Some(_) = r.require(d, "pool", "\"api\"") else {
             continue;
         };
         let Some(pool_name) = r.str(d, "pool") else {
             continue;
         };
-        let Some(pool) = pools
-            .iter()
-            .position(|(p, _)| p.name == *pool_name.get_ref())
-        else {
+        let Some(pool) = pools.iter().position(|(p, _)| p.name == *pool_name.get_ref()) else {
             let diag = d.error(
                 Rule::UndefinedPool,
                 pool_name.span(),
@@ -615,10 +545,7 @@ fn routes(
                     pool_name.get_ref()
                 ),
             );
-            match did_you_mean(
-                pool_name.get_ref(),
-                pools.iter().map(|(p, _)| p.name.as_str()),
-            ) {
+            match did_you_mean(pool_name.get_ref(), pools.iter().map(|(p, _)| p.name.as_str())) {
                 Some(s) => diag.hint(format!("did you mean `{s}`?")),
                 None => diag.hint(format!("define it with `[pool.{}]`", pool_name.get_ref())),
             };
@@ -691,11 +618,7 @@ fn methods(d: &mut Diagnostics, v: &Value<'_>, what: &str) -> Vec<String> {
 fn header_pairs(d: &mut Diagnostics, h: &Section<'_, '_>) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (name, value) in h.table.iter() {
-        let Some(v) = as_str(
-            d,
-            value,
-            &format!("header `{}` in {}", name.get_ref(), h.what),
-        ) else {
+        let Some(v) = as_str(d, value, &format!("header `{}` in {}", name.get_ref(), h.what)) else {
             continue;
         };
         out.push((name.get_ref().to_ascii_lowercase(), v.get_ref().to_string()));
@@ -750,10 +673,7 @@ fn tests(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<SpannedTest> {
                     d.error(
                         Rule::InvalidValue,
                         s.span(),
-                        format!(
-                            "test #{}: expect_status = {other} cannot be checked offline",
-                            i + 1
-                        ),
+                        format!("test #{}: expect_status = {other} cannot be checked offline", i + 1),
                     )
                     .hint("only 404 (no route matches) is decided by the routing table");
                     continue;
@@ -761,14 +681,18 @@ fn tests(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<SpannedTest> {
                 None => continue,
             },
             _ => {
-                d.error(Rule::InvalidValue, item.span(), format!("test #{} needs exactly one of `expect_pool`, `expect_route`, `expect_status`", i + 1));
+                d.error(
+                    Rule::InvalidValue,
+                    item.span(),
+                    format!(
+                        "test #{} needs exactly one of `expect_pool`, `expect_route`, `expect_status`",
+                        i + 1
+                    ),
+                );
                 continue;
             }
         };
-        let headers = t
-            .section(d, "headers")
-            .map(|h| header_pairs(d, &h))
-            .unwrap_or_default();
+        let headers = t.section(d, "headers").map(|h| header_pairs(d, &h)).unwrap_or_default();
         out.push((
             RouteTest {
                 method,
@@ -795,13 +719,107 @@ fn parse_test_request(text: &str) -> Option<(String, String, String)> {
         None => (rest, "/"),
     };
     let path = path.split(['?', '#']).next().unwrap_or("/");
-    if authority.is_empty() || method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic())
-    {
+    if authority.is_empty() || method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
         return None;
     }
-    Some((
-        method.to_ascii_uppercase(),
-        authority.to_string(),
-        path.to_string(),
-    ))
+    Some((method.to_ascii_uppercase(), authority.to_string(), path.to_string()))
+}
+
+fn rollout(d: &mut Diagnostics, s: &Section<'_, '_>) -> Rollout {
+    s.deny_unknown(
+        d,
+        &[
+            "canary_steps",
+            "step_bake",
+            "max_error_rate",
+            "max_error_ratio",
+            "max_p99",
+            "min_requests",
+            "max_traffic_shift",
+            "sticky",
+            "preflight",
+        ],
+    );
+    let def = Rollout::default();
+    let canary_steps = match s.get("canary_steps") {
+        None => def.canary_steps.clone(),
+        Some(v) => {
+            let steps: Vec<u8> = as_array(d, v, "`canary_steps` in [rollout]")
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|i| as_uint(d, i, "a canary step", 100).map(|n| n as u8))
+                .collect();
+            let ascending = steps.windows(2).all(|w| w[0] < w[1]);
+            if steps.is_empty() || !ascending || steps.last() != Some(&100) || steps[0] == 0 {
+                d.error(
+                    Rule::InvalidValue,
+                    v.span(),
+                    "`canary_steps` must be ascending percentages above 0 ending at 100",
+                )
+                .hint("e.g. canary_steps = [5, 25, 100]");
+                def.canary_steps.clone()
+            } else {
+                steps
+            }
+        }
+    };
+    let (probes, timeout) = match s.section(d, "preflight") {
+        None => (def.preflight_probes, def.preflight_timeout),
+        Some(p) => {
+            p.deny_unknown(d, &["probes", "timeout"]);
+            (
+                p.uint(d, "probes", 20)
+                    .map_or(def.preflight_probes, |n| n.max(1) as u32),
+                p.duration(d, "timeout").unwrap_or(def.preflight_timeout),
+            )
+        }
+    };
+    Rollout {
+        canary_steps,
+        step_bake: s.duration(d, "step_bake").unwrap_or(def.step_bake),
+        max_error_rate: s.float(d, "max_error_rate", 0.0, 1.0).unwrap_or(def.max_error_rate),
+        max_error_ratio: s.float(d, "max_error_ratio", 1.0, 1e6).unwrap_or(def.max_error_ratio),
+        max_p99: s.duration(d, "max_p99"),
+        min_requests: s.uint(d, "min_requests", 1_000_000).unwrap_or(def.min_requests),
+        max_traffic_shift: s
+            .float(d, "max_traffic_shift", 0.0, 100.0)
+            .unwrap_or(def.max_traffic_shift),
+        sticky: s.bool(d, "sticky").unwrap_or(def.sticky),
+        preflight_probes: probes,
+        preflight_timeout: timeout,
+    }
+}
+
+fn change_freezes(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<ChangeFreeze> {
+    let Some(list) = top.get("change_freeze") else {
+        return Vec::new();
+    };
+    let Some(items) = as_array(d, list, "`change_freeze`") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(f) = as_section(d, item, format!("change_freeze #{}", i + 1)) else {
+            continue;
+        };
+        f.deny_unknown(d, &["start", "end", "reason"]);
+        f.require(d, "start", "2026-12-24T00:00:00Z");
+        f.require(d, "end", "2026-12-27T00:00:00Z");
+        let (Some(start), Some(end)) = (f.datetime(d, "start"), f.datetime(d, "end")) else {
+            continue;
+        };
+        if end <= start {
+            d.error(
+                Rule::InvalidValue,
+                f.key_span("end"),
+                format!("change_freeze #{}: `end` must be after `start`", i + 1),
+            );
+            continue;
+        }
+        let reason = f
+            .str(d, "reason")
+            .map_or_else(|| "change freeze".to_string(), |r| r.get_ref().to_string());
+        out.push(ChangeFreeze { reason, start, end });
+    }
+    out
 }

@@ -43,12 +43,10 @@ impl RouteTable {
         for (i, route) in routes.iter().enumerate() {
             match &route.host {
                 Some(HostMatch::Exact(h)) => table.exact.entry(h.clone()).or_default().push(i),
-                Some(HostMatch::Wildcard(s)) => {
-                    match table.wildcard.iter_mut().find(|(suffix, _)| suffix == s) {
-                        Some((_, list)) => list.push(i),
-                        None => table.wildcard.push((s.clone(), vec![i])),
-                    }
-                }
+                Some(HostMatch::Wildcard(s)) => match table.wildcard.iter_mut().find(|(suffix, _)| suffix == s) {
+                    Some((_, list)) => list.push(i),
+                    None => table.wildcard.push((s.clone(), vec![i])),
+                },
                 None => table.any_host.push(i),
             }
         }
@@ -57,14 +55,9 @@ impl RouteTable {
             list.sort_by_key(|&i| std::cmp::Reverse(routes[i].path_prefix.len()));
         };
         table.exact.values_mut().for_each(by_prefix);
-        table
-            .wildcard
-            .iter_mut()
-            .for_each(|(_, list)| by_prefix(list));
+        table.wildcard.iter_mut().for_each(|(_, list)| by_prefix(list));
         by_prefix(&mut table.any_host);
-        table
-            .wildcard
-            .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        table.wildcard.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         table
     }
 
@@ -73,10 +66,7 @@ impl RouteTable {
     }
 
     /// The index of the route the request takes, if any.
-    pub fn find<'a, H: Fn(&str) -> Option<&'a str>>(
-        &self,
-        req: &RequestView<'a, H>,
-    ) -> Option<usize> {
+    pub fn find<'a, H: Fn(&str) -> Option<&'a str>>(&self, req: &RequestView<'a, H>) -> Option<usize> {
         let host = normalize_host(req.host);
         let host = host.as_ref();
         if let Some(list) = self.exact.get(host) {
@@ -118,8 +108,7 @@ impl RouteTable {
                 earlier.host == r.host
                     && earlier.path_prefix == r.path_prefix
                     && (earlier.methods.is_empty()
-                        || (!r.methods.is_empty()
-                            && r.methods.iter().all(|m| earlier.methods.contains(m))))
+                        || (!r.methods.is_empty() && r.methods.iter().all(|m| earlier.methods.contains(m))))
                     && earlier.headers.iter().all(|h| r.headers.contains(h))
             }) {
                 out.push((i, by));
@@ -184,13 +173,7 @@ mod tests {
         find_with(t, "GET", host, path, &[])
     }
 
-    fn find_with(
-        t: &RouteTable,
-        method: &str,
-        host: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-    ) -> Option<String> {
+    fn find_with(t: &RouteTable, method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {
         let view = RequestView {
             method,
             host,
@@ -209,20 +192,11 @@ mod tests {
             route("shop-api", Some("shop.example"), "/api"),
             route("deep-wild", Some("*.eu.shop.example"), "/"),
         ]);
-        assert_eq!(
-            find(&t, "shop.example", "/api/cart").as_deref(),
-            Some("shop-api")
-        );
-        assert_eq!(
-            find(&t, "SHOP.example:8080", "/api").as_deref(),
-            Some("shop-api")
-        );
+        assert_eq!(find(&t, "shop.example", "/api/cart").as_deref(), Some("shop-api"));
+        assert_eq!(find(&t, "SHOP.example:8080", "/api").as_deref(), Some("shop-api"));
         assert_eq!(find(&t, "shop.example", "/apix").as_deref(), Some("shop"));
         assert_eq!(find(&t, "m.shop.example", "/").as_deref(), Some("wild"));
-        assert_eq!(
-            find(&t, "a.eu.shop.example", "/").as_deref(),
-            Some("deep-wild")
-        );
+        assert_eq!(find(&t, "a.eu.shop.example", "/").as_deref(), Some("deep-wild"));
         assert_eq!(find(&t, "other.example", "/x").as_deref(), Some("default"));
     }
 

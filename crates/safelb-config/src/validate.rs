@@ -20,7 +20,10 @@ pub(crate) fn cross_check(
         d.error(
             Rule::ShadowedRoute,
             span.clone(),
-            format!("route `{}` can never match: route `{}` before it has the same host and path prefix", r.name, routes[by].0.name),
+            format!(
+                "route `{}` can never match: route `{}` before it has the same host and path prefix",
+                r.name, routes[by].0.name
+            ),
         )
         .hint("remove one, or give the earlier route a narrower condition (method, headers)");
     }
@@ -37,8 +40,15 @@ pub(crate) fn cross_check(
     }
     if let Some((admin, span)) = admin {
         if !admin.bind.ip().is_loopback() {
-            d.warning(Rule::AdminNotLoopback, span.clone(), format!("the admin API binds {}, which is reachable from other machines", admin.bind))
-                .hint("bind it to 127.0.0.1 or [::1] and reach it through an SSH tunnel or a private network");
+            d.warning(
+                Rule::AdminNotLoopback,
+                span.clone(),
+                format!(
+                    "the admin API binds {}, which is reachable from other machines",
+                    admin.bind
+                ),
+            )
+            .hint("bind it to 127.0.0.1 or [::1] and reach it through an SSH tunnel or a private network");
         }
     }
     for (test, span) in tests {
@@ -46,12 +56,7 @@ pub(crate) fn cross_check(
             method: &test.method,
             host: &test.host,
             path: &test.path,
-            header: |name: &str| {
-                test.headers
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| v.as_str())
-            },
+            header: |name: &str| test.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()),
         };
         let found = table.find(&view).map(|i| &table.routes()[i]);
         let request = format!("{} http://{}{}", test.method, test.host, test.path);

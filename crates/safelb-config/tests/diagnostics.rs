@@ -30,11 +30,7 @@ fn expect(source: &str, expected: &[(Rule, usize, usize, &str)]) {
             (*rule, *line, *column),
             "findings: {summary:#?}"
         );
-        assert!(
-            l.message.contains(fragment),
-            "{:?} lacks {fragment:?}",
-            l.message
-        );
+        assert!(l.message.contains(fragment), "{:?} lacks {fragment:?}", l.message);
     }
     let errors = got.iter().any(|l| l.severity == Severity::Error);
     assert_eq!(
@@ -51,24 +47,13 @@ fn the_base_config_is_valid() {
 
 #[test]
 fn syntax_error_has_position() {
-    expect(
-        "[listener.public\nbind = 1",
-        &[(Rule::Syntax, 1, 17, "TOML syntax")],
-    );
+    expect("[listener.public\nbind = 1", &[(Rule::Syntax, 1, 17, "TOML syntax")]);
 }
 
 #[test]
 fn unknown_keys_suggest_the_closest_name() {
     let src = BASE.replace("backends = [", "balanse = \"round_robin\"\nbackends = [");
-    expect(
-        &src,
-        &[(
-            Rule::UnknownKey,
-            6,
-            1,
-            "unknown key `balanse` in pool `api`",
-        )],
-    );
+    expect(&src, &[(Rule::UnknownKey, 6, 1, "unknown key `balanse` in pool `api`")]);
     let checked = check("f.toml", &src);
     assert_eq!(
         checked.diagnostics.items()[0].hint.as_deref(),
@@ -100,21 +85,11 @@ pool = "apii"
         src,
         &[
             (Rule::InvalidAddress, 3, 8, "not an IP:port"),
-            (
-                Rule::InvalidValue,
-                6,
-                11,
-                "unknown balance policy `fastest`",
-            ),
+            (Rule::InvalidValue, 6, 11, "unknown balance policy `fastest`"),
             (Rule::DuplicateBackend, 7, 31, "twice"),
             (Rule::InvalidDuration, 8, 19, "no unit"),
             (Rule::InvalidDuration, 9, 23, "unknown unit"),
-            (
-                Rule::UndefinedPool,
-                13,
-                8,
-                "pool `apii`, which is not defined",
-            ),
+            (Rule::UndefinedPool, 13, 8, "pool `apii`, which is not defined"),
         ],
     );
     let rendered = check("safelb.toml", src).diagnostics.render();
@@ -125,10 +100,7 @@ pool = "apii"
 #[test]
 fn wrong_types_name_the_expected_type() {
     let src = BASE.replace("bind = \"127.0.0.1:8080\"", "bind = 8080");
-    expect(
-        &src,
-        &[(Rule::WrongType, 3, 8, "must be a string, not integer")],
-    );
+    expect(&src, &[(Rule::WrongType, 3, 8, "must be a string, not integer")]);
 }
 
 #[test]
@@ -147,18 +119,12 @@ fn pools_without_usable_backends() {
 #[test]
 fn duplicate_names() {
     let src = format!("{BASE}\n[[route]]\nname = \"api\"\npath_prefix = \"/v2\"\npool = \"api\"\n");
-    expect(
-        &src,
-        &[(Rule::DuplicateName, 13, 8, "two routes are named `api`")],
-    );
+    expect(&src, &[(Rule::DuplicateName, 13, 8, "two routes are named `api`")]);
     let listeners = BASE.replace(
         "bind = \"127.0.0.1:8080\"\n",
         "bind = \"127.0.0.1:8080\"\n[listener.other]\nbind = \"127.0.0.1:8080\"\n",
     );
-    expect(
-        &listeners,
-        &[(Rule::DuplicateName, 5, 8, "bind the same address")],
-    );
+    expect(&listeners, &[(Rule::DuplicateName, 5, 8, "bind the same address")]);
 }
 
 #[test]
@@ -182,12 +148,7 @@ fn unused_pool_and_public_admin_are_warnings() {
         &src,
         &[
             (Rule::UnusedPool, 12, 7, "pool `spare` is not used"),
-            (
-                Rule::AdminNotLoopback,
-                16,
-                8,
-                "reachable from other machines",
-            ),
+            (Rule::AdminNotLoopback, 16, 8, "reachable from other machines"),
         ],
     );
 }

@@ -49,17 +49,14 @@ pub struct LogEntry<'a> {
     /// False when the response body did not reach its end (client or backend went away).
     pub complete: bool,
     pub config_version: u64,
+    /// Served by the stable version after failing on the candidate of a rollout.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fell_back: bool,
 }
 
 impl<'a> LogEntry<'a> {
     /// A request the HTTP parser rejected before it became a request.
-    pub fn parser_error(
-        client: SocketAddr,
-        status: u16,
-        error: &'a str,
-        bytes_sent: u64,
-        config_version: u64,
-    ) -> Self {
+    pub fn parser_error(client: SocketAddr, status: u16, error: &'a str, bytes_sent: u64, config_version: u64) -> Self {
         LogEntry {
             time: rfc3339_now(),
             request_id: "",
@@ -78,6 +75,7 @@ impl<'a> LogEntry<'a> {
             error: Some(error),
             complete: true,
             config_version,
+            fell_back: false,
         }
     }
 }
@@ -92,10 +90,7 @@ impl AccessLog {
     }
 
     pub fn file(path: &Path) -> io::Result<Self> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         Ok(Self::spawn(Box::new(f)))
     }
 

@@ -160,11 +160,7 @@ impl BackendState {
 
     /// A connect error, timeout or 5xx. Returns the ejection time if this failure ejected the
     /// backend. `pool_ejected_share` tells whether the pool can afford one more ejection.
-    pub(crate) fn record_failure(
-        &self,
-        outlier: &Outlier,
-        may_eject: impl FnOnce() -> bool,
-    ) -> Option<Duration> {
+    pub(crate) fn record_failure(&self, outlier: &Outlier, may_eject: impl FnOnce() -> bool) -> Option<Duration> {
         let failures = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
         if outlier.consecutive_failures == 0 || failures < outlier.consecutive_failures {
             return None;
@@ -299,9 +295,6 @@ mod tests {
         b.observe_latency(Duration::from_millis(50));
         assert_eq!(b.ewma_micros(), 50_000.0);
         b.observe_latency(Duration::from_millis(1));
-        assert!(
-            b.ewma_micros() > 1_000.0,
-            "a fast sample is blended, not taken whole"
-        );
+        assert!(b.ewma_micros() > 1_000.0, "a fast sample is blended, not taken whole");
     }
 }

@@ -35,9 +35,7 @@ impl fmt::Display for RequestBodyError {
 impl StdError for RequestBodyError {}
 
 /// Finds a [`RequestBodyError`] in the cause chain of an upstream send error.
-pub(crate) fn request_body_error<'e>(
-    e: &'e (dyn StdError + 'static),
-) -> Option<&'e RequestBodyError> {
+pub(crate) fn request_body_error<'e>(e: &'e (dyn StdError + 'static)) -> Option<&'e RequestBodyError> {
     let mut cur: Option<&'e (dyn StdError + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(found) = err.downcast_ref::<RequestBodyError>() {
@@ -49,7 +47,8 @@ pub(crate) fn request_body_error<'e>(
 }
 
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None` for a request rebuilt without a body (a fallback to the stable version).
+    inner: Option<Incoming>,
     remaining: u64,
     limit: u64,
 }
@@ -57,9 +56,17 @@ pub struct RequestBody {
 impl RequestBody {
     pub(crate) fn new(inner: Incoming, limit: u64) -> Self {
         RequestBody {
-            inner,
+            inner: Some(inner),
             remaining: limit,
             limit,
+        }
+    }
+
+    pub(crate) fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            remaining: 0,
+            limit: 0,
         }
     }
 }
@@ -68,19 +75,17 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = RequestBodyError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > this.remaining {
-                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
-                            limit: this.limit,
-                        })));
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit: this.limit })));
                     }
                     this.remaining -= n;
                 }
@@ -92,11 +97,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
@@ -140,10 +147,7 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let polled = match &mut this.source {
             Source::Local(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),

@@ -83,9 +83,7 @@ impl ClientIo {
 
     fn arm(&mut self, phase: Phase, after: Duration) {
         self.phase = phase;
-        self.timer
-            .as_mut()
-            .reset(tokio::time::Instant::now() + after);
+        self.timer.as_mut().reset(tokio::time::Instant::now() + after);
     }
 
     /// Writes a complete local answer directly to the socket. Small enough for the socket
@@ -116,11 +114,7 @@ impl ClientIo {
 }
 
 impl AsyncRead for ClientIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.state.in_flight.load(Relaxed) > 0 {
             this.phase = Phase::Busy;
@@ -157,11 +151,7 @@ impl AsyncRead for ClientIo {
 }
 
 impl AsyncWrite for ClientIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.phase == Phase::Head && this.state.in_flight.load(Relaxed) == 0 {
             if let Some(status) = automatic_error_status(buf) {
@@ -213,8 +203,5 @@ fn automatic_error_status(buf: &[u8]) -> Option<u16> {
         (b"HTTP/1.1 431 Request Header Fields Too Large\r\n", 431),
         (b"HTTP/1.1 414 URI Too Long\r\n", 414),
     ];
-    LINES
-        .iter()
-        .find(|(line, _)| buf.starts_with(line))
-        .map(|&(_, s)| s)
+    LINES.iter().find(|(line, _)| buf.starts_with(line)).map(|&(_, s)| s)
 }

@@ -36,10 +36,9 @@ pub enum ErrorKind {
 impl ErrorKind {
     pub fn side(self) -> Side {
         match self {
-            ErrorKind::NoRoute
-            | ErrorKind::BodyTooLarge
-            | ErrorKind::BadRequest
-            | ErrorKind::ClientBody => Side::Client,
+            ErrorKind::NoRoute | ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::ClientBody => {
+                Side::Client
+            }
             ErrorKind::NoHealthyBackend
             | ErrorKind::PanicFailClosed
             | ErrorKind::ConnectRefused
@@ -95,10 +94,7 @@ impl ProxyError {
 pub fn client_answer(err: &ProxyError) -> (StatusCode, String) {
     let pool = err.pool.as_deref().unwrap_or("?");
     match err.kind {
-        ErrorKind::NoRoute => (
-            StatusCode::NOT_FOUND,
-            "no route matches this host and path".into(),
-        ),
+        ErrorKind::NoRoute => (StatusCode::NOT_FOUND, "no route matches this host and path".into()),
         ErrorKind::NoHealthyBackend => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("no healthy backend in pool `{pool}`"),
@@ -127,14 +123,8 @@ pub fn client_answer(err: &ProxyError) -> (StatusCode, String) {
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body exceeds the configured limit".into(),
         ),
-        ErrorKind::BadRequest => (
-            StatusCode::BAD_REQUEST,
-            "request cannot be forwarded".into(),
-        ),
-        ErrorKind::ClientBody => (
-            StatusCode::BAD_REQUEST,
-            "request body could not be read".into(),
-        ),
+        ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "request cannot be forwarded".into()),
+        ErrorKind::ClientBody => (StatusCode::BAD_REQUEST, "request body could not be read".into()),
     }
 }
 
@@ -142,21 +132,13 @@ pub fn client_answer(err: &ProxyError) -> (StatusCode, String) {
 /// status, the short log name of the cause, and the body text.
 pub fn parser_answer(status: u16) -> Option<(StatusCode, &'static str, &'static str)> {
     match status {
-        400 => Some((
-            StatusCode::BAD_REQUEST,
-            "malformed_request",
-            "malformed HTTP request",
-        )),
+        400 => Some((StatusCode::BAD_REQUEST, "malformed_request", "malformed HTTP request")),
         408 => Some((
             StatusCode::REQUEST_TIMEOUT,
             "header_timeout",
             "request headers not received in time",
         )),
-        414 => Some((
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
-            "request target too long",
-        )),
+        414 => Some((StatusCode::URI_TOO_LONG, "uri_too_long", "request target too long")),
         431 => Some((
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "headers_too_large",

@@ -1,20 +1,23 @@
 //! [`ProxyHandle`]: the only door from the control plane into the data plane.
 //!
-//! It owns the one `ArcSwap<Snapshot>` that requests load, the backend registry that snapshots
-//! attach to, and the health checkers. Installing a config builds a snapshot off the request
-//! path and publishes it with a single atomic store; requests already running keep the
-//! snapshot they started with.
+//! It owns the one `ArcSwap<Routing>` that requests load: the stable snapshot and, during a
+//! rollout, the candidate with its share of traffic. It also owns the backend registry that
+//! snapshots attach to, the health checkers and the recent-traffic samples. Every change builds
+//! its snapshots off the request path and publishes them with a single atomic store; requests
+//! already running keep the snapshot they started with.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use safelb_config::{Listener, ValidConfig};
 use tokio_util::sync::CancellationToken;
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::backend::{BackendState, Registry};
 use crate::health::{desired_checks, HealthCheckers};
+use crate::samples::Samples;
 use crate::snapshot::Snapshot;
 
 /// Why a config cannot replace the running one without a restart.
@@ -24,6 +27,56 @@ pub enum SwapError {
     ListenersChanged { running: String, new: String },
     #[error("[access_log] cannot change while running: restart safelb to change it")]
     AccessLogChanged,
+    #[error("no canary is running")]
+    NoCanary,
+}
+
+/// Which version serves a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Stable,
+    Candidate,
+}
+
+/// What requests read: the stable snapshot and an optional canary.
+pub struct Routing {
+    pub stable: Arc<Snapshot>,
+    pub canary: Option<Canary>,
+}
+
+#[derive(Clone)]
+pub struct Canary {
+    pub candidate: Arc<Snapshot>,
+    /// Percent of requests sent to the candidate (0..=100).
+    pub percent: u8,
+    /// Split by client address instead of per request.
+    pub sticky: bool,
+}
+
+impl Routing {
+    /// The snapshot for one request, and which side of the split it is.
+    #[inline]
+    pub fn pick(&self, client: SocketAddr) -> (&Arc<Snapshot>, Role) {
+        match &self.canary {
+            Some(c) if c.percent > 0 => {
+                let roll = if c.sticky {
+                    let h = match client.ip() {
+                        IpAddr::V4(ip) => xxh3_64(&ip.octets()),
+                        IpAddr::V6(ip) => xxh3_64(&ip.octets()),
+                    };
+                    (h % 100) as u8
+                } else {
+                    fastrand::u8(..100)
+                };
+                if roll < c.percent {
+                    (&c.candidate, Role::Candidate)
+                } else {
+                    (&self.stable, Role::Stable)
+                }
+            }
+            _ => (&self.stable, Role::Stable),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -32,9 +85,10 @@ pub struct ProxyHandle {
 }
 
 struct Inner {
-    current: ArcSwap<Snapshot>,
+    current: ArcSwap<Routing>,
     registry: Registry,
     checkers: HealthCheckers,
+    samples: Samples,
     cancel: CancellationToken,
 }
 
@@ -48,60 +102,131 @@ impl ProxyHandle {
     /// Builds the first snapshot and starts its health checks. Call inside a tokio runtime.
     pub fn new(config: ValidConfig, version: u64) -> ProxyHandle {
         let registry = Registry::default();
-        let snapshot = Arc::new(Snapshot::build(config, version, &registry));
+        let stable = Arc::new(Snapshot::build(config, version, &registry));
         let handle = ProxyHandle {
             inner: Arc::new(Inner {
-                current: ArcSwap::from(snapshot.clone()),
+                current: ArcSwap::from_pointee(Routing { stable, canary: None }),
                 registry,
                 checkers: HealthCheckers::default(),
+                samples: Samples::default(),
                 cancel: CancellationToken::new(),
             }),
         };
-        handle.reconcile(&snapshot);
+        handle.reconcile();
         handle
     }
 
-    /// The snapshot new requests use now.
+    /// The routing new requests use now.
     #[inline]
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.inner.current.load_full()
+    pub fn routing(&self) -> arc_swap::Guard<Arc<Routing>> {
+        self.inner.current.load()
     }
 
-    /// Replaces the running snapshot. Refuses changes that cannot take effect without a restart,
-    /// naming them; on refusal nothing changes.
+    /// The stable snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.current.load().stable.clone()
+    }
+
+    /// The candidate snapshot and its share, during a rollout.
+    pub fn canary(&self) -> Option<Canary> {
+        self.inner.current.load().canary.clone()
+    }
+
+    /// Replaces the stable snapshot for all traffic, ending any canary. Refuses changes that
+    /// cannot take effect without a restart, naming them; on refusal nothing changes.
     pub fn swap(&self, config: ValidConfig, version: u64) -> Result<Arc<Snapshot>, SwapError> {
         let running = self.snapshot();
         check_swappable(&running.config, &config)?;
         let next = Arc::new(Snapshot::build(config, version, &self.inner.registry));
-        self.inner.current.store(next.clone());
-        self.reconcile(&next);
+        self.inner.current.store(Arc::new(Routing {
+            stable: next.clone(),
+            canary: None,
+        }));
+        self.reconcile();
         tracing::info!(
             from = running.version,
             to = version,
-            "config version now serving"
+            "config version now serving all traffic"
         );
         Ok(next)
     }
 
-    fn reconcile(&self, live: &Snapshot) {
-        let pools = live
-            .pools
+    /// Builds a candidate snapshot next to the stable one, with 0% of traffic. Its backends get
+    /// health checks from now on.
+    pub fn begin_canary(&self, config: ValidConfig, version: u64, sticky: bool) -> Result<Arc<Snapshot>, SwapError> {
+        let current = self.routing();
+        check_swappable(&current.stable.config, &config)?;
+        let candidate = Arc::new(Snapshot::build(config, version, &self.inner.registry));
+        let canary = Canary {
+            candidate: candidate.clone(),
+            percent: 0,
+            sticky,
+        };
+        self.inner.current.store(Arc::new(Routing {
+            stable: current.stable.clone(),
+            canary: Some(canary),
+        }));
+        self.reconcile();
+        Ok(candidate)
+    }
+
+    /// Sets the candidate's share of requests.
+    pub fn set_canary_percent(&self, percent: u8) -> Result<(), SwapError> {
+        let current = self.routing();
+        let mut canary = current.canary.clone().ok_or(SwapError::NoCanary)?;
+        canary.percent = percent.min(100);
+        self.inner.current.store(Arc::new(Routing {
+            stable: current.stable.clone(),
+            canary: Some(canary),
+        }));
+        Ok(())
+    }
+
+    /// The candidate becomes the stable version for all traffic.
+    pub fn promote_canary(&self) -> Result<Arc<Snapshot>, SwapError> {
+        let current = self.routing();
+        let canary = current.canary.clone().ok_or(SwapError::NoCanary)?;
+        self.inner.current.store(Arc::new(Routing {
+            stable: canary.candidate.clone(),
+            canary: None,
+        }));
+        self.reconcile();
+        Ok(canary.candidate)
+    }
+
+    /// Candidate traffic goes to zero at once; the stable version serves everything.
+    pub fn abort_canary(&self) {
+        let current = self.routing();
+        if current.canary.is_some() {
+            self.inner.current.store(Arc::new(Routing {
+                stable: current.stable.clone(),
+                canary: None,
+            }));
+            self.reconcile();
+        }
+    }
+
+    fn reconcile(&self) {
+        let routing = self.routing();
+        let live: Vec<&Snapshot> = std::iter::once(&*routing.stable)
+            .chain(routing.canary.as_ref().map(|c| &*c.candidate))
+            .collect();
+        let pools = live.iter().flat_map(|s| {
+            s.pools
+                .iter()
+                .map(move |p| (&s.config.pools[p.index], p.backends.as_slice()))
+        });
+        self.inner.checkers.reconcile(desired_checks(pools), &self.inner.cancel);
+        let names: HashSet<SocketAddr> = live
             .iter()
-            .map(|p| (&live.config.pools[p.index], p.backends.as_slice()));
-        self.inner
-            .checkers
-            .reconcile(desired_checks(pools), &self.inner.cancel);
-        let names: std::collections::HashSet<SocketAddr> = live
-            .pools
-            .iter()
-            .flat_map(|p| p.backends.iter().map(|b| b.addr))
+            .flat_map(|s| s.pools.iter().flat_map(|p| p.backends.iter().map(|b| b.addr)))
             .collect();
         // Snapshots still held by in-flight requests keep their own Arcs; the registry only
-        // stops handing out state for addresses no current config names.
+        // stops handing out state for addresses no live config names.
         self.inner.registry.retain(|a| names.contains(a));
     }
 
-    /// Every backend the running config names, with its live state.
+    /// Every backend a live config names, with its state.
     pub fn backends(&self) -> Vec<Arc<BackendState>> {
         self.inner.registry.all()
     }
@@ -113,6 +238,11 @@ impl ProxyHandle {
     /// Addresses whose active health check is running.
     pub fn checked_backends(&self) -> Vec<SocketAddr> {
         self.inner.checkers.checked()
+    }
+
+    /// Recent requests (method, host, path), for impact previews.
+    pub fn samples(&self) -> &Samples {
+        &self.inner.samples
     }
 
     /// Stops the health checkers (the handle itself stays usable for reads).

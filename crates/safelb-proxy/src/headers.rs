@@ -3,9 +3,7 @@
 
 use std::net::SocketAddr;
 
-use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -43,12 +41,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Adds `X-Forwarded-For` (appended to any the client sent), `-Proto` and `-Host`.
-pub fn add_forwarded(
-    headers: &mut HeaderMap,
-    client: SocketAddr,
-    proto: &'static str,
-    host: Option<&HeaderValue>,
-) {
+pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, proto: &'static str, host: Option<&HeaderValue>) {
     let ip = client.ip().to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.is_empty() => HeaderValue::from_str(&format!("{prior}, {ip}")),
@@ -75,11 +68,7 @@ pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     let n = fastrand::u128(..);
     for (i, b) in buf.iter_mut().enumerate() {
         let nibble = ((n >> (124 - 4 * i)) & 0xf) as u8;
-        *b = if nibble < 10 {
-            b'0' + nibble
-        } else {
-            b'a' + nibble - 10
-        };
+        *b = if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 };
     }
     let v = HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value");
     headers.insert(X_REQUEST_ID.clone(), v.clone());

@@ -33,10 +33,7 @@ impl HealthCheckers {
         desired: HashMap<SocketAddr, (HealthCheck, Arc<BackendState>)>,
         parent: &CancellationToken,
     ) {
-        let mut running = self
-            .running
-            .lock()
-            .expect("checker map lock is never poisoned");
+        let mut running = self.running.lock().expect("checker map lock is never poisoned");
         running.retain(|addr, (check, token)| {
             let keep = desired.get(addr).is_some_and(|(want, _)| want == check);
             if !keep {
@@ -78,18 +75,14 @@ async fn run(backend: Arc<BackendState>, check: HealthCheck, cancel: Cancellatio
             Ok(()) => {
                 successes += 1;
                 failures = 0;
-                if current == Active::Unknown
-                    || (current == Active::Down && successes >= check.healthy)
-                {
+                if current == Active::Unknown || (current == Active::Down && successes >= check.healthy) {
                     transition(&backend, Active::Up, None);
                 }
             }
             Err(why) => {
                 failures += 1;
                 successes = 0;
-                if current == Active::Unknown
-                    || (current == Active::Up && failures >= check.unhealthy)
-                {
+                if current == Active::Unknown || (current == Active::Up && failures >= check.unhealthy) {
                     transition(&backend, Active::Down, Some(&why));
                 }
             }
@@ -127,18 +120,15 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> 
 }
 
 async fn probe_inner(addr: SocketAddr, kind: &HealthCheckKind) -> Result<(), String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let path = match kind {
         HealthCheckKind::Tcp => return Ok(()),
         HealthCheckKind::Http { path } => path,
     };
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
     // Ends with the exchange: the backend closes (Connection: close), or hyper closes the
     // connection once the probe's timeout drops the sender and its pending response.
     tokio::spawn(async move {
@@ -170,8 +160,7 @@ pub(crate) fn desired_checks<'a>(
     for (pool, backends) in pools {
         let Some(check) = &pool.health else { continue };
         for b in backends {
-            out.entry(b.addr)
-                .or_insert_with(|| (check.clone(), b.clone()));
+            out.entry(b.addr).or_insert_with(|| (check.clone(), b.clone()));
         }
     }
     out

@@ -19,11 +19,13 @@ mod handle;
 pub mod headers;
 pub mod health;
 pub mod proxy;
+pub mod samples;
 pub mod server;
 pub mod snapshot;
+pub mod stats;
 mod upstream;
 
 pub use access_log::AccessLog;
-pub use handle::{ProxyHandle, SwapError};
+pub use handle::{Canary, ProxyHandle, Role, Routing, SwapError};
 pub use proxy::Proxy;
 pub use snapshot::Snapshot;

@@ -24,7 +24,7 @@ use crate::backend::BackendState;
 use crate::body::{request_body_error, RequestBody, RequestBodyError, ResponseBody};
 use crate::client_io::ConnState;
 use crate::error::{client_answer, ErrorKind, ProxyError};
-use crate::handle::ProxyHandle;
+use crate::handle::{ProxyHandle, Role};
 use crate::headers::{add_forwarded, request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::snapshot::{PoolRuntime, Snapshot};
 use crate::upstream::{self, Sender};
@@ -57,50 +57,15 @@ impl Proxy {
         client: SocketAddr,
         conn: Arc<ConnState>,
     ) -> Response<ResponseBody> {
-        let snapshot = self.handle.snapshot();
-        let mut done = Completion::start(&self.log, client, conn, snapshot.version);
+        let routing = self.handle.routing();
+        let (picked, role) = routing.pick(client);
+        let snapshot = picked.clone();
+        let stable = (role == Role::Candidate).then(|| routing.stable.clone());
+        drop(routing);
+        let mut done = Completion::start(&self.log, client, conn, snapshot.clone());
         let (mut parts, body) = req.into_parts();
         done.request_id = request_id(&mut parts.headers);
         let host_header = parts.headers.get(HOST).cloned();
-        let host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| host_header.as_ref().and_then(|h| h.to_str().ok()))
-            .unwrap_or("");
-        if done.log.enabled() {
-            done.method = parts.method.clone();
-            done.host = host.to_owned();
-            done.path = parts.uri.path().to_owned();
-        }
-
-        let limits = &snapshot.config.limits;
-        let declared = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limits.max_body_bytes) {
-            return local(done, ProxyError::new(ErrorKind::BodyTooLarge));
-        }
-
-        let view = RequestView {
-            method: parts.method.as_str(),
-            host,
-            path: parts.uri.path(),
-            header: |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()),
-        };
-        let Some(route) = snapshot.config.route_table.find(&view) else {
-            return local(done, ProxyError::new(ErrorKind::NoRoute));
-        };
-        let pool = &snapshot.pools[snapshot.config.routes[route].pool];
-        done.route = Some(snapshot.route_names[route].clone());
-        done.pool = Some(pool.name.clone());
-        let hash = if pool.balancer.needs_hash() {
-            request_hash(&snapshot, pool, &parts.headers, client)
-        } else {
-            0
-        };
 
         // The upstream request: origin-form target, the client's Host kept, hop-by-hop gone.
         if let Some(authority) = parts.uri.authority().map(|a| a.as_str().to_owned()) {
@@ -109,23 +74,80 @@ impl Proxy {
                     parts.headers.insert(HOST, v);
                 }
             }
-            let target = parts
-                .uri
-                .path_and_query()
-                .map_or("/", |pq| pq.as_str())
-                .to_owned();
+            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
             parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
         }
+        let host = parts.headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        self.handle
+            .samples()
+            .record(parts.method.as_str(), host, parts.uri.path());
+        if done.log.enabled() {
+            done.method = parts.method.clone();
+            done.host = host.to_owned();
+            done.path = parts.uri.path().to_owned();
+        }
         strip_hop_by_hop(&mut parts.headers);
-        add_forwarded(
-            &mut parts.headers,
-            client,
-            self.scheme,
-            host_header.as_ref(),
-        );
+        add_forwarded(&mut parts.headers, client, self.scheme, host_header.as_ref());
         parts.version = Version::HTTP_11;
-        let request = Request::from_parts(parts, RequestBody::new(body, limits.max_body_bytes));
-        self.forward(&snapshot, pool, request, hash, done).await
+
+        let limit = snapshot.config.limits.max_body_bytes;
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return local(done, ProxyError::new(ErrorKind::BodyTooLarge));
+        }
+
+        // A bodiless idempotent request on the candidate keeps a copy, so that a failure there
+        // can be served by the stable version: a bad change costs the client nothing, while the
+        // failure still counts against the candidate.
+        let copy = match &stable {
+            Some(_) if is_idempotent(&parts.method) && http_body::Body::is_end_stream(&body) => {
+                Some(copy_parts(&parts))
+            }
+            _ => None,
+        };
+        let request = Request::from_parts(parts, RequestBody::new(body, limit));
+        let (err, mut done) = match self.route_and_forward(&snapshot, request, client, done).await {
+            Ok(response) => return response,
+            Err(failed) => failed,
+        };
+        if let (Some(stable), Some(parts)) = (stable, copy) {
+            if falls_back(&err, &stable, &parts) {
+                snapshot.stats.record(true, done.start.elapsed());
+                done.fall_back_to(stable.clone());
+                let request = Request::from_parts(parts, RequestBody::empty());
+                return match self.route_and_forward(&stable, request, client, done).await {
+                    Ok(response) => response,
+                    Err((err, done)) => local(done, err),
+                };
+            }
+        }
+        local(done, err)
+    }
+
+    /// Routes a prepared request in `snapshot` and forwards it.
+    async fn route_and_forward(
+        &self,
+        snapshot: &Snapshot,
+        request: Request<RequestBody>,
+        client: SocketAddr,
+        mut done: Box<Completion>,
+    ) -> Result<Response<ResponseBody>, (ProxyError, Box<Completion>)> {
+        let Some(route) = find_route(snapshot, request.method(), request.uri(), request.headers()) else {
+            return Err((ProxyError::new(ErrorKind::NoRoute), done));
+        };
+        let pool = &snapshot.pools[snapshot.config.routes[route].pool];
+        done.route = Some(snapshot.route_names[route].clone());
+        done.pool = Some(pool.name.clone());
+        let hash = if pool.balancer.needs_hash() {
+            request_hash(snapshot, pool, request.headers(), client)
+        } else {
+            0
+        };
+        self.forward(snapshot, pool, request, hash, done).await
     }
 
     async fn forward(
@@ -135,7 +157,7 @@ impl Proxy {
         request: Request<RequestBody>,
         hash: u64,
         mut done: Box<Completion>,
-    ) -> Response<ResponseBody> {
+    ) -> Result<Response<ResponseBody>, (ProxyError, Box<Completion>)> {
         let config = snapshot.pool_config(pool);
         pool.retry_budget.on_request();
         let mut request = Some(request);
@@ -146,47 +168,37 @@ impl Proxy {
             let idx = match pool.select(hash, &tried) {
                 Ok(i) => i,
                 // A retry that finds no other backend reports the failure that caused it.
-                Err(kind) => {
-                    return local(
-                        done,
-                        ProxyError::in_pool(last_error.unwrap_or(kind), &pool.name),
-                    )
-                }
+                Err(kind) => return Err((ProxyError::in_pool(last_error.unwrap_or(kind), &pool.name), done)),
             };
             let backend = &pool.backends[idx];
             backend.start_request();
             let started = Instant::now();
-            let (mut sender, reused) =
-                match upstream::checkout(backend, config.connect_timeout).await {
-                    Ok(s) => s,
-                    Err(kind) => {
-                        backend.end_request();
-                        backend.observe_latency(config.connect_timeout);
-                        failure(pool, snapshot, backend, kind);
-                        tried.push(idx);
-                        last_error = Some(kind);
-                        // Nothing reached a backend, so any method may go elsewhere.
-                        if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
-                            done.retries += 1;
-                            continue;
-                        }
-                        return local(done, ProxyError::in_pool(kind, &pool.name));
+            let (mut sender, reused) = match upstream::checkout(backend, config.connect_timeout).await {
+                Ok(s) => s,
+                Err(kind) => {
+                    backend.end_request();
+                    backend.observe_latency(config.connect_timeout);
+                    failure(pool, snapshot, backend, kind);
+                    tried.push(idx);
+                    last_error = Some(kind);
+                    // Nothing reached a backend, so any method may go elsewhere.
+                    if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
+                        done.retries += 1;
+                        continue;
                     }
-                };
+                    return Err((ProxyError::in_pool(kind, &pool.name), done));
+                }
+            };
             let req = request
                 .take()
                 .expect("the request is put back whenever the loop continues");
-            match tokio::time::timeout(config.response_timeout, sender.try_send_request(req)).await
-            {
+            match tokio::time::timeout(config.response_timeout, sender.try_send_request(req)).await {
                 Err(_) => {
                     backend.end_request();
                     backend.observe_latency(config.response_timeout);
                     done.backend = Some(backend.clone());
                     failure(pool, snapshot, backend, ErrorKind::ResponseTimeout);
-                    return local(
-                        done,
-                        ProxyError::in_pool(ErrorKind::ResponseTimeout, &pool.name),
-                    );
+                    return Err((ProxyError::in_pool(ErrorKind::ResponseTimeout, &pool.name), done));
                 }
                 Ok(Err(mut e)) => {
                     backend.end_request();
@@ -205,14 +217,11 @@ impl Proxy {
                             RequestBodyError::TooLarge { .. } => ErrorKind::BodyTooLarge,
                             RequestBodyError::Client(_) => ErrorKind::ClientBody,
                         };
-                        return local(done, ProxyError::in_pool(kind, &pool.name));
+                        return Err((ProxyError::in_pool(kind, &pool.name), done));
                     }
                     tracing::debug!(backend = %backend.addr, error = %err, "upstream exchange failed");
                     failure(pool, snapshot, backend, ErrorKind::UpstreamProtocol);
-                    return local(
-                        done,
-                        ProxyError::in_pool(ErrorKind::UpstreamProtocol, &pool.name),
-                    );
+                    return Err((ProxyError::in_pool(ErrorKind::UpstreamProtocol, &pool.name), done));
                 }
                 Ok(Ok(response)) => {
                     let latency = started.elapsed();
@@ -229,11 +238,54 @@ impl Proxy {
                     done.release = Some(sender);
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
-                    return Response::from_parts(parts, ResponseBody::upstream(body, done));
+                    return Ok(Response::from_parts(parts, ResponseBody::upstream(body, done)));
                 }
             }
         }
     }
+}
+
+/// Route lookup with the request's own host, path, method and headers.
+fn find_route(snapshot: &Snapshot, method: &Method, uri: &Uri, headers: &http::HeaderMap) -> Option<usize> {
+    let view = RequestView {
+        method: method.as_str(),
+        host: headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
+        path: uri.path(),
+        header: |name: &str| headers.get(name).and_then(|v| v.to_str().ok()),
+    };
+    snapshot.config.route_table.find(&view)
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Should a candidate's failure be served by the stable version instead? Failures of the
+/// candidate's routing or backends, yes; a 404 only when the stable version has a route.
+fn falls_back(err: &ProxyError, stable: &Snapshot, parts: &http::request::Parts) -> bool {
+    match err.kind {
+        ErrorKind::ConnectRefused
+        | ErrorKind::ConnectTimeout
+        | ErrorKind::ResponseTimeout
+        | ErrorKind::NoHealthyBackend
+        | ErrorKind::PanicFailClosed
+        | ErrorKind::UpstreamProtocol => true,
+        ErrorKind::NoRoute => find_route(stable, &parts.method, &parts.uri, &parts.headers).is_some(),
+        ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::ClientBody => false,
+    }
+}
+
+/// A copy of a bodiless request's head (`Parts` is not `Clone`: extensions are dropped).
+fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut copy = Request::new(());
+    *copy.method_mut() = parts.method.clone();
+    *copy.uri_mut() = parts.uri.clone();
+    *copy.version_mut() = parts.version;
+    *copy.headers_mut() = parts.headers.clone();
+    copy.into_parts().0
 }
 
 /// Counts a failure against the backend's outlier state; ejects it when the pool can spare it.
@@ -251,12 +303,7 @@ fn failure(pool: &PoolRuntime, snapshot: &Snapshot, backend: &Arc<BackendState>,
     }
 }
 
-fn request_hash(
-    snapshot: &Snapshot,
-    pool: &PoolRuntime,
-    headers: &http::HeaderMap,
-    client: SocketAddr,
-) -> u64 {
+fn request_hash(snapshot: &Snapshot, pool: &PoolRuntime, headers: &http::HeaderMap, client: SocketAddr) -> u64 {
     let by_client = || match client.ip() {
         std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
         std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),
@@ -266,9 +313,7 @@ fn request_hash(
         HashKey::Header(name) => headers
             .get(name.as_str())
             .map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
-        HashKey::Cookie(name) => {
-            cookie(headers, name).map_or_else(by_client, |v| xxh3_64(v.as_bytes()))
-        }
+        HashKey::Cookie(name) => cookie(headers, name).map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
     }
 }
 
@@ -296,13 +341,10 @@ fn local(mut done: Box<Completion>, err: ProxyError) -> Response<ResponseBody> {
     let request_id = done.request_id.clone();
     let mut response = Response::new(ResponseBody::local(body, Some(done)));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
     response
         .headers_mut()
-        .insert(X_REQUEST_ID.clone(), request_id);
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
     response
 }
 
@@ -312,7 +354,10 @@ pub(crate) struct Completion {
     conn: Arc<ConnState>,
     start: Instant,
     client: SocketAddr,
-    version: u64,
+    /// The version serving this request; its counters get the outcome.
+    snapshot: Arc<Snapshot>,
+    /// Served by the stable version after failing on the candidate.
+    fell_back: bool,
     request_id: HeaderValue,
     method: Method,
     host: String,
@@ -332,19 +377,15 @@ pub(crate) struct Completion {
 }
 
 impl Completion {
-    fn start(
-        log: &AccessLog,
-        client: SocketAddr,
-        conn: Arc<ConnState>,
-        version: u64,
-    ) -> Box<Completion> {
+    fn start(log: &AccessLog, client: SocketAddr, conn: Arc<ConnState>, snapshot: Arc<Snapshot>) -> Box<Completion> {
         conn.in_flight.fetch_add(1, Relaxed);
         Box::new(Completion {
             log: log.clone(),
             conn,
             start: Instant::now(),
             client,
-            version,
+            snapshot,
+            fell_back: false,
             request_id: HeaderValue::from_static(""),
             method: Method::GET,
             host: String::new(),
@@ -362,6 +403,19 @@ impl Completion {
             bytes: 0,
             complete: false,
         })
+    }
+
+    /// The candidate failed this request: the stable version serves it from scratch.
+    fn fall_back_to(&mut self, stable: Arc<Snapshot>) {
+        self.snapshot = stable;
+        self.fell_back = true;
+        self.route = None;
+        self.pool = None;
+        self.backend = None;
+        self.backend_in_flight = false;
+        self.release = None;
+        self.upstream = None;
+        self.error = None;
     }
 
     /// Called by the response body when it ends or is dropped.
@@ -384,6 +438,9 @@ impl Drop for Completion {
             }
         }
         self.conn.in_flight.fetch_sub(1, Relaxed);
+        if self.status != 499 {
+            self.snapshot.stats.record(self.status >= 500, self.start.elapsed());
+        }
         if self.log.enabled() {
             let ms = |d: Duration| d.as_secs_f64() * 1000.0;
             self.log.write(&LogEntry {
@@ -403,7 +460,8 @@ impl Drop for Completion {
                 retries: self.retries,
                 error: self.error,
                 complete: self.complete,
-                config_version: self.version,
+                config_version: self.snapshot.version,
+                fell_back: self.fell_back,
             });
         }
     }

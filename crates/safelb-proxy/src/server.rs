@@ -35,12 +35,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Accepts and serves connections until `shutdown` is cancelled. Connection tasks are spawned
 /// on `tracker`, so the caller can wait for them to drain.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken, tracker: TaskTracker) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -60,12 +55,7 @@ pub async fn serve(
     }
 }
 
-async fn connection(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    proxy: Arc<Proxy>,
-    shutdown: CancellationToken,
-) {
+async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let snapshot = proxy.handle.snapshot();
     let limits = snapshot.config.limits.clone();
     let state = Arc::new(ConnState::default());

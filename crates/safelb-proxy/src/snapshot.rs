@@ -19,6 +19,8 @@ pub struct Snapshot {
     pub pools: Vec<PoolRuntime>,
     /// Route names, shared with access-log lines without copying.
     pub route_names: Vec<Arc<str>>,
+    /// What this version served: the canary verdict reads it.
+    pub stats: crate::stats::Stats,
 }
 
 impl Snapshot {
@@ -29,16 +31,13 @@ impl Snapshot {
             .enumerate()
             .map(|(i, p)| PoolRuntime::new(i, p, registry))
             .collect();
-        let route_names = config
-            .routes
-            .iter()
-            .map(|r| Arc::from(r.name.as_str()))
-            .collect();
+        let route_names = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
         Snapshot {
             version,
             config,
             pools,
             route_names,
+            stats: Default::default(),
         }
     }
 
@@ -73,11 +72,7 @@ pub struct PoolRuntime {
 
 impl PoolRuntime {
     fn new(index: usize, pool: &Pool, registry: &Registry) -> PoolRuntime {
-        let backends: Vec<_> = pool
-            .backends
-            .iter()
-            .map(|b| registry.get_or_insert(b.addr))
-            .collect();
+        let backends: Vec<_> = pool.backends.iter().map(|b| registry.get_or_insert(b.addr)).collect();
         let weights: Vec<u32> = pool.backends.iter().map(|b| b.weight).collect();
         PoolRuntime {
             index,
@@ -122,15 +117,12 @@ impl PoolRuntime {
             if panic {
                 return match self.panic_policy {
                     PanicPolicy::FailClosed => Err(ErrorKind::PanicFailClosed),
-                    PanicPolicy::FailOpen => {
-                        self.pick(hash, &usable).ok_or(ErrorKind::NoHealthyBackend)
-                    }
+                    PanicPolicy::FailOpen => self.pick(hash, &usable).ok_or(ErrorKind::NoHealthyBackend),
                 };
             }
         }
         let eligible = |i: usize| usable(i) && self.backends[i].is_available(now);
-        self.pick(hash, &eligible)
-            .ok_or(ErrorKind::NoHealthyBackend)
+        self.pick(hash, &eligible).ok_or(ErrorKind::NoHealthyBackend)
     }
 
     fn pick(&self, hash: u64, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
@@ -194,8 +186,7 @@ impl RetryBudget {
     /// Takes one retry from the budget if there is one left this second.
     pub fn try_retry(&self) -> bool {
         self.roll();
-        let allowed = (self.requests.load(Relaxed) as u64 * self.percent as u64 / 100)
-            .max(self.min_per_second as u64);
+        let allowed = (self.requests.load(Relaxed) as u64 * self.percent as u64 / 100).max(self.min_per_second as u64);
         let used = self.retries.fetch_add(1, Relaxed) as u64;
         if used < allowed {
             true

@@ -31,10 +31,7 @@ pub(crate) struct IdleConn {
 pub(crate) type Sender = SendRequest<RequestBody>;
 
 /// A ready connection to `backend`: a pooled one if any is usable, else a new one.
-pub(crate) async fn checkout(
-    backend: &BackendState,
-    connect_timeout: Duration,
-) -> Result<(Sender, bool), ErrorKind> {
+pub(crate) async fn checkout(backend: &BackendState, connect_timeout: Duration) -> Result<(Sender, bool), ErrorKind> {
     while let Some(mut idle) = pop_idle(backend) {
         if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
             continue;
@@ -43,9 +40,7 @@ pub(crate) async fn checkout(
             return Ok((idle.sender, true));
         }
         // Returned right at end of body: the connection task may not have marked it idle yet.
-        if let Ok(Ok(())) =
-            tokio::time::timeout(Duration::from_millis(50), idle.sender.ready()).await
-        {
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), idle.sender.ready()).await {
             return Ok((idle.sender, true));
         }
     }
@@ -53,11 +48,7 @@ pub(crate) async fn checkout(
 }
 
 fn pop_idle(backend: &BackendState) -> Option<IdleConn> {
-    backend
-        .idle
-        .lock()
-        .expect("idle list lock is never poisoned")
-        .pop()
+    backend.idle.lock().expect("idle list lock is never poisoned").pop()
 }
 
 /// Returns a connection whose last response was read to the end.
@@ -65,10 +56,7 @@ pub(crate) fn checkin(backend: &BackendState, sender: Sender) {
     if sender.is_closed() {
         return;
     }
-    let mut idle = backend
-        .idle
-        .lock()
-        .expect("idle list lock is never poisoned");
+    let mut idle = backend.idle.lock().expect("idle list lock is never poisoned");
     if idle.len() < MAX_IDLE_PER_BACKEND {
         idle.push(IdleConn {
             sender,
@@ -78,10 +66,7 @@ pub(crate) fn checkin(backend: &BackendState, sender: Sender) {
 }
 
 /// Opens a new connection. Connect errors are classified for retries and outlier detection.
-pub(crate) async fn connect(
-    backend: &BackendState,
-    timeout: Duration,
-) -> Result<Sender, ErrorKind> {
+pub(crate) async fn connect(backend: &BackendState, timeout: Duration) -> Result<Sender, ErrorKind> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
         Err(_) => return Err(ErrorKind::ConnectTimeout),
         Ok(Err(e)) => {
@@ -106,9 +91,5 @@ pub(crate) async fn connect(
 
 /// Drops every idle connection of a backend (it was removed or ejected).
 pub(crate) fn clear_idle(backend: &Arc<BackendState>) {
-    backend
-        .idle
-        .lock()
-        .expect("idle list lock is never poisoned")
-        .clear();
+    backend.idle.lock().expect("idle list lock is never poisoned").clear();
 }

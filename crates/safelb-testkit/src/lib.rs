@@ -70,11 +70,7 @@ impl TestBackend {
         });
         let cancel = CancellationToken::new();
         tokio::spawn(accept_loop(listener, shared.clone(), cancel.clone()));
-        Ok(TestBackend {
-            addr,
-            shared,
-            cancel,
-        })
+        Ok(TestBackend { addr, shared, cancel })
     }
 
     pub fn name(&self) -> &str {
@@ -150,11 +146,7 @@ fn full(text: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-async fn answer(
-    req: Request<Incoming>,
-    shared: &Shared,
-    cancel: &CancellationToken,
-) -> Response<Body> {
+async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationToken) -> Response<Body> {
     shared.hits.fetch_add(1, Relaxed);
     let behavior = *shared.behavior.lock().expect("behavior lock");
     match behavior {
@@ -164,16 +156,10 @@ async fn answer(
         }
         Behavior::Delay(d) => tokio::time::sleep(d).await,
         Behavior::Status(code) => {
-            let mut r = Response::new(full(format!(
-                "backend {} failing with {code}\n",
-                shared.name
-            )));
-            *r.status_mut() =
-                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            r.headers_mut().insert(
-                "x-backend",
-                shared.name.parse().expect("names are header-safe"),
-            );
+            let mut r = Response::new(full(format!("backend {} failing with {code}\n", shared.name)));
+            *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            r.headers_mut()
+                .insert("x-backend", shared.name.parse().expect("names are header-safe"));
             return r;
         }
         Behavior::Ok => {}
@@ -185,19 +171,15 @@ async fn answer(
             text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
         }
         Response::new(full(text))
-    } else if let Some(n) = path
-        .strip_prefix("/bytes/")
-        .and_then(|n| n.parse::<usize>().ok())
-    {
+    } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
         Response::new(full(vec![b'x'; n.min(64 << 20)]))
     } else if path == "/echo" {
         Response::new(req.into_body().boxed())
     } else {
         Response::new(full(format!("backend {}\n", shared.name)))
     };
-    response.headers_mut().insert(
-        "x-backend",
-        shared.name.parse().expect("names are header-safe"),
-    );
+    response
+        .headers_mut()
+        .insert("x-backend", shared.name.parse().expect("names are header-safe"));
     response
 }

@@ -79,11 +79,7 @@ mod tests {
     fn removing_a_backend_moves_only_its_keys() {
         let bs = backends(5);
         let ring = Ring::new(&bs, &[1; 5]);
-        let fewer: Vec<_> = bs
-            .iter()
-            .filter(|b| b.addr != bs[2].addr)
-            .cloned()
-            .collect();
+        let fewer: Vec<_> = bs.iter().filter(|b| b.addr != bs[2].addr).cloned().collect();
         let ring_fewer = Ring::new(&fewer, &[1; 4]);
         let mut moved = 0;
         for k in 0..10_000u64 {

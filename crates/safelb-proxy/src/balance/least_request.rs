@@ -72,9 +72,6 @@ mod tests {
         let bs = backends(4);
         let b = Balancer::LeastRequest(LeastRequest);
         let counts = super::super::testing::distribution(&b, &bs, &[1, 1, 1, 1], &|_| true, 4000);
-        assert!(
-            counts.iter().all(|&n| (800..1200).contains(&n)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|&n| (800..1200).contains(&n)), "{counts:?}");
     }
 }

@@ -71,11 +71,7 @@ pub(crate) mod testing {
 
     pub fn backends(n: usize) -> Vec<Arc<BackendState>> {
         (0..n)
-            .map(|i| {
-                Arc::new(BackendState::new(
-                    format!("127.0.0.1:{}", 10_000 + i).parse().unwrap(),
-                ))
-            })
+            .map(|i| Arc::new(BackendState::new(format!("127.0.0.1:{}", 10_000 + i).parse().unwrap())))
             .collect()
     }
 

@@ -34,9 +34,7 @@ impl P2cEwma {
             (false, true) => Some(b),
             // Both draws unusable: fall back to the best eligible backend, so a mostly-down
             // pool still finds its last healthy member.
-            (false, false) => (0..n)
-                .filter(|&i| ok(i))
-                .min_by(|&x, &y| score(x).total_cmp(&score(y))),
+            (false, false) => (0..n).filter(|&i| ok(i)).min_by(|&x, &y| score(x).total_cmp(&score(y))),
         }
     }
 }
@@ -55,13 +53,7 @@ mod tests {
         bs[0].observe_latency(Duration::from_millis(200));
         bs[1].observe_latency(Duration::from_millis(2));
         bs[2].observe_latency(Duration::from_millis(2));
-        let counts = distribution(
-            &Balancer::P2cEwma(P2cEwma),
-            &bs,
-            &[1, 1, 1],
-            &|_| true,
-            3000,
-        );
+        let counts = distribution(&Balancer::P2cEwma(P2cEwma), &bs, &[1, 1, 1], &|_| true, 3000);
         // The slow one wins no comparison, so it is picked only when drawn... never: it loses both.
         assert_eq!(counts[0], 0, "{counts:?}");
         assert!(counts[1] > 1200 && counts[2] > 1200, "{counts:?}");
@@ -70,17 +62,8 @@ mod tests {
     #[test]
     fn even_when_equal_and_finds_the_last_eligible() {
         let bs = backends(4);
-        let counts = distribution(
-            &Balancer::P2cEwma(P2cEwma),
-            &bs,
-            &[1, 1, 1, 1],
-            &|_| true,
-            4000,
-        );
-        assert!(
-            counts.iter().all(|&n| (700..1300).contains(&n)),
-            "{counts:?}"
-        );
+        let counts = distribution(&Balancer::P2cEwma(P2cEwma), &bs, &[1, 1, 1, 1], &|_| true, 4000);
+        assert!(counts.iter().all(|&n| (700..1300).contains(&n)), "{counts:?}");
         let only3 = |i: usize| i == 3;
         let counts = distribution(&Balancer::P2cEwma(P2cEwma), &bs, &[1, 1, 1, 1], &only3, 100);
         assert_eq!(counts, vec![0, 0, 0, 100]);

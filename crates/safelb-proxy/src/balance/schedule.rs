@@ -106,10 +106,7 @@ mod tests {
     fn round_robin_is_even_and_skips_the_ineligible() {
         let bs = backends(3);
         let b = Balancer::Schedule(Schedule::round_robin(3));
-        assert_eq!(
-            distribution(&b, &bs, &[1, 1, 1], &|_| true, 300),
-            vec![100, 100, 100]
-        );
+        assert_eq!(distribution(&b, &bs, &[1, 1, 1], &|_| true, 300), vec![100, 100, 100]);
         let skipped = distribution(&b, &bs, &[1, 1, 1], &|i| i != 1, 3000);
         assert_eq!(skipped[1], 0);
         assert!(skipped[0] > 1300 && skipped[2] > 1300, "{skipped:?}");
@@ -121,10 +118,7 @@ mod tests {
         assert_eq!(s.order, vec![0, 0, 1, 0, 2, 0, 0]);
         let bs = backends(3);
         let b = Balancer::Schedule(Schedule::smooth_weighted(&[3, 2, 0]));
-        assert_eq!(
-            distribution(&b, &bs, &[3, 2, 0], &|_| true, 500),
-            vec![300, 200, 0]
-        );
+        assert_eq!(distribution(&b, &bs, &[3, 2, 0], &|_| true, 500), vec![300, 200, 0]);
     }
 
     #[test]

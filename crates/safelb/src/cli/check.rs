@@ -8,8 +8,7 @@ use anyhow::Context;
 use super::Format;
 
 pub fn run(file: &Path, format: Format) -> anyhow::Result<ExitCode> {
-    let source =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let source = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let checked = safelb_config::check(&file.display().to_string(), &source);
     let valid = checked.config.is_some();
     match format {
@@ -37,9 +36,5 @@ pub fn run(file: &Path, format: Format) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if valid {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if valid { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -52,18 +52,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 /// Reads and checks a config file; on failure returns the rendered diagnostics.
 fn load(path: &Path) -> Result<ValidConfig, String> {
-    let source = std::fs::read_to_string(path)
-        .map_err(|e| format!("safelb: cannot read {}: {e}\n", path.display()))?;
+    let source = std::fs::read_to_string(path).map_err(|e| format!("safelb: cannot read {}: {e}\n", path.display()))?;
     let checked = safelb_config::check(&path.display().to_string(), &source);
     if !checked.diagnostics.is_empty() {
         eprint!("{}", checked.diagnostics.render());
     }
-    checked.into_result().map_err(|_| {
-        format!(
-            "safelb: {} is not valid; nothing was started\n",
-            path.display()
-        )
-    })
+    checked
+        .into_result()
+        .map_err(|_| format!("safelb: {} is not valid; nothing was started\n", path.display()))
 }
 
 async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::Result<ExitCode> {
@@ -80,14 +76,12 @@ async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::
     let log = match (&config.access_log.enabled, &config.access_log.path) {
         (false, _) => AccessLog::disabled(),
         (true, None) => AccessLog::stdout(),
-        (true, Some(p)) => {
-            AccessLog::file(p).with_context(|| format!("opening the access log {}", p.display()))?
-        }
+        (true, Some(p)) => AccessLog::file(p).with_context(|| format!("opening the access log {}", p.display()))?,
     };
     let mut bound = Vec::new();
     for l in config.listeners.values() {
-        let listener = server::bind(l.bind)
-            .with_context(|| format!("cannot bind listener `{}` on {}", l.name, l.bind))?;
+        let listener =
+            server::bind(l.bind).with_context(|| format!("cannot bind listener `{}` on {}", l.name, l.bind))?;
         bound.push((l.name.clone(), l.bind, listener));
     }
     let drain_timeout = config.limits.drain_timeout;
@@ -132,9 +126,7 @@ async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::
         let _ = l.await;
     }
     tracker.close();
-    let drained = tokio::time::timeout(drain_timeout, tracker.wait())
-        .await
-        .is_ok();
+    let drained = tokio::time::timeout(drain_timeout, tracker.wait()).await.is_ok();
     handle.shutdown();
     if drained {
         tracing::info!("drained; exiting");

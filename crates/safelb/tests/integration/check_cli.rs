@@ -34,9 +34,7 @@ fn valid_config_exits_0() {
 
 #[test]
 fn failing_route_test_exits_1_with_location() {
-    let src = format!(
-        "{VALID}[[test]]\nrequest = \"GET http://shop.example/web\"\nexpect_pool = \"api\"\n"
-    );
+    let src = format!("{VALID}[[test]]\nrequest = \"GET http://shop.example/web\"\nexpect_pool = \"api\"\n");
     let (code, _, stderr) = check(&src, false);
     assert_eq!(code, 1);
     assert!(stderr.contains("error[test-failed]: route test failed: GET http://shop.example/web expected pool `api`, got no route (404)"), "{stderr}");
@@ -70,11 +68,7 @@ fn every_example_config_is_valid() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let out = Command::new(safelb_bin())
-                .arg("check")
-                .arg(&path)
-                .output()
-                .unwrap();
+            let out = Command::new(safelb_bin()).arg("check").arg(&path).output().unwrap();
             assert!(
                 out.status.success(),
                 "{}: {}",

@@ -15,11 +15,7 @@ async fn connect_failure_is_retried_on_another_backend() {
     // Outlier ejection off and a generous budget: every request that draws the dead backend
     // must be saved by the retry alone.
     let extra = "balance = \"round_robin\"\noutlier = { consecutive_failures = 0 }\nretry = { attempts = 1, budget_percent = 100 }";
-    let lb = Lb::start(&pool_config(
-        &[dead.to_string(), good.addr.to_string()],
-        extra,
-    ))
-    .await;
+    let lb = Lb::start(&pool_config(&[dead.to_string(), good.addr.to_string()], extra)).await;
     let report = load(lb.addr, "x", "/", 4, Duration::from_secs(3), 400).await;
     assert_eq!(report.failed(), 0, "{report:?}");
     assert_eq!(report.ok, report.total());
@@ -31,11 +27,7 @@ async fn the_retry_budget_stops_retries_from_flooding_a_sick_pool() {
     let good = TestBackend::start("good").await;
     let dead = closed_port();
     let extra = "balance = \"round_robin\"\noutlier = { consecutive_failures = 0 }\nretry = { attempts = 1, budget_percent = 10, min_per_second = 5 }";
-    let lb = Lb::start(&pool_config(
-        &[dead.to_string(), good.addr.to_string()],
-        extra,
-    ))
-    .await;
+    let lb = Lb::start(&pool_config(&[dead.to_string(), good.addr.to_string()], extra)).await;
     let mut client = Client::connect(lb.addr).await;
     let started = Instant::now();
     let mut failed = 0;
@@ -50,10 +42,7 @@ async fn the_retry_budget_stops_retries_from_flooding_a_sick_pool() {
     let max_retries = (20 + 5) * seconds.max(1);
     println!("retry budget: {failed} of 200 failed over {seconds}s");
     let floor = 100u64.saturating_sub(max_retries + 10).max(1);
-    assert!(
-        failed >= floor,
-        "too many retries were granted: only {failed} failed"
-    );
+    assert!(failed >= floor, "too many retries were granted: only {failed} failed");
 }
 
 #[tokio::test]
@@ -67,9 +56,7 @@ async fn backend_killed_under_load_costs_at_most_the_requests_in_flight() {
     .await;
     let addr = lb.addr;
     let concurrency = 8;
-    let load = tokio::spawn(async move {
-        load(addr, "x", "/", concurrency, Duration::from_secs(3), 20_000).await
-    });
+    let load = tokio::spawn(async move { load(addr, "x", "/", concurrency, Duration::from_secs(3), 20_000).await });
     tokio::time::sleep(Duration::from_millis(800)).await;
     b.stop();
     let killed_at = Instant::now();
@@ -79,10 +66,7 @@ async fn backend_killed_under_load_costs_at_most_the_requests_in_flight() {
         !backend_b.is_available(safelb_proxy::backend::now_ms()),
         "the dead backend is known down"
     );
-    println!(
-        "kill under load: {report:?}, detected within {:?}",
-        killed_at.elapsed()
-    );
+    println!("kill under load: {report:?}, detected within {:?}", killed_at.elapsed());
     // Only requests already sent to b when it died may fail; new ones are retried elsewhere.
     assert!(report.failed() <= concurrency as u64, "{report:?}");
     assert!(report.ok > 1000, "{report:?}");
@@ -113,10 +97,7 @@ async fn hung_backend_costs_a_client_at_most_one_timeout_and_is_ejected() {
         }
     }
     println!("hung backend: {timeouts} timeouts of 40, slowest {slowest:?}");
-    assert!(
-        timeouts <= 2,
-        "ejection after 2 consecutive timeouts, got {timeouts}"
-    );
+    assert!(timeouts <= 2, "ejection after 2 consecutive timeouts, got {timeouts}");
     assert!(
         slowest < Duration::from_millis(900),
         "one request paid more than one timeout: {slowest:?}"
@@ -125,11 +106,7 @@ async fn hung_backend_costs_a_client_at_most_one_timeout_and_is_ejected() {
     for _ in 0..20 {
         assert_eq!(client.get("x", "/").await.unwrap().status, 200);
     }
-    assert_eq!(
-        hung.hits(),
-        hits,
-        "an ejected backend receives no new request"
-    );
+    assert_eq!(hung.hits(), hits, "an ejected backend receives no new request");
 }
 
 #[tokio::test]
@@ -167,10 +144,7 @@ async fn a_5xx_storm_ejects_the_failing_backend() {
     let errors = report.statuses.get(&500).copied().unwrap_or(0);
     println!("5xx storm: {report:?}");
     // Consecutive-failure counting races a little under concurrency: a handful of 500s at most.
-    assert!(
-        (3..=8).contains(&errors),
-        "500s relayed before ejection: {errors}"
-    );
+    assert!((3..=8).contains(&errors), "500s relayed before ejection: {errors}");
     assert!(!lb
         .handle
         .backend(&bad.addr)
@@ -269,11 +243,7 @@ async fn no_healthy_backend_is_503_naming_the_pool() {
     );
     let r = get(lb.addr, "x", "/").await;
     assert_eq!(r.status, 503);
-    assert!(
-        r.body.contains("no healthy backend in pool `p`"),
-        "{}",
-        r.body
-    );
+    assert!(r.body.contains("no healthy backend in pool `p`"), "{}", r.body);
     // It comes back once healthy again (2 consecutive passes by default).
     be.set(Behavior::Ok);
     assert!(
@@ -292,8 +262,7 @@ async fn chunked_body_over_the_limit_is_413() {
         pool_config(&[be.addr.to_string()], "")
     ))
     .await;
-    let mut chunked =
-        b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    let mut chunked = b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..4 {
         chunked.extend_from_slice(b"200\r\n");
         chunked.extend_from_slice(&[b'a'; 0x200]);
@@ -314,10 +283,7 @@ async fn malformed_oversized_and_slow_requests() {
     .await;
     let out = raw(lb.addr, b"THIS IS NOT HTTP\r\n\r\n", Duration::from_secs(2)).await;
     assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out}");
-    assert!(
-        out.ends_with("400 Bad Request: malformed HTTP request\n"),
-        "{out}"
-    );
+    assert!(out.ends_with("400 Bad Request: malformed HTTP request\n"), "{out}");
 
     let mut huge = b"GET / HTTP/1.1\r\nhost: x\r\n".to_vec();
     for i in 0..400 {
@@ -329,10 +295,7 @@ async fn malformed_oversized_and_slow_requests() {
         out.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
         "{out}"
     );
-    assert!(
-        out.contains("request headers exceed the configured limit"),
-        "{out}"
-    );
+    assert!(out.contains("request headers exceed the configured limit"), "{out}");
 
     // Slowloris: half a head, then nothing. 408 at the header timeout, and the connection closes.
     let started = Instant::now();
@@ -371,14 +334,8 @@ async fn fail_open_panic_routes_to_every_backend() {
     );
     let report = load(lb.addr, "x", "/", 1, Duration::from_secs(2), 100).await;
     assert!(lb.handle.snapshot().pools[0].in_panic());
-    assert!(
-        report.statuses.get(&503).copied().unwrap_or(0) > 20,
-        "{report:?}"
-    );
-    assert!(
-        report.by_backend.get("up").copied().unwrap_or(0) > 20,
-        "{report:?}"
-    );
+    assert!(report.statuses.get(&503).copied().unwrap_or(0) > 20, "{report:?}");
+    assert!(report.by_backend.get("up").copied().unwrap_or(0) > 20, "{report:?}");
 }
 
 #[tokio::test]
@@ -403,10 +360,7 @@ async fn every_answer_has_an_access_log_line() {
         "{}",
         read()
     );
-    let lines: Vec<serde_json::Value> = read()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = read().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let find = |status: u64| {
         lines
             .iter()
@@ -415,11 +369,7 @@ async fn every_answer_has_an_access_log_line() {
     };
     let ok = find(200);
     assert_eq!(
-        (
-            ok["route"].as_str(),
-            ok["pool"].as_str(),
-            ok["path"].as_str()
-        ),
+        (ok["route"].as_str(), ok["pool"].as_str(), ok["path"].as_str()),
         (Some("ok"), Some("ok"), Some("/ok/x"))
     );
     assert_eq!(ok["backend"], be.addr.to_string());

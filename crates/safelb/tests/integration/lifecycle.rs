@@ -27,12 +27,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn write_config(
-    dir: &std::path::Path,
-    port: u16,
-    backend: &str,
-    extra: &str,
-) -> std::path::PathBuf {
+fn write_config(dir: &std::path::Path, port: u16, backend: &str, extra: &str) -> std::path::PathBuf {
     let path = dir.join("safelb.toml");
     std::fs::write(
         &path,
@@ -103,12 +98,7 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     slow.set(Behavior::Delay(Duration::from_millis(1500)));
     let dir = tempdir();
     let port = free_port();
-    let cfg = write_config(
-        &dir,
-        port,
-        &slow.addr.to_string(),
-        "response_timeout = \"10s\"\n",
-    );
+    let cfg = write_config(&dir, port, &slow.addr.to_string(), "response_timeout = \"10s\"\n");
     let mut p = spawn_serve(&cfg);
     wait_for_log(&mut p, "listening", Duration::from_secs(10));
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -116,10 +106,7 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(&p, 15);
     let reply = in_flight.await.unwrap();
-    assert_eq!(
-        reply.status, 200,
-        "the request in flight completed: {reply:?}"
-    );
+    assert_eq!(reply.status, 200, "the request in flight completed: {reply:?}");
     assert_eq!(reply.backend(), "slow");
     let exited = wait_exit(&mut p, Duration::from_secs(5));
     assert_eq!(exited, Some(0));
@@ -162,10 +149,7 @@ async fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        moved,
-        "SIGHUP with a valid config moves traffic to the new pool"
-    );
+    assert!(moved, "SIGHUP with a valid config moves traffic to the new pool");
 }
 
 #[test]
@@ -173,7 +157,11 @@ fn serve_refuses_an_invalid_config_and_binds_nothing() {
     let dir = tempdir();
     let port = free_port();
     let cfg = dir.join("bad.toml");
-    std::fs::write(&cfg, format!("[listener.public]\nbind = \"127.0.0.1:{port}\"\n[[route]]\nname = \"r\"\npool = \"missing\"\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("[listener.public]\nbind = \"127.0.0.1:{port}\"\n[[route]]\nname = \"r\"\npool = \"missing\"\n"),
+    )
+    .unwrap();
     let out = Command::new(safelb_bin())
         .args(["serve", "--config"])
         .arg(&cfg)
@@ -198,11 +186,8 @@ fn wait_exit(p: &mut Process, limit: Duration) -> Option<i32> {
 
 /// A fresh directory under the target dir's tmp (removed at the next run, never elsewhere).
 pub fn tempdir() -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "t-{}-{}",
-        std::process::id(),
-        fastrand_name()
-    ));
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("t-{}-{}", std::process::id(), fastrand_name()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

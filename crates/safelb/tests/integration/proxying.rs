@@ -37,19 +37,10 @@ backends = ["{}"]
         api.addr, web.addr, admin.addr
     ))
     .await;
-    assert_eq!(
-        get(lb.addr, "shop.example", "/api/cart").await.backend(),
-        "api"
-    );
-    assert_eq!(
-        get(lb.addr, "SHOP.example:8080", "/api").await.backend(),
-        "api"
-    );
+    assert_eq!(get(lb.addr, "shop.example", "/api/cart").await.backend(), "api");
+    assert_eq!(get(lb.addr, "SHOP.example:8080", "/api").await.backend(), "api");
     assert_eq!(get(lb.addr, "shop.example", "/apix").await.backend(), "web");
-    assert_eq!(
-        get(lb.addr, "eu.shop.example", "/api/x").await.backend(),
-        "admin"
-    );
+    assert_eq!(get(lb.addr, "eu.shop.example", "/api/x").await.backend(), "admin");
     assert_eq!(get(lb.addr, "other.example", "/").await.backend(), "web");
 }
 
@@ -90,11 +81,7 @@ backends = ["{a}", "{b}"]
             _ => rr.1 += 1,
         }
     }
-    assert_eq!(
-        w,
-        (300, 100),
-        "smooth weighted 3:1 is exact over whole cycles"
-    );
+    assert_eq!(w, (300, 100), "smooth weighted 3:1 is exact over whole cycles");
     assert_eq!(rr, (200, 200));
 }
 
@@ -121,11 +108,7 @@ async fn consistent_hash_keeps_a_key_on_one_backend() {
                 .insert("x-user", format!("user-{user}").parse().unwrap());
             owners.insert(client.send(req).await.unwrap().backend().to_string());
         }
-        assert_eq!(
-            owners.len(),
-            1,
-            "user-{user} moved between backends: {owners:?}"
-        );
+        assert_eq!(owners.len(), 1, "user-{user} moved between backends: {owners:?}");
         seen.extend(owners);
     }
     assert_eq!(seen.len(), 3, "30 keys should land on all three backends");
@@ -145,10 +128,7 @@ async fn forwarding_headers_and_request_id_are_added() {
     let reply = client.send(req).await.unwrap();
     let seen = reply.body;
     assert!(seen.contains("host: shop.example\n"), "{seen}");
-    assert!(
-        seen.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1\n"),
-        "{seen}"
-    );
+    assert!(seen.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1\n"), "{seen}");
     assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
     assert!(seen.contains("x-forwarded-host: shop.example\n"), "{seen}");
     assert!(
@@ -162,8 +142,7 @@ async fn forwarding_headers_and_request_id_are_added() {
     assert_eq!(id_line.len(), "x-request-id: ".len() + 32);
     // A client's own id is kept.
     let mut req = request("GET", "shop.example", "/headers", Bytes::new());
-    req.headers_mut()
-        .insert("x-request-id", "trace-123".parse().unwrap());
+    req.headers_mut().insert("x-request-id", "trace-123".parse().unwrap());
     assert!(client
         .send(req)
         .await

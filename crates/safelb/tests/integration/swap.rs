@@ -29,10 +29,7 @@ async fn a_hundred_swaps_under_load_fail_no_request() {
     let (sa, sb) = (a.addr.to_string(), b.addr.to_string());
     let lb = Lb::start(&two_pools(&sa, &sb, 1)).await;
     let addr = lb.addr;
-    let load =
-        tokio::spawn(
-            async move { load(addr, "x", "/", 6, Duration::from_secs(3), 1_000_000).await },
-        );
+    let load = tokio::spawn(async move { load(addr, "x", "/", 6, Duration::from_secs(3), 1_000_000).await });
     for version in 2..=101u64 {
         let weight = 1 + (version % 4) as u32;
         lb.handle

@@ -20,8 +20,7 @@ use tokio_util::task::TaskTracker;
 
 /// The listener section every in-process test config starts with. The proxy under test binds
 /// its own port 0; this address only has to stay the same across swaps.
-pub const HEADER: &str =
-    "[listener.public]\nbind = \"127.0.0.1:1\"\n\n[access_log]\nenabled = false\n\n";
+pub const HEADER: &str = "[listener.public]\nbind = \"127.0.0.1:1\"\n\n[access_log]\nenabled = false\n\n";
 
 pub fn config(body: &str) -> ValidConfig {
     let source = format!("{HEADER}{body}");
@@ -64,12 +63,7 @@ impl Lb {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let proxy = Proxy::new(handle.clone(), log);
-        tokio::spawn(server::serve(
-            listener,
-            proxy,
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        tokio::spawn(server::serve(listener, proxy, shutdown.clone(), tracker.clone()));
         Lb {
             addr,
             handle,
@@ -114,12 +108,8 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr)
-            .await
-            .expect("connecting to the proxy");
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
+        let stream = TcpStream::connect(addr).await.expect("connecting to the proxy");
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.expect("handshake");
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -128,19 +118,10 @@ impl Client {
 
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Reply, String> {
         self.sender.ready().await.map_err(|e| e.to_string())?;
-        let resp = self
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| e.to_string())?;
+        let resp = self.sender.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok(Reply {
             status,
             headers,
@@ -164,11 +145,7 @@ pub fn request(method: &str, host: &str, path: &str, body: Bytes) -> Request<Ful
 
 /// One request on a new connection.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
-    Client::connect(addr)
-        .await
-        .get(host, path)
-        .await
-        .expect("a response")
+    Client::connect(addr).await.get(host, path).await.expect("a response")
 }
 
 /// What a load run saw.
@@ -227,10 +204,7 @@ pub async fn load(
                         *report.statuses.entry(r.status).or_default() += 1;
                         if r.status < 400 {
                             report.ok += 1;
-                            *report
-                                .by_backend
-                                .entry(r.backend().to_string())
-                                .or_default() += 1;
+                            *report.by_backend.entry(r.backend().to_string()).or_default() += 1;
                         }
                         if r.headers.get("connection").is_some_and(|v| v == "close") {
                             client = Client::connect(addr).await;

@@ -1,0 +1,75 @@
+//! Recent traffic, kept for the impact preview of `safelb plan`: a ring of the last requests'
+//! method, host and path, replayed through a candidate's route table to show which share of
+//! traffic a change would move.
+//!
+//! One request in [`EVERY`] is sampled; a slot that another thread holds is skipped rather than
+//! waited for, so sampling never blocks a request.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+
+pub const CAPACITY: usize = 10_000;
+pub const EVERY: usize = 4;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub method: String,
+    pub host: String,
+    pub path: String,
+}
+
+pub struct Samples {
+    slots: Vec<Mutex<Option<Sample>>>,
+    seen: AtomicUsize,
+}
+
+impl Default for Samples {
+    fn default() -> Self {
+        Samples {
+            slots: (0..CAPACITY).map(|_| Mutex::new(None)).collect(),
+            seen: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Samples {
+    pub fn record(&self, method: &str, host: &str, path: &str) {
+        let n = self.seen.fetch_add(1, Relaxed);
+        if n % EVERY != 0 {
+            return;
+        }
+        if let Ok(mut slot) = self.slots[(n / EVERY) % CAPACITY].try_lock() {
+            *slot = Some(Sample {
+                method: method.to_owned(),
+                host: host.to_owned(),
+                path: path.to_owned(),
+            });
+        }
+    }
+
+    /// The samples currently held (order not significant).
+    pub fn collect(&self) -> Vec<Sample> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.lock().ok().and_then(|g| g.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_one_in_every_n_up_to_capacity() {
+        let s = Samples::default();
+        for i in 0..(EVERY * 10) {
+            s.record("GET", "h", &format!("/{i}"));
+        }
+        assert_eq!(s.collect().len(), 10);
+        for _ in 0..(EVERY * CAPACITY * 2) {
+            s.record("GET", "h", "/");
+        }
+        assert_eq!(s.collect().len(), CAPACITY);
+    }
+}
