@@ -1,1 +1,58 @@
+//! safelb's control plane: which config version serves, and how a new one gets there.
+//!
+//! Start at [`controller::Controller`]: `apply` records a candidate in the [`store`] and runs its
+//! [`rollout`] (`preflight` -> canary steps judged by [`judge`] -> promote or roll back);
+//! `rollback` puts a known-good version back at once; [`controller::recover`] picks the version to
+//! serve at start. [`impact`] previews the traffic a change moves; [`diff`] shows it as text.
+//!
+//! Architecture Invariant: traffic is touched only through `safelb_proxy::ProxyHandle`; SQL
+//! stays inside `sqlite.rs` behind the [`store::VersionStore`] trait.
 #![forbid(unsafe_code)]
+
+pub mod controller;
+pub mod diff;
+pub mod impact;
+pub mod judge;
+pub mod preflight;
+pub mod rollout;
+pub mod sqlite;
+pub mod store;
+
+use std::sync::{Arc, Mutex};
+
+pub use controller::{ApplyError, ApplyRequest, Controller, RollbackError};
+use store::{StoreError, StoreResult, VersionStore};
+
+/// A shared store whose blocking calls (SQLite with fsync) run on tokio's blocking pool, never
+/// on a worker thread that also serves requests.
+#[derive(Clone)]
+pub struct StoreHandle {
+    inner: Arc<Mutex<Box<dyn VersionStore>>>,
+}
+
+impl StoreHandle {
+    pub fn new(store: impl VersionStore + 'static) -> StoreHandle {
+        StoreHandle {
+            inner: Arc::new(Mutex::new(Box::new(store))),
+        }
+    }
+
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn VersionStore) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = inner.lock().map_err(|_| StoreError("store lock poisoned".into()))?;
+            f(store.as_mut())
+        })
+        .await
+        .map_err(|e| StoreError(format!("store task failed: {e}")))?
+    }
+
+    /// For start-up, before the runtime serves traffic.
+    pub fn blocking<T>(&self, f: impl FnOnce(&mut dyn VersionStore) -> T) -> T {
+        let mut store = self.inner.lock().expect("store lock is not poisoned at start-up");
+        f(store.as_mut())
+    }
+}

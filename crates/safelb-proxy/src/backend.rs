@@ -189,6 +189,15 @@ impl BackendState {
         self.ejected_until_ms.load(Relaxed) > now_ms
     }
 
+    /// A drained backend gets no new request; requests in flight finish.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Relaxed)
     }

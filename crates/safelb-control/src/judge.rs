@@ -1,0 +1,97 @@
+//! The canary verdict: the candidate's window against the stable version's window.
+
+use safelb_config::Rollout;
+use safelb_proxy::stats::StatsSnapshot;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Within every limit, with enough requests to say so.
+    Pass,
+    /// Too few candidate requests for a verdict.
+    Wait,
+    /// A limit was broken; the text names it with the numbers.
+    Breach(String),
+}
+
+/// Below this absolute difference the ratio rule does not fire: 0.3% against 0.1% is a ratio
+/// of 3 but not a reason to roll back.
+const RATIO_FLOOR: f64 = 0.005;
+
+pub fn judge(candidate: &StatsSnapshot, stable: &StatsSnapshot, policy: &Rollout) -> Verdict {
+    let rate = candidate.error_rate();
+    let pct = |r: f64| r * 100.0;
+    // A clear breach needs no minimum count: enough errors alone exceed the ceiling at any
+    // request count from `min_requests / 4` on, so a failing candidate is cut early.
+    let early_floor = (policy.min_requests / 4).max(3);
+    if candidate.requests >= early_floor && rate > policy.max_error_rate {
+        return Verdict::Breach(format!(
+            "candidate error rate {:.1}% ({} of {} requests) exceeds max_error_rate {:.1}% (stable: {:.1}% of {})",
+            pct(rate),
+            candidate.errors,
+            candidate.requests,
+            pct(policy.max_error_rate),
+            pct(stable.error_rate()),
+            stable.requests
+        ));
+    }
+    if candidate.requests < policy.min_requests {
+        return Verdict::Wait;
+    }
+    let stable_rate = stable.error_rate();
+    if stable.requests > 0 && rate > stable_rate * policy.max_error_ratio && rate - stable_rate > RATIO_FLOOR {
+        return Verdict::Breach(format!(
+            "candidate error rate {:.2}% is {:.1}x the stable version's {:.2}% (max_error_ratio {:.1})",
+            pct(rate),
+            if stable_rate > 0.0 {
+                rate / stable_rate
+            } else {
+                f64::INFINITY
+            },
+            pct(stable_rate),
+            policy.max_error_ratio
+        ));
+    }
+    if let (Some(max), Some(p99)) = (policy.max_p99, candidate.p99()) {
+        if p99 > max {
+            return Verdict::Breach(format!("candidate p99 latency {p99:?} exceeds max_p99 {max:?}"));
+        }
+    }
+    Verdict::Pass
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use safelb_proxy::stats::Stats;
+
+    use super::*;
+
+    fn window(requests: u64, errors: u64, latency_ms: u64) -> StatsSnapshot {
+        let s = Stats::default();
+        for i in 0..requests {
+            s.record(i < errors, Duration::from_millis(latency_ms));
+        }
+        s.read()
+    }
+
+    #[test]
+    fn verdicts() {
+        let p = Rollout {
+            min_requests: 20,
+            max_p99: Some(Duration::from_millis(100)),
+            ..Rollout::default()
+        };
+        assert_eq!(judge(&window(10, 0, 1), &window(100, 0, 1), &p), Verdict::Wait);
+        assert_eq!(judge(&window(40, 0, 1), &window(100, 0, 1), &p), Verdict::Pass);
+        // Clear breach before min_requests.
+        assert!(matches!(judge(&window(6, 6, 1), &window(100, 0, 1), &p), Verdict::Breach(m) if m.contains("6 of 6")));
+        // Ratio: 1.5% against 0.1% (below the absolute ceiling of 2%).
+        assert!(
+            matches!(judge(&window(200, 3, 1), &window(1000, 1, 1), &p), Verdict::Breach(m) if m.contains("x the stable"))
+        );
+        // Ratio under the absolute floor does not fire: 0.4% against 0.1%.
+        assert_eq!(judge(&window(1000, 4, 1), &window(1000, 1, 1), &p), Verdict::Pass);
+        assert!(matches!(judge(&window(40, 0, 400), &window(100, 0, 1), &p), Verdict::Breach(m) if m.contains("p99")));
+    }
+}

@@ -1,0 +1,130 @@
+//! Preflight: before a candidate serves a single request, every backend it names is probed
+//! with its pool's health check, every pool must reach `min_healthy`, and the traffic it would
+//! move is measured against `rollout.max_traffic_shift`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use safelb_config::{HealthCheck, HealthCheckKind, Rollout, ValidConfig};
+use safelb_proxy::health::probe;
+use safelb_proxy::samples::Sample;
+use serde::Serialize;
+
+use crate::impact::{preview, Impact};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PreflightReport {
+    pub passed: bool,
+    pub pools: Vec<PoolReport>,
+    pub impact: Impact,
+    /// Why it failed, one line each, with numbers.
+    pub problems: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolReport {
+    pub pool: String,
+    pub min_healthy: usize,
+    pub healthy: usize,
+    pub backends: Vec<BackendReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendReport {
+    pub addr: SocketAddr,
+    pub healthy: bool,
+    pub detail: String,
+}
+
+/// Runs every check; `confirm` accepts a traffic shift above the policy's limit.
+pub async fn run(
+    candidate: &ValidConfig,
+    running: &ValidConfig,
+    policy: &Rollout,
+    samples: &[Sample],
+    confirm: bool,
+) -> PreflightReport {
+    // One probe series per address, with the check of the first pool naming it.
+    let mut checks: BTreeMap<SocketAddr, HealthCheck> = BTreeMap::new();
+    for pool in &candidate.pools {
+        let check = pool.health.clone().unwrap_or(HealthCheck {
+            kind: HealthCheckKind::Tcp,
+            interval: policy.preflight_timeout,
+            timeout: policy.preflight_timeout,
+            healthy: 1,
+            unhealthy: 1,
+        });
+        for b in &pool.backends {
+            checks.entry(b.addr).or_insert_with(|| check.clone());
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (addr, mut check) in checks {
+        check.timeout = check.timeout.min(policy.preflight_timeout);
+        let probes = policy.preflight_probes;
+        tasks.spawn(async move {
+            let mut detail = format!("{probes} consecutive probes passed");
+            let mut healthy = true;
+            for i in 0..probes {
+                if let Err(why) = probe(addr, &check).await {
+                    detail = format!("probe {} of {probes} failed: {why}", i + 1);
+                    healthy = false;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            BackendReport { addr, healthy, detail }
+        });
+    }
+    let mut results: HashMap<SocketAddr, BackendReport> = HashMap::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(report) = r {
+            results.insert(report.addr, report);
+        }
+    }
+
+    let mut problems = Vec::new();
+    let mut pools = Vec::new();
+    for pool in &candidate.pools {
+        let backends: Vec<BackendReport> = pool
+            .backends
+            .iter()
+            .filter_map(|b| results.get(&b.addr).cloned())
+            .collect();
+        let healthy = backends.iter().filter(|b| b.healthy).count();
+        if healthy < pool.min_healthy {
+            let failing: Vec<String> = backends
+                .iter()
+                .filter(|b| !b.healthy)
+                .map(|b| format!("{} ({})", b.addr, b.detail))
+                .collect();
+            problems.push(format!(
+                "pool `{}`: {healthy} of {} backends healthy, min_healthy is {}; failing: {}",
+                pool.name,
+                backends.len(),
+                pool.min_healthy,
+                failing.join(", ")
+            ));
+        }
+        pools.push(PoolReport {
+            pool: pool.name.clone(),
+            min_healthy: pool.min_healthy,
+            healthy,
+            backends,
+        });
+    }
+    let impact = preview(samples, running, candidate);
+    if impact.shift_percent > policy.max_traffic_shift && !confirm {
+        problems.push(format!(
+            "the change moves {:.1}% of recent traffic ({} of {} sampled requests; {} would get 404), above max_traffic_shift {:.1}%: re-run with --confirm if this is intended",
+            impact.shift_percent, impact.moved, impact.samples, impact.newly_404, policy.max_traffic_shift
+        ));
+    }
+    PreflightReport {
+        passed: problems.is_empty(),
+        pools,
+        impact,
+        problems,
+    }
+}

@@ -1,0 +1,309 @@
+//! One rollout: preflight, then canary steps each judged after its bake, then promotion — or
+//! rejection before any traffic, or rollback the moment the candidate breaks a limit.
+//!
+//! The task owns every transition of its rollout; a manual rollback cancels it with a reason
+//! and the task itself takes candidate traffic to zero and records the outcome.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use safelb_config::ValidConfig;
+use safelb_proxy::stats::StatsSnapshot;
+use safelb_proxy::ProxyHandle;
+use serde::Serialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::judge::{judge, Verdict};
+use crate::preflight::{self, PreflightReport};
+use crate::store::{now_ms, Fate, NewEvent};
+use crate::StoreHandle;
+
+/// How often a step's window is judged; a clear breach rolls back within this much.
+const JUDGE_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Preflight,
+    Canary,
+    Promoted,
+    RolledBack,
+    Rejected,
+}
+
+impl Phase {
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Promoted | Phase::RolledBack | Phase::Rejected)
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WindowView {
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub p99_ms: Option<u64>,
+}
+
+impl From<&StatsSnapshot> for WindowView {
+    fn from(s: &StatsSnapshot) -> Self {
+        WindowView {
+            requests: s.requests,
+            errors: s.errors,
+            error_rate: s.error_rate(),
+            p99_ms: s.p99().map(|d| d.as_millis() as u64),
+        }
+    }
+}
+
+/// What `GET /api/v1/rollouts/{id}` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct RolloutStatus {
+    /// The candidate version's id (one rollout per version).
+    pub id: u64,
+    pub from_version: u64,
+    pub phase: Phase,
+    pub steps: Vec<u8>,
+    /// Index of the current (or last) step in `steps`.
+    pub step: usize,
+    pub percent: u8,
+    pub step_bake_ms: u64,
+    pub skip_preflight: bool,
+    /// The current step's window for the candidate and the stable version.
+    pub candidate: WindowView,
+    pub stable: WindowView,
+    /// Why it ended as it did.
+    pub verdict: Option<String>,
+    pub preflight: Option<PreflightReport>,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// One line per step taken, for people.
+    pub progress: Vec<String>,
+}
+
+pub(crate) struct RolloutTask {
+    pub handle: ProxyHandle,
+    pub store: StoreHandle,
+    pub candidate: ValidConfig,
+    pub running: ValidConfig,
+    pub status: Arc<Mutex<RolloutStatus>>,
+    pub cancel: CancellationToken,
+    pub abort_reason: Arc<Mutex<Option<String>>>,
+    pub confirm: bool,
+}
+
+impl RolloutTask {
+    fn update(&self, f: impl FnOnce(&mut RolloutStatus)) {
+        f(&mut self.status.lock().expect("status lock is never poisoned"));
+    }
+
+    fn id(&self) -> u64 {
+        self.status.lock().expect("status lock is never poisoned").id
+    }
+
+    async fn event(&self, kind: &'static str, message: String, data: serde_json::Value) {
+        let id = self.id();
+        tracing::info!(event = kind, version = id, "{message}");
+        self.update(|s| s.progress.push(message.clone()));
+        let e = NewEvent {
+            kind,
+            version: Some(id),
+            message,
+            data,
+        };
+        if let Err(err) = self.store.call(move |s| s.append_event(e)).await {
+            tracing::error!(error = %err, "recording a rollout event failed");
+        }
+    }
+
+    async fn finish(&self, phase: Phase, fate: Fate, verdict: String) -> Phase {
+        let id = self.id();
+        self.update(|s| {
+            s.phase = phase;
+            s.verdict = Some(verdict);
+            s.finished_ms = Some(now_ms());
+        });
+        if let Err(e) = self.store.call(move |s| s.set_fate(id, fate)).await {
+            tracing::error!(error = %e, "recording a version's fate failed");
+        }
+        phase
+    }
+
+    pub async fn run(self) -> Phase {
+        let policy = self.running.rollout.clone();
+        let id = self.id();
+        let skip = self.status.lock().expect("status lock").skip_preflight;
+        let started = Instant::now();
+
+        if skip {
+            self.event(
+                "PreflightSkipped",
+                format!("preflight skipped for version {id} (--skip-preflight)"),
+                json!({}),
+            )
+            .await;
+        } else {
+            let samples = self.handle.samples().collect();
+            let report = tokio::select! {
+                r = preflight::run(&self.candidate, &self.running, &policy, &samples, self.confirm) => r,
+                _ = self.cancel.cancelled() => {
+                    let reason = self.abort_reason();
+                    return self.finish(Phase::Rejected, Fate::Rejected, format!("aborted during preflight: {reason}")).await;
+                }
+            };
+            self.update(|s| s.preflight = Some(report.clone()));
+            if !report.passed {
+                let why = report.problems.join("; ");
+                self.event(
+                    "PreflightFailed",
+                    format!("preflight failed: {why}"),
+                    json!({ "problems": report.problems }),
+                )
+                .await;
+                return self
+                    .finish(Phase::Rejected, Fate::Rejected, format!("rejected at preflight: {why}"))
+                    .await;
+            }
+            self.event(
+                "PreflightPassed",
+                format!(
+                    "preflight passed: every pool healthy, {:.1}% of recent traffic moves",
+                    report.impact.shift_percent
+                ),
+                json!({ "shift_percent": report.impact.shift_percent }),
+            )
+            .await;
+        }
+
+        let candidate = match self.handle.begin_canary(self.candidate.clone(), id, policy.sticky) {
+            Ok(c) => c,
+            Err(e) => {
+                return self
+                    .finish(Phase::Rejected, Fate::Rejected, format!("rejected: {e}"))
+                    .await
+            }
+        };
+        let stable = self.handle.snapshot();
+        self.update(|s| s.phase = Phase::Canary);
+        let steps = policy.canary_steps.clone();
+        for (i, &percent) in steps.iter().enumerate() {
+            if let Err(e) = self.handle.set_canary_percent(percent) {
+                return self
+                    .finish(Phase::RolledBack, Fate::RolledBack, format!("canary lost: {e}"))
+                    .await;
+            }
+            self.update(|s| {
+                s.step = i;
+                s.percent = percent;
+            });
+            self.event(
+                "CanaryStepStarted",
+                format!("step {}/{}: {percent}% of requests on version {id}", i + 1, steps.len()),
+                json!({ "step": i + 1, "percent": percent }),
+            )
+            .await;
+            let (c0, s0) = (candidate.stats.read(), stable.stats.read());
+            let step_start = Instant::now();
+            let low_traffic_limit = policy.step_bake * 3;
+            loop {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => {
+                        self.handle.abort_canary();
+                        let reason = self.abort_reason();
+                        self.event("RolloutAborted", format!("rollout of version {id} aborted at {percent}%: {reason}"), json!({ "reason": reason, "percent": percent })).await;
+                        return self.finish(Phase::RolledBack, Fate::RolledBack, format!("aborted by a manual rollback: {reason}")).await;
+                    }
+                    _ = tokio::time::sleep(JUDGE_EVERY) => {}
+                }
+                let (wc, ws) = (candidate.stats.read().since(&c0), stable.stats.read().since(&s0));
+                self.update(|s| {
+                    s.candidate = WindowView::from(&wc);
+                    s.stable = WindowView::from(&ws);
+                });
+                let elapsed = step_start.elapsed();
+                match judge(&wc, &ws, &policy) {
+                    Verdict::Breach(why) => {
+                        self.handle.abort_canary();
+                        let took = started.elapsed();
+                        self.event(
+                            "RolloutRolledBack",
+                            format!(
+                                "version {id} rolled back at {percent}% after {:.1}s: {why}",
+                                took.as_secs_f64()
+                            ),
+                            json!({
+                                "reason": why,
+                                "percent": percent,
+                                "step": i + 1,
+                                "candidate": WindowView::from(&wc),
+                                "stable": WindowView::from(&ws),
+                                "elapsed_ms": took.as_millis() as u64,
+                            }),
+                        )
+                        .await;
+                        return self
+                            .finish(Phase::RolledBack, Fate::RolledBack, format!("rolled back: {why}"))
+                            .await;
+                    }
+                    Verdict::Pass if elapsed >= policy.step_bake => break,
+                    Verdict::Wait if elapsed >= low_traffic_limit => {
+                        self.event(
+                            "CanaryStepLowTraffic",
+                            format!(
+                                "step {}: only {} requests in {:.0}s, below min_requests {}; no errors, going on",
+                                i + 1,
+                                wc.requests,
+                                elapsed.as_secs_f64(),
+                                policy.min_requests
+                            ),
+                            json!({ "requests": wc.requests }),
+                        )
+                        .await;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            self.event(
+                "CanaryStepPassed",
+                format!("step {}/{} passed at {percent}%", i + 1, steps.len()),
+                json!({ "step": i + 1, "percent": percent, "candidate": WindowView::from(&candidate.stats.read().since(&c0)) }),
+            )
+            .await;
+        }
+
+        if let Err(e) = self.handle.promote_canary() {
+            return self
+                .finish(Phase::RolledBack, Fate::RolledBack, format!("promotion failed: {e}"))
+                .await;
+        }
+        if let Err(e) = self.store.call(move |s| s.set_running(id)).await {
+            tracing::error!(error = %e, "recording the running version failed");
+        }
+        let took = started.elapsed();
+        self.event(
+            "RolloutPromoted",
+            format!(
+                "version {id} promoted after {:.1}s: now running and known-good",
+                took.as_secs_f64()
+            ),
+            json!({ "elapsed_ms": took.as_millis() as u64 }),
+        )
+        .await;
+        self.finish(
+            Phase::Promoted,
+            Fate::KnownGood,
+            "promoted: every step passed its bake".into(),
+        )
+        .await
+    }
+
+    fn abort_reason(&self) -> String {
+        self.abort_reason
+            .lock()
+            .expect("reason lock")
+            .clone()
+            .unwrap_or_else(|| "aborted".into())
+    }
+}

@@ -1,0 +1,254 @@
+//! The embedded version store on SQLite: WAL journal, `synchronous = FULL`, one writer.
+//!
+//! A version or event whose append returned is in a committed transaction, which survives
+//! `kill -9` (and with FULL, power loss); WAL recovery on open never leaves the file unreadable.
+//! Operators can inspect it with the `sqlite3` shell.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::store::*;
+
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+fn err(e: rusqlite::Error) -> StoreError {
+    StoreError(e.to_string())
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS versions (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent         INTEGER,
+    author         TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    created_ms     INTEGER NOT NULL,
+    source         TEXT NOT NULL,
+    hash           TEXT NOT NULL,
+    origin         TEXT NOT NULL,
+    skip_preflight INTEGER NOT NULL,
+    emergency      INTEGER NOT NULL,
+    fate           TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ms INTEGER NOT NULL,
+    kind    TEXT NOT NULL,
+    version INTEGER,
+    message TEXT NOT NULL,
+    data    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dir/safelb.db`.
+    pub fn open(dir: &Path) -> StoreResult<SqliteStore> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("creating {}: {e}", dir.display())))?;
+        let conn = Connection::open(dir.join("safelb.db")).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(SqliteStore { conn })
+    }
+
+    fn record(row: &rusqlite::Row<'_>, with_source: bool) -> rusqlite::Result<VersionRecord> {
+        Ok(VersionRecord {
+            id: row.get::<_, i64>(0)? as u64,
+            parent: row.get::<_, Option<i64>>(1)?.map(|p| p as u64),
+            author: row.get(2)?,
+            reason: row.get(3)?,
+            created_ms: row.get(4)?,
+            hash: row.get(5)?,
+            origin: row.get(6)?,
+            skip_preflight: row.get::<_, i64>(7)? != 0,
+            emergency: row.get::<_, i64>(8)? != 0,
+            fate: Fate::parse(&row.get::<_, String>(9)?),
+            source: if with_source { Some(row.get(10)?) } else { None },
+        })
+    }
+}
+
+const COLUMNS: &str = "id, parent, author, reason, created_ms, hash, origin, skip_preflight, emergency, fate";
+
+impl VersionStore for SqliteStore {
+    fn append_version(&mut self, v: NewVersion) -> StoreResult<u64> {
+        self.conn
+            .execute(
+                "INSERT INTO versions (parent, author, reason, created_ms, source, hash, origin, skip_preflight, emergency, fate)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    v.parent.map(|p| p as i64),
+                    v.author,
+                    v.reason,
+                    now_ms(),
+                    v.source,
+                    content_hash(&v.source),
+                    v.origin,
+                    v.skip_preflight as i64,
+                    v.emergency as i64,
+                    v.fate.as_str()
+                ],
+            )
+            .map_err(err)?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    fn set_fate(&mut self, id: u64, fate: Fate) -> StoreResult<()> {
+        self.conn
+            .execute(
+                "UPDATE versions SET fate = ?1 WHERE id = ?2",
+                params![fate.as_str(), id as i64],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    fn set_running(&mut self, id: u64) -> StoreResult<()> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('running', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![id.to_string()],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    fn running(&self) -> StoreResult<Option<u64>> {
+        let v: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'running'", [], |r| r.get(0))
+            .optional()
+            .map_err(err)?;
+        Ok(v.and_then(|s| s.parse().ok()))
+    }
+
+    fn version(&self, id: u64) -> StoreResult<Option<VersionRecord>> {
+        self.conn
+            .query_row(
+                &format!("SELECT {COLUMNS}, source FROM versions WHERE id = ?1"),
+                params![id as i64],
+                |r| Self::record(r, true),
+            )
+            .optional()
+            .map_err(err)
+    }
+
+    fn versions(&self, limit: usize) -> StoreResult<Vec<VersionRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {COLUMNS} FROM versions ORDER BY id DESC LIMIT ?1"))
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![limit as i64], |r| Self::record(r, false))
+            .map_err(err)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(err)
+    }
+
+    fn known_good_before(&self, before: u64) -> StoreResult<Option<u64>> {
+        self.conn
+            .query_row(
+                "SELECT id FROM versions WHERE fate = 'known_good' AND id < ?1 ORDER BY id DESC LIMIT 1",
+                params![before as i64],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|o| o.map(|i| i as u64))
+            .map_err(err)
+    }
+
+    fn append_event(&mut self, e: NewEvent) -> StoreResult<u64> {
+        self.conn
+            .execute(
+                "INSERT INTO events (time_ms, kind, version, message, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    now_ms(),
+                    e.kind,
+                    e.version.map(|v| v as i64),
+                    e.message,
+                    e.data.to_string()
+                ],
+            )
+            .map_err(err)?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    fn events(&self, after: u64, limit: usize) -> StoreResult<Vec<EventRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, time_ms, kind, version, message, data FROM events WHERE id > ?1 ORDER BY id LIMIT ?2")
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![after as i64, limit as i64], |r| {
+                Ok(EventRecord {
+                    id: r.get::<_, i64>(0)? as u64,
+                    time_ms: r.get(1)?,
+                    kind: r.get(2)?,
+                    version: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                    message: r.get(4)?,
+                    data: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .map_err(err)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(source: &str, fate: Fate) -> NewVersion {
+        NewVersion {
+            parent: None,
+            author: "ops".into(),
+            reason: "test".into(),
+            source: source.into(),
+            origin: "apply".into(),
+            skip_preflight: false,
+            emergency: false,
+            fate,
+        }
+    }
+
+    #[test]
+    fn versions_events_and_pointer_survive_reopen() {
+        let dir = std::env::temp_dir().join(format!("safelb-store-{}-{}", std::process::id(), fastrand::u64(..)));
+        {
+            let mut s = SqliteStore::open(&dir).unwrap();
+            let a = s.append_version(version("a = 1", Fate::KnownGood)).unwrap();
+            let b = s.append_version(version("b = 2", Fate::Pending)).unwrap();
+            s.set_fate(b, Fate::RolledBack).unwrap();
+            s.set_running(a).unwrap();
+            s.append_event(NewEvent {
+                kind: "RolloutRolledBack",
+                version: Some(b),
+                message: "m".into(),
+                data: serde_json::json!({"x": 1}),
+            })
+            .unwrap();
+        }
+        let s = SqliteStore::open(&dir).unwrap();
+        assert_eq!(s.running().unwrap(), Some(1));
+        let all = s.versions(10).unwrap();
+        assert_eq!(
+            all.iter().map(|v| (v.id, v.fate)).collect::<Vec<_>>(),
+            vec![(2, Fate::RolledBack), (1, Fate::KnownGood)]
+        );
+        assert_eq!(s.version(2).unwrap().unwrap().source.as_deref(), Some("b = 2"));
+        assert_eq!(s.known_good_before(2).unwrap(), Some(1));
+        assert_eq!(s.known_good_before(1).unwrap(), None);
+        let ev = s.events(0, 10).unwrap();
+        assert_eq!(
+            (ev[0].kind.as_str(), ev[0].data["x"].as_i64()),
+            ("RolloutRolledBack", Some(1))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
