@@ -15,7 +15,17 @@ use crate::model::*;
 use crate::routing::RouteTable;
 use crate::validate;
 
-const TOP_KEYS: &[&str] = &["listener", "admin", "limits", "access_log", "route", "pool", "test"];
+const TOP_KEYS: &[&str] = &[
+    "listener",
+    "admin",
+    "limits",
+    "access_log",
+    "route",
+    "pool",
+    "test",
+    "rollout",
+    "change_freeze",
+];
 const ROUTE_KEYS: &[&str] = &["name", "host", "path_prefix", "method", "headers", "pool"];
 const POOL_KEYS: &[&str] = &[
     "balance",

@@ -78,6 +78,6 @@ pub fn preview(samples: &[Sample], running: &Config, candidate: &Config) -> Impa
             percent: pct(requests),
         })
         .collect();
-    impact.moves.sort_by(|a, b| b.requests.cmp(&a.requests));
+    impact.moves.sort_by_key(|m| std::cmp::Reverse(m.requests));
     impact
 }

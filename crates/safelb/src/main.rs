@@ -4,7 +4,9 @@
 //! `safelb-config` decides what a config means, `safelb-proxy` serves traffic.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod cli;
+mod client;
 
 use std::process::ExitCode;
 

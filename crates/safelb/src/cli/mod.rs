@@ -1,6 +1,10 @@
 //! Command-line definitions and dispatch: one file per subcommand.
 
+mod apply;
 mod check;
+mod history;
+mod plan;
+mod rollback;
 mod serve;
 
 use std::path::PathBuf;
@@ -21,7 +25,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the proxy with a config file.
+    /// Run the proxy, the admin API and the change pipeline.
     Serve(serve::ServeArgs),
     /// Validate a config offline: syntax, meaning, route tests. Exit 0 when valid, 1 otherwise.
     Check {
@@ -31,6 +35,18 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Show what applying a config would do: diff, preflight, traffic impact. Changes nothing.
+    Plan(plan::PlanArgs),
+    /// Submit a config through preflight, canary and bake. Exit 0 promoted, 3 rejected, 4 rolled back.
+    Apply(apply::ApplyArgs),
+    /// Back to the last known-good (or a named) version at once; aborts a running rollout.
+    Rollback(rollback::RollbackArgs),
+    /// List config versions, newest first (* marks the running one).
+    History(history::HistoryArgs),
+    /// Show the difference between two versions.
+    Diff(history::DiffArgs),
+    /// Show the running version, the rollout in progress and backend health.
+    Status(history::StatusArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -43,5 +59,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Check { file, format } => check::run(&file, format),
+        Command::Plan(args) => plan::run(args),
+        Command::Apply(args) => apply::run(args),
+        Command::Rollback(args) => rollback::run(args),
+        Command::History(args) => history::history(args),
+        Command::Diff(args) => history::diff(args),
+        Command::Status(args) => history::status(args),
     }
 }

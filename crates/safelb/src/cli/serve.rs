@@ -1,24 +1,37 @@
-//! `safelb serve`: load and check the config, bind the listeners, serve until SIGTERM/SIGINT,
-//! then drain. SIGHUP re-reads the config file: a valid one replaces the running version, an
-//! invalid one is refused with its diagnostics and changes nothing.
+//! `safelb serve`: open the version store, decide which version serves (the store's running
+//! version, or the config file on a first start), bind the listeners and the admin API, serve
+//! until SIGTERM/SIGINT, then drain. A config file that differs from the running version, and
+//! every SIGHUP, submit the file through the change pipeline.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use safelb_config::ValidConfig;
+use safelb_control::controller::{recover, ApplyRequest};
+use safelb_control::sqlite::SqliteStore;
+use safelb_control::{Controller, StoreHandle};
 use safelb_proxy::{server, AccessLog, Proxy, ProxyHandle};
 use safelb_testkit::TestBackend;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, AdminState};
+
+/// Where the admin API listens when the config has no `[admin]` table.
+const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
+
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// The config file.
     #[arg(long, short)]
     config: PathBuf,
+    /// Directory of the version store (SQLite) and the generated admin token.
+    #[arg(long, default_value = "safelb-data")]
+    store: PathBuf,
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -30,13 +43,24 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     init_logging();
-    let config = match load(&args.config) {
-        Ok(c) => c,
-        Err(rendered) => {
-            eprint!("{rendered}");
-            return Ok(ExitCode::from(1));
-        }
-    };
+    let file_name = args.config.display().to_string();
+    let source = std::fs::read_to_string(&args.config).with_context(|| format!("cannot read {file_name}"))?;
+    let checked = safelb_config::check(&file_name, &source);
+    if !checked.diagnostics.is_empty() {
+        eprint!("{}", checked.diagnostics.render());
+    }
+    let store = StoreHandle::new(SqliteStore::open(&args.store).context("opening the version store")?);
+    let has_running = store
+        .blocking(|s| s.running())
+        .context("reading the version store")?
+        .is_some();
+    if checked.config.is_none() && !has_running {
+        eprintln!("safelb: {file_name} is not valid and the store has no running version; nothing was started");
+        return Ok(ExitCode::from(1));
+    }
+    let startup = store
+        .blocking(|s| recover(s, &file_name, &source))
+        .map_err(anyhow::Error::msg)?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -47,27 +71,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .thread_name("safelb-worker")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args, config, threads))
+    runtime.block_on(serve(args, source, startup, store, threads))
 }
 
-/// Reads and checks a config file; on failure returns the rendered diagnostics.
-fn load(path: &Path) -> Result<ValidConfig, String> {
-    let source = std::fs::read_to_string(path).map_err(|e| format!("safelb: cannot read {}: {e}\n", path.display()))?;
-    let checked = safelb_config::check(&path.display().to_string(), &source);
-    if !checked.diagnostics.is_empty() {
-        eprint!("{}", checked.diagnostics.render());
-    }
-    checked
-        .into_result()
-        .map_err(|_| format!("safelb: {} is not valid; nothing was started\n", path.display()))
-}
-
-async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::Result<ExitCode> {
+async fn serve(
+    args: ServeArgs,
+    file_source: String,
+    startup: safelb_control::controller::Startup,
+    store: StoreHandle,
+    threads: usize,
+) -> anyhow::Result<ExitCode> {
     // Before anything is announced: a SIGHUP or SIGTERM during start-up must not kill the
     // process with the default action.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+
+    let config = startup.config;
     let _demo = if args.demo_backends {
         start_demo_backends(&config).await?
     } else {
@@ -84,15 +104,24 @@ async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::
             server::bind(l.bind).with_context(|| format!("cannot bind listener `{}` on {}", l.name, l.bind))?;
         bound.push((l.name.clone(), l.bind, listener));
     }
+    let admin_bind: SocketAddr = config
+        .admin
+        .as_ref()
+        .map_or_else(|| DEFAULT_ADMIN.parse().expect("a valid address"), |a| a.bind);
+    let admin_listener = tokio::net::TcpListener::bind(admin_bind)
+        .await
+        .with_context(|| format!("cannot bind the admin API on {admin_bind}"))?;
+    let token = admin_token(config.admin.as_ref().and_then(|a| a.token_file.as_deref()), &args.store)?;
     let drain_timeout = config.limits.drain_timeout;
-    let mut version = 1;
-    let handle = ProxyHandle::new(config, version);
+
+    let handle = ProxyHandle::new(config, startup.version);
+    let controller = Controller::new(handle.clone(), store);
     let proxy = Proxy::new(handle.clone(), log);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut accept_loops = Vec::new();
     for (name, addr, listener) in bound {
-        tracing::info!(listener = %name, %addr, threads, "listening");
+        tracing::info!(listener = %name, %addr, threads, version = startup.version, "listening");
         accept_loops.push(tokio::spawn(server::serve(
             listener,
             proxy.clone(),
@@ -100,20 +129,39 @@ async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::
             tracker.clone(),
         )));
     }
+    let app = admin::app(AdminState {
+        controller: controller.clone(),
+        token: Arc::from(token),
+    });
+    let admin_shutdown = shutdown.clone();
+    let admin_task = tokio::spawn(async move {
+        let served = axum::serve(admin_listener, app)
+            .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    tracing::info!(addr = %admin_bind, store = %args.store.display(), "admin API listening");
 
+    let file_name = args.config.display().to_string();
+    if startup.file_differs {
+        submit(
+            &controller,
+            &file_name,
+            file_source,
+            "startup",
+            "the config file differs from the running version at start",
+        );
+    }
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => {
-                match load(&args.config) {
-                    Err(why) => tracing::error!(reason = %why.trim(), "SIGHUP: config refused; the running version keeps serving"),
-                    Ok(next) => match handle.swap(next, version + 1) {
-                        Ok(_) => version += 1,
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: config refused; the running version keeps serving"),
-                    },
-                }
-            }
+            _ = hup.recv() => match std::fs::read_to_string(&args.config) {
+                Ok(source) => submit(&controller, &file_name, source, "sighup", "SIGHUP: configuration file re-read"),
+                Err(e) => tracing::error!(file = %file_name, error = %e, "SIGHUP: cannot read the config file; nothing changes"),
+            },
         }
     }
 
@@ -125,6 +173,7 @@ async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::
     for l in accept_loops {
         let _ = l.await;
     }
+    let _ = admin_task.await;
     tracker.close();
     let drained = tokio::time::timeout(drain_timeout, tracker.wait()).await.is_ok();
     handle.shutdown();
@@ -134,6 +183,58 @@ async fn serve(args: ServeArgs, config: ValidConfig, threads: usize) -> anyhow::
         tracing::warn!("drain timeout reached; closing the remaining connections");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Submits a config through the pipeline in the background, logging the outcome.
+fn submit(controller: &Controller, file_name: &str, source: String, origin: &str, reason: &str) {
+    let req = ApplyRequest {
+        source,
+        file_name: file_name.to_owned(),
+        author: origin.to_owned(),
+        reason: reason.to_owned(),
+        origin: origin.to_owned(),
+        ..ApplyRequest::default()
+    };
+    let controller = controller.clone();
+    tokio::spawn(async move {
+        match controller.apply(req).await {
+            Ok(a) => tracing::info!(version = a.version, "configuration file submitted through the pipeline"),
+            Err(e) => tracing::error!(error = %e, "configuration file refused; the running version keeps serving"),
+        }
+    });
+}
+
+/// The admin token: from `token_file` if the config names one, else generated once into the
+/// store directory (readable by the owner only).
+fn admin_token(configured: Option<&Path>, store: &Path) -> anyhow::Result<String> {
+    if let Some(path) = configured {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the admin token file {}", path.display()))?;
+        let token = token.trim().to_string();
+        if token.len() < 16 {
+            bail!("the admin token in {} is shorter than 16 characters", path.display());
+        }
+        return Ok(token);
+    }
+    let path = store.join("admin.token");
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        if existing.trim().len() >= 16 {
+            return Ok(existing.trim().to_string());
+        }
+    }
+    let token = format!("{:032x}", fastrand::u128(..));
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{token}")?;
+    tracing::info!(path = %path.display(), "generated an admin token");
+    Ok(token)
 }
 
 async fn start_demo_backends(config: &ValidConfig) -> anyhow::Result<Vec<Arc<TestBackend>>> {

@@ -9,7 +9,7 @@ use safelb_testkit::{Behavior, TestBackend};
 
 use crate::common::*;
 
-struct Process(Child);
+pub struct Process(pub Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -19,7 +19,7 @@ impl Drop for Process {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -27,22 +27,43 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn write_config(dir: &std::path::Path, port: u16, backend: &str, extra: &str) -> std::path::PathBuf {
+pub fn write_config(dir: &std::path::Path, port: u16, backend: &str, extra: &str) -> std::path::PathBuf {
     let path = dir.join("safelb.toml");
+    // The admin port is derived from the listener's so that rewrites keep it.
     std::fs::write(
         &path,
         format!(
-            "[listener.public]\nbind = \"127.0.0.1:{port}\"\n[limits]\ndrain_timeout = \"5s\"\n[access_log]\nenabled = false\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"{backend}\"]\n{extra}"
+            "[listener.public]\nbind = \"127.0.0.1:{port}\"\n[admin]\nbind = \"127.0.0.1:{admin}\"\n[limits]\ndrain_timeout = \"5s\"\n[access_log]\nenabled = false\n[rollout]\ncanary_steps = [50, 100]\nstep_bake = \"200ms\"\nmin_requests = 1\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"{backend}\"]\n{extra}",
+            admin = admin_port(port)
         ),
     )
     .unwrap();
     path
 }
 
-fn spawn_serve(config: &std::path::Path) -> Process {
+/// The admin port paired with a listener port in these tests.
+pub fn admin_port(port: u16) -> u16 {
+    ADMIN_PORTS
+        .lock()
+        .unwrap()
+        .entry(port)
+        .or_insert_with(free_port)
+        .to_owned()
+}
+
+static ADMIN_PORTS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u16, u16>>> =
+    std::sync::LazyLock::new(Default::default);
+
+pub fn spawn_serve(config: &std::path::Path) -> Process {
+    let store = config
+        .parent()
+        .expect("config files live in a test directory")
+        .join("store");
     let child = Command::new(safelb_bin())
         .args(["serve", "--config"])
         .arg(config)
+        .arg("--store")
+        .arg(store)
         .args(["--threads", "1"])
         .env("SAFELB_LOG", "info")
         .stdout(Stdio::null())
@@ -53,7 +74,7 @@ fn spawn_serve(config: &std::path::Path) -> Process {
 }
 
 /// Waits until the process logs a line containing `needle` (bounded).
-fn wait_for_log(p: &mut Process, needle: &str, limit: Duration) -> Vec<String> {
+pub fn wait_for_log(p: &mut Process, needle: &str, limit: Duration) -> Vec<String> {
     let stderr = p.0.stderr.take().expect("stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -77,7 +98,7 @@ fn wait_for_log(p: &mut Process, needle: &str, limit: Duration) -> Vec<String> {
     panic!("`{needle}` not logged within {limit:?}: {seen:#?}");
 }
 
-fn signal(p: &Process, sig: i32) {
+pub fn signal(p: &Process, sig: i32) {
     let rc = unsafe_free_kill(p.0.id(), sig);
     assert_eq!(rc, 0, "kill failed");
 }
@@ -142,7 +163,8 @@ async fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
     signal(&p, 1);
     let mut client = Client::connect(addr).await;
     let mut moved = false;
-    for _ in 0..100 {
+    // Through the pipeline: preflight, then 50% and 100% steps of 200 ms each.
+    for _ in 0..250 {
         if client.get("x", "/").await.unwrap().backend() == "b" {
             moved = true;
             break;
@@ -171,9 +193,13 @@ fn serve_refuses_an_invalid_config_and_binds_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("undefined-pool"), "{stderr}");
     assert!(stderr.contains("nothing was started"), "{stderr}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens"
+    );
 }
 
-fn wait_exit(p: &mut Process, limit: Duration) -> Option<i32> {
+pub fn wait_exit(p: &mut Process, limit: Duration) -> Option<i32> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = p.0.try_wait() {

@@ -1,0 +1,236 @@
+//! The admin API: JSON under `/api/v1/`, bearer-token auth on everything but `/healthz`.
+//!
+//! `app(state)` returns the router, so tests can drive it without a port. Every error is JSON
+//! `{"error": "..."}` with a message a person can act on; each outcome has one status code.
+
+mod auth;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use safelb_control::controller::ApplyRequest;
+use safelb_control::{ApplyError, Controller, RollbackError};
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub controller: Controller,
+    /// The bearer token every `/api/v1` call must carry.
+    pub token: Arc<str>,
+}
+
+pub fn app(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/status", get(status))
+        .route("/versions", get(versions))
+        .route("/versions/{id}", get(version))
+        .route("/diff", get(diff))
+        .route("/plan", post(plan))
+        .route("/apply", post(apply))
+        .route("/rollback", post(rollback))
+        .route("/rollouts/{id}", get(rollout))
+        .route("/events", get(events))
+        .route("/backends/{addr}/drain", post(drain))
+        .route("/backends/{addr}/undrain", post(undrain))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .nest("/api/v1", api)
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn store_error(e: impl std::fmt::Display) -> Response {
+    error(StatusCode::INTERNAL_SERVER_ERROR, format!("version store: {e}"))
+}
+
+async fn status(State(s): State<AdminState>) -> Response {
+    match s.controller.status().await {
+        Ok(st) => Json(st).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+async fn versions(State(s): State<AdminState>, Query(q): Query<Limit>) -> Response {
+    match s.controller.versions(q.limit.unwrap_or(100)).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn version(State(s): State<AdminState>, Path(id): Path<u64>) -> Response {
+    match s.controller.version(id).await {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("version {id} does not exist")),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct DiffQuery {
+    from: u64,
+    to: u64,
+}
+
+async fn diff(State(s): State<AdminState>, Query(q): Query<DiffQuery>) -> Response {
+    match s.controller.diff(q.from, q.to).await {
+        Ok(Some(d)) => Json(json!({ "from": q.from, "to": q.to, "diff": d })).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("version {} or {} does not exist", q.from, q.to),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct PlanBody {
+    source: String,
+    #[serde(default)]
+    file: Option<String>,
+    #[serde(default)]
+    confirm: bool,
+}
+
+async fn plan(State(s): State<AdminState>, Json(b): Json<PlanBody>) -> Response {
+    let file = b.file.unwrap_or_else(|| "candidate.toml".into());
+    Json(s.controller.plan(&file, &b.source, b.confirm).await).into_response()
+}
+
+#[derive(Deserialize)]
+struct ApplyBody {
+    source: String,
+    #[serde(default)]
+    file: Option<String>,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    author: Option<String>,
+    #[serde(default)]
+    skip_preflight: bool,
+    #[serde(default)]
+    confirm: bool,
+    #[serde(default)]
+    emergency: bool,
+}
+
+async fn apply(State(s): State<AdminState>, Json(b): Json<ApplyBody>) -> Response {
+    if b.reason.trim().is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a reason is required: say why this change is made (-m \"...\")",
+        );
+    }
+    let req = ApplyRequest {
+        source: b.source,
+        file_name: b.file.unwrap_or_else(|| "candidate.toml".into()),
+        author: b.author.unwrap_or_else(|| "unknown".into()),
+        reason: b.reason,
+        origin: "apply".into(),
+        skip_preflight: b.skip_preflight,
+        confirm: b.confirm,
+        emergency: b.emergency,
+    };
+    match s.controller.apply(req).await {
+        Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+        Err(e @ ApplyError::Busy(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ ApplyError::Frozen { .. }) => error(StatusCode::LOCKED, e.to_string()),
+        Err(ApplyError::Invalid { version, rendered, diagnostics }) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "error": format!("version {version} is not a valid config"), "version": version, "rendered": rendered, "diagnostics": diagnostics })),
+        )
+            .into_response(),
+        Err(e @ ApplyError::NotSwappable { .. }) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Err(ApplyError::Store(e)) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct RollbackBody {
+    #[serde(default)]
+    to: Option<u64>,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    author: Option<String>,
+}
+
+async fn rollback(State(s): State<AdminState>, Json(b): Json<RollbackBody>) -> Response {
+    if b.reason.trim().is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a reason is required: say why you roll back (-m \"...\")",
+        );
+    }
+    let author = b.author.unwrap_or_else(|| "unknown".into());
+    match s.controller.rollback(b.to, &author, &b.reason).await {
+        Ok(done) => Json(done).into_response(),
+        Err(e @ (RollbackError::NoTarget(_) | RollbackError::UnknownVersion(_))) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e @ RollbackError::Unservable(..)) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Err(RollbackError::Store(e)) => store_error(e),
+    }
+}
+
+async fn rollout(State(s): State<AdminState>, Path(id): Path<u64>) -> Response {
+    match s.controller.rollout(id) {
+        Some(r) => Json(r).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no rollout of version {id} since this process started"),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn events(State(s): State<AdminState>, Query(q): Query<EventsQuery>) -> Response {
+    match s.controller.events(q.after.unwrap_or(0), q.limit.unwrap_or(1000)).await {
+        Ok(e) => Json(e).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn drain(state: State<AdminState>, addr: Path<String>) -> Response {
+    set_draining(state, addr, true).await
+}
+
+async fn undrain(state: State<AdminState>, addr: Path<String>) -> Response {
+    set_draining(state, addr, false).await
+}
+
+async fn set_draining(State(s): State<AdminState>, Path(addr): Path<String>, draining: bool) -> Response {
+    let Ok(parsed) = addr.parse::<SocketAddr>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("`{addr}` is not an IP:port backend address"),
+        );
+    };
+    if s.controller.set_draining(parsed, draining, "admin-api").await {
+        Json(json!({ "backend": addr, "draining": draining })).into_response()
+    } else {
+        error(
+            StatusCode::NOT_FOUND,
+            format!("no backend {addr} in the running config"),
+        )
+    }
+}
