@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use safelb_config::{HealthCheck, HealthCheckKind, Rollout, ValidConfig};
-use safelb_proxy::health::probe;
+use safelb_config::{HealthCheck, Rollout, ValidConfig};
+use safelb_proxy::health::{probe, probe_answers};
 use safelb_proxy::samples::Sample;
 use serde::Serialize;
 
@@ -45,29 +45,36 @@ pub async fn run(
     samples: &[Sample],
     confirm: bool,
 ) -> PreflightReport {
-    // One probe series per address, with the check of the first pool naming it.
-    let mut checks: BTreeMap<SocketAddr, HealthCheck> = BTreeMap::new();
+    // One probe series per address, with the check of the first pool naming it; a pool without
+    // a health check still has to answer HTTP (any status below 500) on `/`.
+    let mut checks: BTreeMap<SocketAddr, Option<HealthCheck>> = BTreeMap::new();
     for pool in &candidate.pools {
-        let check = pool.health.clone().unwrap_or(HealthCheck {
-            kind: HealthCheckKind::Tcp,
-            interval: policy.preflight_timeout,
-            timeout: policy.preflight_timeout,
-            healthy: 1,
-            unhealthy: 1,
-        });
         for b in &pool.backends {
-            checks.entry(b.addr).or_insert_with(|| check.clone());
+            checks.entry(b.addr).or_insert_with(|| pool.health.clone());
         }
     }
     let mut tasks = tokio::task::JoinSet::new();
-    for (addr, mut check) in checks {
-        check.timeout = check.timeout.min(policy.preflight_timeout);
+    for (addr, check) in checks {
+        let timeout = policy.preflight_timeout;
         let probes = policy.preflight_probes;
         tasks.spawn(async move {
             let mut detail = format!("{probes} consecutive probes passed");
             let mut healthy = true;
             for i in 0..probes {
-                if let Err(why) = probe(addr, &check).await {
+                let outcome = match &check {
+                    Some(c) => {
+                        probe(
+                            addr,
+                            &HealthCheck {
+                                timeout: c.timeout.min(timeout),
+                                ..c.clone()
+                            },
+                        )
+                        .await
+                    }
+                    None => probe_answers(addr, "/", timeout).await,
+                };
+                if let Err(why) = outcome {
                     detail = format!("probe {} of {probes} failed: {why}", i + 1);
                     healthy = false;
                     break;

@@ -111,6 +111,24 @@ fn transition(backend: &BackendState, to: Active, why: Option<&str>) {
     }
 }
 
+/// Does the backend answer HTTP at all? `GET path` with any status below 500 passing. Used by
+/// preflight for pools without a health check: a TCP connect alone would pass a backend that
+/// accepts connections and never answers, the failure that started all this.
+pub async fn probe_answers(addr: SocketAddr, path: &str, timeout: std::time::Duration) -> Result<(), String> {
+    let exchange = async {
+        let status = http_status(addr, path).await?;
+        if status < 500 {
+            Ok(())
+        } else {
+            Err(format!("status {status}"))
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
 /// One probe: `Ok` when the backend is healthy. Also used by preflight checks.
 pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> {
     match tokio::time::timeout(check.timeout, probe_inner(addr, &check.kind)).await {
@@ -120,11 +138,24 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> 
 }
 
 async fn probe_inner(addr: SocketAddr, kind: &HealthCheckKind) -> Result<(), String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let path = match kind {
-        HealthCheckKind::Tcp => return Ok(()),
+        HealthCheckKind::Tcp => {
+            return TcpStream::connect(addr)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("connect: {e}"))
+        }
         HealthCheckKind::Http { path } => path,
     };
+    match http_status(addr, path).await? {
+        s if (200..300).contains(&s) => Ok(()),
+        s => Err(format!("status {s}")),
+    }
+}
+
+/// The status of `GET path` on a fresh connection.
+async fn http_status(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
         .await
@@ -134,7 +165,7 @@ async fn probe_inner(addr: SocketAddr, kind: &HealthCheckKind) -> Result<(), Str
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let request = http::Request::get(path.as_str())
+    let request = http::Request::get(path)
         .header(http::header::HOST, addr.to_string())
         .header(http::header::USER_AGENT, "safelb-health-check")
         .header(http::header::CONNECTION, "close")
@@ -144,11 +175,7 @@ async fn probe_inner(addr: SocketAddr, kind: &HealthCheckKind) -> Result<(), Str
         .send_request(request)
         .await
         .map_err(|e| format!("request: {e}"))?;
-    if resp.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("status {}", resp.status().as_u16()))
-    }
+    Ok(resp.status().as_u16())
 }
 
 /// The checks wanted for a set of pools: each address gets the check of the first pool that

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod change_control;
 mod check_cli;
 mod failures;
 pub mod lifecycle;

@@ -185,17 +185,58 @@ pub async fn load(
     duration: Duration,
     max: u64,
 ) -> LoadReport {
+    load_until(addr, host, path, concurrency, duration, max, CancellationToken::new()).await
+}
+
+/// Load in the background that stops when `finish` is called (or after 60 s at most).
+pub struct SteadyLoad {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<LoadReport>,
+}
+
+impl SteadyLoad {
+    pub fn start(addr: SocketAddr, concurrency: usize) -> SteadyLoad {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(load_until(
+            addr,
+            "x",
+            "/",
+            concurrency,
+            Duration::from_secs(60),
+            2_000_000,
+            stop.clone(),
+        ));
+        SteadyLoad { stop, task }
+    }
+
+    pub async fn finish(self) -> LoadReport {
+        self.stop.cancel();
+        self.task.await.expect("load task")
+    }
+}
+
+/// `load` that also stops early when `stop` is cancelled.
+pub async fn load_until(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    concurrency: usize,
+    duration: Duration,
+    max: u64,
+    stop: CancellationToken,
+) -> LoadReport {
     let deadline = Instant::now() + duration;
     let per_client = max / concurrency as u64;
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let host = host.to_string();
         let path = path.to_string();
+        let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut report = LoadReport::default();
             let mut client = Client::connect(addr).await;
             for _ in 0..per_client {
-                if Instant::now() >= deadline {
+                if Instant::now() >= deadline || stop.is_cancelled() {
                     break;
                 }
                 let started = Instant::now();
