@@ -222,7 +222,12 @@ impl RolloutTask {
                     s.stable = WindowView::from(&ws);
                 });
                 let elapsed = step_start.elapsed();
-                match judge(&wc, &ws, &policy) {
+                // A pool under min_healthy fails the candidate even without traffic to judge.
+                let verdict = match unhealthy_pool(&candidate) {
+                    Some(why) => Verdict::Breach(why),
+                    None => judge(&wc, &ws, &policy),
+                };
+                match verdict {
                     Verdict::Breach(why) => {
                         self.handle.abort_canary();
                         let took = started.elapsed();
@@ -306,4 +311,20 @@ impl RolloutTask {
             .clone()
             .unwrap_or_else(|| "aborted".into())
     }
+}
+
+/// The first pool of the candidate with fewer available backends than its `min_healthy`.
+fn unhealthy_pool(candidate: &safelb_proxy::Snapshot) -> Option<String> {
+    let now = safelb_proxy::backend::now_ms();
+    candidate.pools.iter().find_map(|p| {
+        let min = candidate.pool_config(p).min_healthy;
+        let available = p.backends.iter().filter(|b| b.is_available(now)).count();
+        (available < min).then(|| {
+            format!(
+                "pool `{}` has {available} of {} backends available, below min_healthy {min}",
+                p.name,
+                p.backends.len()
+            )
+        })
+    })
 }
