@@ -247,3 +247,30 @@ pool = "api"
         ],
     );
 }
+
+#[test]
+fn rollout_policy_and_freeze_windows() {
+    let good = format!(
+        "{BASE}\n[rollout]\ncanary_steps = [1, 10, 100]\nstep_bake = \"30s\"\nmax_error_rate = 0.01\nmax_p99 = \"250ms\"\npreflight = {{ probes = 5, timeout = \"500ms\" }}\n\n[[change_freeze]]\nstart = 2026-12-24T00:00:00Z\nend = 2026-12-27T00:00:00+01:00\nreason = \"holidays\"\n"
+    );
+    expect(&good, &[]);
+    let config = check("f.toml", &good).config.unwrap();
+    assert_eq!(config.rollout.canary_steps, vec![1, 10, 100]);
+    assert_eq!(config.rollout.preflight_probes, 5);
+    let freeze = &config.change_freezes[0];
+    assert_eq!((freeze.start, freeze.end), (1_798_070_400, 1_798_326_000));
+    assert!(freeze.covers(1_798_070_400) && !freeze.covers(1_798_326_000));
+
+    let bad = format!(
+        "{BASE}\n[rollout]\ncanary_steps = [50, 10]\nmax_error_rate = 2\nstep_bak = \"1s\"\n\n[[change_freeze]]\nstart = 2026-12-27T00:00:00Z\nend = 2026-12-24T00:00:00Z\n"
+    );
+    expect(
+        &bad,
+        &[
+            (Rule::InvalidValue, 13, 16, "`canary_steps` must be ascending"),
+            (Rule::InvalidValue, 14, 18, "`max_error_rate` in `rollout`"),
+            (Rule::UnknownKey, 15, 1, "unknown key `step_bak`"),
+            (Rule::InvalidValue, 19, 1, "`end` must be after `start`"),
+        ],
+    );
+}

@@ -387,3 +387,33 @@ async fn a_change_freeze_refuses_changes_unless_emergency() {
         .await;
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_moving_much_traffic_needs_confirm() {
+    let old = backends(1).await;
+    let d = Deployment::start(&addrs(&old), FAST_ROLLOUT).await;
+    let report = load(d.addr(), "shop.example", "/cart", 2, Duration::from_millis(500), 400).await;
+    assert!(report.ok > 50);
+    // The candidate serves only /api: every recent request would get 404.
+    let narrow = d.dir.join("narrow.toml");
+    let source = std::fs::read_to_string(d.dir.join("safelb.toml"))
+        .unwrap()
+        .replace("name = \"r\"\n", "name = \"r\"\npath_prefix = \"/api\"\n");
+    std::fs::write(&narrow, source).unwrap();
+    let (code, out, _, _) = d.cli_async(&["plan", narrow.to_str().unwrap()]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("100.0%  p -> 404 (no route)"), "{out}");
+    let (code, out, _, _) = d
+        .cli_async(&["apply", narrow.to_str().unwrap(), "-m", "narrow the routes"])
+        .await;
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("moves 100.0% of recent traffic") && out.contains("--confirm"),
+        "{out}"
+    );
+    assert_eq!(
+        get(d.addr(), "shop.example", "/cart").await.status,
+        200,
+        "the running version still serves"
+    );
+}
