@@ -145,6 +145,8 @@ struct Inner {
     serial: tokio::sync::Mutex<()>,
     current: Mutex<Option<Current>>,
     rollouts: Mutex<BTreeMap<u64, Arc<Mutex<RolloutStatus>>>>,
+    /// Finished rollouts by outcome, for metrics.
+    verdicts: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// Decides the version to serve at start: the store's running version if there is one (a
@@ -219,6 +221,7 @@ impl Controller {
                 serial: tokio::sync::Mutex::new(()),
                 current: Mutex::new(None),
                 rollouts: Mutex::new(BTreeMap::new()),
+                verdicts: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -368,9 +371,16 @@ impl Controller {
             abort_reason,
             done: done_rx,
         });
+        let inner = self.inner.clone();
         tokio::spawn(async move {
             let phase = task.run().await;
             tracing::info!(version, ?phase, "rollout finished");
+            let name = match phase {
+                Phase::Promoted => "promoted",
+                Phase::Rejected => "rejected",
+                _ => "rolled_back",
+            };
+            *inner.verdicts.lock().expect("verdicts lock").entry(name).or_default() += 1;
             let _ = done_tx.send(true);
         });
         Ok(Accepted {
@@ -571,6 +581,46 @@ impl Controller {
             )),
             _ => None,
         })
+    }
+
+    /// Appends the control plane's metric families.
+    pub fn render_metrics(&self, e: &mut safelb_proxy::exposition::Exposition) {
+        e.family(
+            "safelb_rollouts_total",
+            "counter",
+            "Finished rollouts by verdict (promoted, rejected, rolled_back).",
+        );
+        let verdicts = self.inner.verdicts.lock().expect("verdicts lock").clone();
+        for v in ["promoted", "rejected", "rolled_back"] {
+            e.sample(
+                "safelb_rollouts_total",
+                &[("verdict", v)],
+                verdicts.get(v).copied().unwrap_or(0) as f64,
+            );
+        }
+        let step = self.running_rollout().and_then(|id| self.rollout(id));
+        e.family("safelb_rollout_in_progress", "gauge", "1 while a rollout runs.");
+        e.sample(
+            "safelb_rollout_in_progress",
+            &[],
+            if step.is_some() { 1.0 } else { 0.0 },
+        );
+        e.family(
+            "safelb_rollout_step",
+            "gauge",
+            "The 1-based canary step of the rollout in progress (0 without one).",
+        );
+        e.sample(
+            "safelb_rollout_step",
+            &[],
+            step.map_or(0.0, |s| {
+                if s.phase == Phase::Canary {
+                    s.step as f64 + 1.0
+                } else {
+                    0.0
+                }
+            }),
+        );
     }
 
     /// Stops new requests to a backend (requests in flight finish), or lets them in again.

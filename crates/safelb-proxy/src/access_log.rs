@@ -137,6 +137,13 @@ impl AccessLog {
     }
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The current UTC time as `2026-11-25T03:04:05.678Z`.
 pub fn rfc3339_now() -> String {
     let now = SystemTime::now()

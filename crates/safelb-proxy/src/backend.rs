@@ -55,12 +55,15 @@ pub struct BackendState {
     ewma_stamp_ms: AtomicU64,
     pub(crate) idle: Mutex<Vec<IdleConn>>,
     pub(crate) draining: AtomicBool,
+    /// Ejections since start, for metrics.
+    pub ejections_total: AtomicU64,
 }
 
 /// Decay time of the latency EWMA: old samples weigh e^-1 after this long.
 const EWMA_DECAY_MS: f64 = 5_000.0;
-/// Latency assumed for a backend with no sample yet, so new backends are tried but not flooded.
-const EWMA_DEFAULT_MICROS: f64 = 1_000.0;
+/// Latency assumed for a backend with no sample yet: below any real loopback round trip, so an
+/// untried backend wins its first comparisons and gets measured instead of starved.
+const EWMA_DEFAULT_MICROS: f64 = 100.0;
 
 impl BackendState {
     pub fn new(addr: SocketAddr) -> BackendState {
@@ -76,6 +79,7 @@ impl BackendState {
             ewma_stamp_ms: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
             draining: AtomicBool::new(false),
+            ejections_total: AtomicU64::new(0),
         }
     }
 
@@ -182,6 +186,7 @@ impl BackendState {
             .min(max_ms.max(1));
         self.ejected_until_ms.store(now + ms, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
+        self.ejections_total.fetch_add(1, Relaxed);
         Some(Duration::from_millis(ms))
     }
 

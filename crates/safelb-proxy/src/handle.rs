@@ -17,6 +17,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::backend::{BackendState, Registry};
 use crate::health::{desired_checks, HealthCheckers};
+use crate::metrics::Metrics;
 use crate::samples::Samples;
 use crate::snapshot::Snapshot;
 
@@ -34,8 +35,17 @@ pub enum SwapError {
 /// Which version serves a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    Stable,
-    Candidate,
+    Stable = 0,
+    Candidate = 1,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Stable => "stable",
+            Role::Candidate => "candidate",
+        }
+    }
 }
 
 /// What requests read: the stable snapshot and an optional canary.
@@ -89,6 +99,7 @@ struct Inner {
     registry: Registry,
     checkers: HealthCheckers,
     samples: Samples,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 }
 
@@ -102,13 +113,15 @@ impl ProxyHandle {
     /// Builds the first snapshot and starts its health checks. Call inside a tokio runtime.
     pub fn new(config: ValidConfig, version: u64) -> ProxyHandle {
         let registry = Registry::default();
-        let stable = Arc::new(Snapshot::build(config, version, &registry));
+        let metrics = Arc::new(Metrics::default());
+        let stable = Arc::new(Snapshot::build(config, version, &registry, &metrics));
         let handle = ProxyHandle {
             inner: Arc::new(Inner {
                 current: ArcSwap::from_pointee(Routing { stable, canary: None }),
                 registry,
                 checkers: HealthCheckers::default(),
                 samples: Samples::default(),
+                metrics,
                 cancel: CancellationToken::new(),
             }),
         };
@@ -137,7 +150,12 @@ impl ProxyHandle {
     pub fn swap(&self, config: ValidConfig, version: u64) -> Result<Arc<Snapshot>, SwapError> {
         let running = self.snapshot();
         check_swappable(&running.config, &config)?;
-        let next = Arc::new(Snapshot::build(config, version, &self.inner.registry));
+        let next = Arc::new(Snapshot::build(
+            config,
+            version,
+            &self.inner.registry,
+            &self.inner.metrics,
+        ));
         self.inner.current.store(Arc::new(Routing {
             stable: next.clone(),
             canary: None,
@@ -156,7 +174,12 @@ impl ProxyHandle {
     pub fn begin_canary(&self, config: ValidConfig, version: u64, sticky: bool) -> Result<Arc<Snapshot>, SwapError> {
         let current = self.routing();
         check_swappable(&current.stable.config, &config)?;
-        let candidate = Arc::new(Snapshot::build(config, version, &self.inner.registry));
+        let candidate = Arc::new(Snapshot::build(
+            config,
+            version,
+            &self.inner.registry,
+            &self.inner.metrics,
+        ));
         let canary = Canary {
             candidate: candidate.clone(),
             percent: 0,
@@ -216,7 +239,9 @@ impl ProxyHandle {
                 .iter()
                 .map(move |p| (&s.config.pools[p.index], p.backends.as_slice()))
         });
-        self.inner.checkers.reconcile(desired_checks(pools), &self.inner.cancel);
+        self.inner
+            .checkers
+            .reconcile(desired_checks(pools), &self.inner.cancel, &self.inner.metrics);
         let names: HashSet<SocketAddr> = live
             .iter()
             .flat_map(|s| s.pools.iter().flat_map(|p| p.backends.iter().map(|b| b.addr)))
@@ -243,6 +268,11 @@ impl ProxyHandle {
     /// Recent requests (method, host, path), for impact previews.
     pub fn samples(&self) -> &Samples {
         &self.inner.samples
+    }
+
+    /// Request metrics (long-lived, keyed by labels).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Stops the health checkers (the handle itself stays usable for reads).

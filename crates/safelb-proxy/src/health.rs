@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Active, BackendState};
+use crate::metrics::{DataPlaneEvent, Metrics};
 
 /// The running checkers, keyed by address.
 #[derive(Default)]
@@ -32,6 +33,7 @@ impl HealthCheckers {
         &self,
         desired: HashMap<SocketAddr, (HealthCheck, Arc<BackendState>)>,
         parent: &CancellationToken,
+        metrics: &Arc<Metrics>,
     ) {
         let mut running = self.running.lock().expect("checker map lock is never poisoned");
         running.retain(|addr, (check, token)| {
@@ -46,7 +48,7 @@ impl HealthCheckers {
                 continue;
             }
             let token = parent.child_token();
-            tokio::spawn(run(backend, check.clone(), token.clone()));
+            tokio::spawn(run(backend, check.clone(), token.clone(), metrics.clone()));
             running.insert(addr, (check, token));
         }
     }
@@ -62,7 +64,7 @@ impl HealthCheckers {
     }
 }
 
-async fn run(backend: Arc<BackendState>, check: HealthCheck, cancel: CancellationToken) {
+async fn run(backend: Arc<BackendState>, check: HealthCheck, cancel: CancellationToken, metrics: Arc<Metrics>) {
     let mut successes = 0u32;
     let mut failures = 0u32;
     loop {
@@ -76,14 +78,14 @@ async fn run(backend: Arc<BackendState>, check: HealthCheck, cancel: Cancellatio
                 successes += 1;
                 failures = 0;
                 if current == Active::Unknown || (current == Active::Down && successes >= check.healthy) {
-                    transition(&backend, Active::Up, None);
+                    transition(&backend, Active::Up, None, &metrics);
                 }
             }
             Err(why) => {
                 failures += 1;
                 successes = 0;
                 if current == Active::Unknown || (current == Active::Up && failures >= check.unhealthy) {
-                    transition(&backend, Active::Down, Some(&why));
+                    transition(&backend, Active::Down, Some(&why), &metrics);
                 }
             }
         }
@@ -98,11 +100,19 @@ async fn run(backend: Arc<BackendState>, check: HealthCheck, cancel: Cancellatio
     backend.set_active(Active::Unknown);
 }
 
-fn transition(backend: &BackendState, to: Active, why: Option<&str>) {
+fn transition(backend: &BackendState, to: Active, why: Option<&str>, metrics: &Metrics) {
     let from = backend.set_active(to);
     if from == to {
         return;
     }
+    let label = backend.label.to_string();
+    metrics.push_event(match to {
+        Active::Down => DataPlaneEvent::BackendDown {
+            backend: label,
+            reason: why.unwrap_or("").to_string(),
+        },
+        _ => DataPlaneEvent::BackendUp { backend: label },
+    });
     match to {
         Active::Down => {
             tracing::warn!(backend = %backend.addr, ?from, reason = why.unwrap_or(""), "backend failed its health check: no new requests")

@@ -62,7 +62,7 @@ impl Proxy {
         let snapshot = picked.clone();
         let stable = (role == Role::Candidate).then(|| routing.stable.clone());
         drop(routing);
-        let mut done = Completion::start(&self.log, client, conn, snapshot.clone());
+        let mut done = Completion::start(&self.log, client, conn, snapshot.clone(), role);
         let (mut parts, body) = req.into_parts();
         done.request_id = request_id(&mut parts.headers);
         let host_header = parts.headers.get(HOST).cloned();
@@ -141,7 +141,9 @@ impl Proxy {
         };
         let pool = &snapshot.pools[snapshot.config.routes[route].pool];
         done.route = Some(snapshot.route_names[route].clone());
+        done.route_idx = Some(route);
         done.pool = Some(pool.name.clone());
+        done.pool_idx = Some(pool.index);
         let hash = if pool.balancer.needs_hash() {
             request_hash(snapshot, pool, request.headers(), client)
         } else {
@@ -178,12 +180,14 @@ impl Proxy {
                 Err(kind) => {
                     backend.end_request();
                     backend.observe_latency(config.connect_timeout);
+                    pool.upstream[idx].connect_errors.fetch_add(1, Relaxed);
                     failure(pool, snapshot, backend, kind);
                     tried.push(idx);
                     last_error = Some(kind);
                     // Nothing reached a backend, so any method may go elsewhere.
                     if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
                         done.retries += 1;
+                        pool.retries.fetch_add(1, Relaxed);
                         continue;
                     }
                     return Err((ProxyError::in_pool(kind, &pool.name), done));
@@ -197,6 +201,8 @@ impl Proxy {
                     backend.end_request();
                     backend.observe_latency(config.response_timeout);
                     done.backend = Some(backend.clone());
+                    done.backend_idx = Some(idx);
+                    pool.upstream[idx].timeouts.fetch_add(1, Relaxed);
                     failure(pool, snapshot, backend, ErrorKind::ResponseTimeout);
                     return Err((ProxyError::in_pool(ErrorKind::ResponseTimeout, &pool.name), done));
                 }
@@ -211,6 +217,7 @@ impl Proxy {
                         }
                     }
                     done.backend = Some(backend.clone());
+                    done.backend_idx = Some(idx);
                     let err = e.into_error();
                     if let Some(body_err) = request_body_error(&err) {
                         let kind = match body_err {
@@ -233,6 +240,7 @@ impl Proxy {
                     }
                     done.upstream = Some(latency);
                     done.backend = Some(backend.clone());
+                    done.backend_idx = Some(idx);
                     done.backend_in_flight = true;
                     done.status = response.status().as_u16();
                     done.release = Some(sender);
@@ -293,6 +301,14 @@ fn failure(pool: &PoolRuntime, snapshot: &Snapshot, backend: &Arc<BackendState>,
     let outlier = &snapshot.pool_config(pool).outlier;
     if let Some(for_how_long) = backend.record_failure(outlier, || pool.may_eject()) {
         upstream::clear_idle(backend);
+        snapshot
+            .metrics
+            .push_event(crate::metrics::DataPlaneEvent::BackendEjected {
+                backend: backend.label.to_string(),
+                pool: pool.name.to_string(),
+                cause: kind.as_str(),
+                for_ms: for_how_long.as_millis() as u64,
+            });
         tracing::warn!(
             backend = %backend.addr,
             pool = %pool.name,
@@ -362,9 +378,14 @@ pub(crate) struct Completion {
     method: Method,
     host: String,
     path: String,
+    role: Role,
     route: Option<Arc<str>>,
+    /// Index of the route in the snapshot, for its counters.
+    route_idx: Option<usize>,
     pool: Option<Arc<str>>,
+    pool_idx: Option<usize>,
     backend: Option<Arc<BackendState>>,
+    backend_idx: Option<usize>,
     /// Whether `backend`'s in-flight count includes this request.
     backend_in_flight: bool,
     release: Option<Sender>,
@@ -377,8 +398,15 @@ pub(crate) struct Completion {
 }
 
 impl Completion {
-    fn start(log: &AccessLog, client: SocketAddr, conn: Arc<ConnState>, snapshot: Arc<Snapshot>) -> Box<Completion> {
+    fn start(
+        log: &AccessLog,
+        client: SocketAddr,
+        conn: Arc<ConnState>,
+        snapshot: Arc<Snapshot>,
+        role: Role,
+    ) -> Box<Completion> {
         conn.in_flight.fetch_add(1, Relaxed);
+        snapshot.metrics.in_flight.fetch_add(1, Relaxed);
         Box::new(Completion {
             log: log.clone(),
             conn,
@@ -390,9 +418,13 @@ impl Completion {
             method: Method::GET,
             host: String::new(),
             path: String::new(),
+            role,
             route: None,
+            route_idx: None,
             pool: None,
+            pool_idx: None,
             backend: None,
+            backend_idx: None,
             backend_in_flight: false,
             release: None,
             upstream: None,
@@ -409,9 +441,13 @@ impl Completion {
     fn fall_back_to(&mut self, stable: Arc<Snapshot>) {
         self.snapshot = stable;
         self.fell_back = true;
+        self.role = Role::Stable;
         self.route = None;
+        self.route_idx = None;
         self.pool = None;
+        self.pool_idx = None;
         self.backend = None;
+        self.backend_idx = None;
         self.backend_in_flight = false;
         self.release = None;
         self.upstream = None;
@@ -438,8 +474,28 @@ impl Drop for Completion {
             }
         }
         self.conn.in_flight.fetch_sub(1, Relaxed);
+        let snapshot = &self.snapshot;
+        snapshot.metrics.in_flight.fetch_sub(1, Relaxed);
+        let elapsed = self.start.elapsed();
+        let counters = match self.route_idx {
+            Some(r) => {
+                let per_backend = &snapshot.route_counters[r];
+                &per_backend[self
+                    .backend_idx
+                    .unwrap_or(per_backend.len() - 1)
+                    .min(per_backend.len() - 1)]
+            }
+            None => &snapshot.no_route,
+        };
+        counters.inc(self.status, self.role);
+        if let Some(p) = self.pool_idx {
+            snapshot.pools[p].durations[self.role as usize].observe(elapsed);
+        }
         if self.status != 499 {
-            self.snapshot.stats.record(self.status >= 500, self.start.elapsed());
+            snapshot.stats.record(self.status >= 500, elapsed);
+        }
+        if self.status >= 500 {
+            snapshot.metrics.record_failed_client(self.client.ip());
         }
         if self.log.enabled() {
             let ms = |d: Duration| d.as_secs_f64() * 1000.0;

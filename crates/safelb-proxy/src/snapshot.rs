@@ -12,6 +12,7 @@ use safelb_config::{PanicPolicy, Pool, ValidConfig};
 use crate::backend::{now_ms, BackendState, Registry};
 use crate::balance::{Balancer, Candidates};
 use crate::error::ErrorKind;
+use crate::metrics::{ClassCounters, Histogram, Metrics, UpstreamCounters};
 
 pub struct Snapshot {
     pub version: u64,
@@ -21,23 +22,49 @@ pub struct Snapshot {
     pub route_names: Vec<Arc<str>>,
     /// What this version served: the canary verdict reads it.
     pub stats: crate::stats::Stats,
+    /// Per route, the response counters for each backend of its pool, then one for answers
+    /// given without a backend (resolved here so requests never look labels up).
+    pub route_counters: Vec<Vec<Arc<ClassCounters>>>,
+    /// Responses to requests no route matched.
+    pub no_route: Arc<ClassCounters>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Snapshot {
-    pub fn build(config: ValidConfig, version: u64, registry: &Registry) -> Snapshot {
-        let pools = config
+    pub fn build(config: ValidConfig, version: u64, registry: &Registry, metrics: &Arc<Metrics>) -> Snapshot {
+        let pools: Vec<PoolRuntime> = config
             .pools
             .iter()
             .enumerate()
-            .map(|(i, p)| PoolRuntime::new(i, p, registry))
+            .map(|(i, p)| PoolRuntime::new(i, p, registry, metrics))
             .collect();
-        let route_names = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        let route_names: Vec<Arc<str>> = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        let none: Arc<str> = Arc::from("");
+        let route_counters = config
+            .routes
+            .iter()
+            .zip(&route_names)
+            .map(|(r, name)| {
+                let pool = &pools[r.pool];
+                let mut v: Vec<_> = pool
+                    .backends
+                    .iter()
+                    .map(|b| metrics.requests(name, &pool.name, &b.label))
+                    .collect();
+                v.push(metrics.requests(name, &pool.name, &none));
+                v
+            })
+            .collect();
+        let no_route = metrics.requests(&none, &none, &none);
         Snapshot {
             version,
             config,
             pools,
             route_names,
             stats: Default::default(),
+            route_counters,
+            no_route,
+            metrics: metrics.clone(),
         }
     }
 
@@ -68,15 +95,26 @@ pub struct PoolRuntime {
     panic_threshold: u8,
     panic_policy: PanicPolicy,
     max_ejected_percent: u8,
+    /// Request durations of this pool, by role.
+    pub durations: Arc<[Histogram; 2]>,
+    /// Per backend, in `backends` order.
+    pub upstream: Vec<Arc<UpstreamCounters>>,
+    pub retries: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
 
 impl PoolRuntime {
-    fn new(index: usize, pool: &Pool, registry: &Registry) -> PoolRuntime {
+    fn new(index: usize, pool: &Pool, registry: &Registry, metrics: &Arc<Metrics>) -> PoolRuntime {
         let backends: Vec<_> = pool.backends.iter().map(|b| registry.get_or_insert(b.addr)).collect();
         let weights: Vec<u32> = pool.backends.iter().map(|b| b.weight).collect();
+        let name: Arc<str> = Arc::from(pool.name.as_str());
         PoolRuntime {
             index,
-            name: Arc::from(pool.name.as_str()),
+            durations: metrics.durations(&name),
+            upstream: backends.iter().map(|b| metrics.upstream(&name, &b.label)).collect(),
+            retries: metrics.retries(&name),
+            metrics: metrics.clone(),
+            name,
             balancer: Balancer::new(pool.balance, &backends, &weights),
             backends,
             weights,
@@ -108,6 +146,12 @@ impl PoolRuntime {
                 .count();
             let panic = available * 100 < total * self.panic_threshold as usize;
             if self.in_panic.swap(panic, Relaxed) != panic {
+                self.metrics.push_event(crate::metrics::DataPlaneEvent::PoolPanic {
+                    pool: self.name.to_string(),
+                    entered: panic,
+                    available,
+                    total,
+                });
                 if panic {
                     tracing::warn!(pool = %self.name, available, total, threshold = self.panic_threshold, policy = ?self.panic_policy, "pool entered panic mode");
                 } else {

@@ -41,8 +41,17 @@ pub fn app(state: AdminState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .nest("/api/v1", api)
         .with_state(state)
+}
+
+/// Prometheus text format; unauthenticated, like `/healthz`, so scrapers need no secret.
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let mut e = safelb_proxy::exposition::Exposition::default();
+    safelb_proxy::exposition::render(s.controller.handle(), &mut e);
+    s.controller.render_metrics(&mut e);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], e.finish()).into_response()
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
