@@ -52,6 +52,8 @@ pub struct Config {
     /// How changes to this config are rolled out (the *running* version's policy judges a candidate).
     pub rollout: Rollout,
     pub change_freezes: Vec<ChangeFreeze>,
+    pub alerts: Vec<AlertRule>,
+    pub notify: Vec<Notify>,
     /// The compiled route table, built once at validation.
     pub route_table: RouteTable,
 }
@@ -351,4 +353,75 @@ impl ChangeFreeze {
     pub fn covers(&self, unix_secs: i64) -> bool {
         self.start <= unix_secs && unix_secs < self.end
     }
+}
+
+/// An `[[alert]]`: a condition on live traffic, evaluated every second.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlertRule {
+    pub name: String,
+    pub kind: AlertKind,
+    /// Restricts the traffic looked at (error_rate, latency_p99, burn_rate) or the pools
+    /// (no_healthy_backends).
+    pub route: Option<String>,
+    pub pool: Option<String>,
+    /// Evaluation window of error_rate and latency_p99.
+    pub window: Duration,
+    /// How long the condition must hold before the alert fires (pending until then).
+    pub for_: Duration,
+    pub severity: String,
+    pub labels: Vec<(String, String)>,
+    /// Fewer requests in the window than this give no error_rate or latency verdict.
+    pub min_requests: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AlertKind {
+    /// Share of 5xx responses above `threshold` (0..1).
+    ErrorRate { threshold: f64 },
+    /// A pool of the running version has no backend that may take requests.
+    NoHealthyBackends,
+    /// The p99 request duration above `threshold`.
+    LatencyP99 { threshold: Duration },
+    /// Multi-window, multi-burn-rate alert against an availability SLO (the SRE workbook's
+    /// 14.4x over 1h and 5m, 6x over 6h and 30m).
+    BurnRate { slo: f64 },
+    /// A rollout was rolled back within the last `hold`.
+    Rollback { hold: Duration },
+}
+
+impl AlertKind {
+    pub const NAMES: [&'static str; 5] = [
+        "error_rate",
+        "no_healthy_backends",
+        "latency_p99",
+        "burn_rate",
+        "rollback",
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            AlertKind::ErrorRate { .. } => "error_rate",
+            AlertKind::NoHealthyBackends => "no_healthy_backends",
+            AlertKind::LatencyP99 { .. } => "latency_p99",
+            AlertKind::BurnRate { .. } => "burn_rate",
+            AlertKind::Rollback { .. } => "rollback",
+        }
+    }
+}
+
+/// A `[[notify]]` target for alert notifications.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notify {
+    pub kind: NotifyKind,
+    /// `http://host:port[/path]`.
+    pub url: String,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotifyKind {
+    /// Alertmanager's v2 API: `POST {url}/api/v2/alerts`.
+    Alertmanager,
+    /// A JSON body per notification, `POST {url}`.
+    Webhook,
 }

@@ -147,6 +147,10 @@ struct Inner {
     rollouts: Mutex<BTreeMap<u64, Arc<Mutex<RolloutStatus>>>>,
     /// Finished rollouts by outcome, for metrics.
     verdicts: Mutex<BTreeMap<&'static str, u64>>,
+    /// Rollbacks (automatic or manual) so far, the time of the last one and what it was.
+    rollbacks: Mutex<(u64, Option<i64>, String)>,
+    /// Alert rules and their state, as the monitor last saw them.
+    alert_states: Mutex<Vec<(String, String, crate::alerts::State)>>,
 }
 
 /// Decides the version to serve at start: the store's running version if there is one (a
@@ -222,6 +226,8 @@ impl Controller {
                 current: Mutex::new(None),
                 rollouts: Mutex::new(BTreeMap::new()),
                 verdicts: Mutex::new(BTreeMap::new()),
+                rollbacks: Mutex::new((0, None, String::new())),
+                alert_states: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -381,6 +387,9 @@ impl Controller {
                 _ => "rolled_back",
             };
             *inner.verdicts.lock().expect("verdicts lock").entry(name).or_default() += 1;
+            if phase == Phase::RolledBack {
+                note_rollback(&inner.rollbacks, format!("rollout of version {version} rolled back"));
+            }
             let _ = done_tx.send(true);
         });
         Ok(Accepted {
@@ -455,6 +464,10 @@ impl Controller {
             return Err(RollbackError::Unservable(target, e.to_string()));
         }
         let took = started.elapsed();
+        note_rollback(
+            &self.inner.rollbacks,
+            format!("manual rollback by {author} to the content of version {target}"),
+        );
         self.inner
             .store
             .call(move |s| {
@@ -583,6 +596,23 @@ impl Controller {
         })
     }
 
+    /// (rollbacks so far, time of the last one, what it was).
+    pub fn rollbacks(&self) -> (u64, Option<i64>, String) {
+        self.inner.rollbacks.lock().expect("rollbacks lock").clone()
+    }
+
+    pub fn set_alert_states(&self, states: Vec<(String, String, crate::alerts::State)>) {
+        *self.inner.alert_states.lock().expect("alert states lock") = states;
+    }
+
+    pub async fn incidents(&self, limit: usize) -> Result<Vec<crate::store::IncidentRecord>, StoreError> {
+        self.inner.store.call(move |s| s.incidents(limit)).await
+    }
+
+    pub async fn incident(&self, id: u64) -> Result<Option<crate::store::IncidentRecord>, StoreError> {
+        self.inner.store.call(move |s| s.incident(id)).await
+    }
+
     /// Appends the control plane's metric families.
     pub fn render_metrics(&self, e: &mut safelb_proxy::exposition::Exposition) {
         e.family(
@@ -643,4 +673,11 @@ impl Controller {
         .await;
         true
     }
+}
+
+fn note_rollback(rollbacks: &Mutex<(u64, Option<i64>, String)>, what: String) {
+    let mut r = rollbacks.lock().expect("rollbacks lock");
+    r.0 += 1;
+    r.1 = Some(now_ms());
+    r.2 = what;
 }

@@ -9,10 +9,14 @@
 //! stays inside `sqlite.rs` behind the [`store::VersionStore`] trait.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod controller;
 pub mod diff;
 pub mod impact;
 pub mod judge;
+pub mod monitor;
+pub mod notify;
+pub mod postmortem;
 pub mod preflight;
 pub mod rollout;
 pub mod sqlite;

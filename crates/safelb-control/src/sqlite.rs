@@ -40,6 +40,14 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL,
     data    TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS incidents (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    opened_ms   INTEGER NOT NULL,
+    resolved_ms INTEGER,
+    title       TEXT NOT NULL,
+    report      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_time ON events (time_ms);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -180,12 +188,75 @@ impl VersionStore for SqliteStore {
     }
 
     fn events(&self, after: u64, limit: usize) -> StoreResult<Vec<EventRecord>> {
+        self.query_events(
+            "SELECT id, time_ms, kind, version, message, data FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
+            params![after as i64, limit as i64],
+        )
+    }
+
+    fn events_between(&self, from_ms: i64, to_ms: i64) -> StoreResult<Vec<EventRecord>> {
+        self.query_events(
+            "SELECT id, time_ms, kind, version, message, data FROM events WHERE time_ms >= ?1 AND time_ms <= ?2 ORDER BY id",
+            params![from_ms, to_ms],
+        )
+    }
+
+    fn open_incident(&mut self, opened_ms: i64, title: &str) -> StoreResult<u64> {
+        self.conn
+            .execute(
+                "INSERT INTO incidents (opened_ms, title, report) VALUES (?1, ?2, '{}')",
+                params![opened_ms, title],
+            )
+            .map_err(err)?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    fn resolve_incident(&mut self, id: u64, resolved_ms: i64, report: &serde_json::Value) -> StoreResult<()> {
+        self.conn
+            .execute(
+                "UPDATE incidents SET resolved_ms = ?1, report = ?2 WHERE id = ?3",
+                params![resolved_ms, report.to_string(), id as i64],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    fn incidents(&self, limit: usize) -> StoreResult<Vec<IncidentRecord>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, time_ms, kind, version, message, data FROM events WHERE id > ?1 ORDER BY id LIMIT ?2")
+            .prepare("SELECT id, opened_ms, resolved_ms, title, report FROM incidents ORDER BY id DESC LIMIT ?1")
             .map_err(err)?;
+        let rows = stmt.query_map(params![limit as i64], incident_row).map_err(err)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(err)
+    }
+
+    fn incident(&self, id: u64) -> StoreResult<Option<IncidentRecord>> {
+        self.conn
+            .query_row(
+                "SELECT id, opened_ms, resolved_ms, title, report FROM incidents WHERE id = ?1",
+                params![id as i64],
+                incident_row,
+            )
+            .optional()
+            .map_err(err)
+    }
+}
+
+fn incident_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<IncidentRecord> {
+    Ok(IncidentRecord {
+        id: r.get::<_, i64>(0)? as u64,
+        opened_ms: r.get(1)?,
+        resolved_ms: r.get(2)?,
+        title: r.get(3)?,
+        report: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or(serde_json::Value::Null),
+    })
+}
+
+impl SqliteStore {
+    fn query_events(&self, sql: &str, params: impl rusqlite::Params) -> StoreResult<Vec<EventRecord>> {
+        let mut stmt = self.conn.prepare(sql).map_err(err)?;
         let rows = stmt
-            .query_map(params![after as i64, limit as i64], |r| {
+            .query_map(params, |r| {
                 Ok(EventRecord {
                     id: r.get::<_, i64>(0)? as u64,
                     time_ms: r.get(1)?,

@@ -114,6 +114,24 @@ pub trait VersionStore: Send {
     fn append_event(&mut self, e: NewEvent) -> StoreResult<u64>;
     /// Events with an id above `after`, oldest first.
     fn events(&self, after: u64, limit: usize) -> StoreResult<Vec<EventRecord>>;
+    /// Events whose time is within `[from_ms, to_ms]`, oldest first.
+    fn events_between(&self, from_ms: i64, to_ms: i64) -> StoreResult<Vec<EventRecord>>;
+    fn open_incident(&mut self, opened_ms: i64, title: &str) -> StoreResult<u64>;
+    /// Records the incident's end and its report data.
+    fn resolve_incident(&mut self, id: u64, resolved_ms: i64, report: &serde_json::Value) -> StoreResult<()>;
+    /// Newest first.
+    fn incidents(&self, limit: usize) -> StoreResult<Vec<IncidentRecord>>;
+    fn incident(&self, id: u64) -> StoreResult<Option<IncidentRecord>>;
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct IncidentRecord {
+    pub id: u64,
+    pub opened_ms: i64,
+    pub resolved_ms: Option<i64>,
+    pub title: String,
+    /// The facts the postmortem is written from (set when the incident resolves).
+    pub report: serde_json::Value,
 }
 
 /// Stable content hash of a config source (for "is this file what is running?").

@@ -125,6 +125,9 @@ pub enum DataPlaneEvent {
 
 const EVENTS_KEPT: usize = 10_000;
 
+/// `pool`, `backend`.
+pub type PoolBackend = (Arc<str>, Arc<str>);
+
 /// `route`, `pool`, `backend` ("" when none applies, e.g. a 404 or a 503 with no backend).
 pub type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
 
@@ -135,7 +138,7 @@ const FAILED_CLIENTS_KEPT: usize = 200_000;
 pub struct Metrics {
     pub(crate) requests: RwLock<HashMap<RequestKey, Arc<ClassCounters>>>,
     pub(crate) durations: RwLock<HashMap<Arc<str>, Arc<[Histogram; 2]>>>,
-    pub(crate) upstream: RwLock<HashMap<(Arc<str>, Arc<str>), Arc<UpstreamCounters>>>,
+    pub(crate) upstream: RwLock<HashMap<PoolBackend, Arc<UpstreamCounters>>>,
     pub(crate) retries: RwLock<HashMap<Arc<str>, Arc<AtomicU64>>>,
     pub in_flight: AtomicI64,
     failed_clients: Mutex<VecDeque<(u64, IpAddr)>>,
@@ -188,6 +191,16 @@ impl Metrics {
 
     pub fn drain_events(&self) -> Vec<DataPlaneEvent> {
         self.events.lock().expect("events lock").drain(..).collect()
+    }
+
+    /// Every request counter with its labels.
+    pub fn request_counters(&self) -> Vec<(RequestKey, Arc<ClassCounters>)> {
+        self.requests
+            .read()
+            .expect("metrics lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Remembers the client of a failed (5xx) request.
@@ -260,6 +273,14 @@ pub fn p99_seconds(buckets: &[u64]) -> Option<f64> {
     None
 }
 
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,13 +303,5 @@ mod tests {
         assert_eq!(p99_seconds(&m.latency(None)), Some(0.0025));
         h[1].observe(Duration::from_secs(3));
         assert_eq!(p99_seconds(&m.latency(Some("pool"))), Some(5.0));
-    }
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics")
-            .field("in_flight", &self.in_flight)
-            .finish_non_exhaustive()
     }
 }

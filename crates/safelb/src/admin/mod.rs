@@ -36,6 +36,9 @@ pub fn app(state: AdminState) -> Router {
         .route("/rollback", post(rollback))
         .route("/rollouts/{id}", get(rollout))
         .route("/events", get(events))
+        .route("/incidents", get(incidents))
+        .route("/incidents/{id}", get(incident))
+        .route("/incidents/{id}/postmortem", get(postmortem))
         .route("/backends/{addr}/drain", post(drain))
         .route("/backends/{addr}/undrain", post(undrain))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
@@ -51,7 +54,14 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     let mut e = safelb_proxy::exposition::Exposition::default();
     safelb_proxy::exposition::render(s.controller.handle(), &mut e);
     s.controller.render_metrics(&mut e);
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], e.finish()).into_response()
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        e.finish(),
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -241,5 +251,51 @@ async fn set_draining(State(s): State<AdminState>, Path(addr): Path<String>, dra
             StatusCode::NOT_FOUND,
             format!("no backend {addr} in the running config"),
         )
+    }
+}
+
+async fn incidents(State(s): State<AdminState>, Query(q): Query<Limit>) -> Response {
+    match s.controller.incidents(q.limit.unwrap_or(100)).await {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn incident(State(s): State<AdminState>, Path(id): Path<u64>) -> Response {
+    match s.controller.incident(id).await {
+        Ok(Some(i)) => Json(i).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("incident {id} does not exist")),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct PostmortemQuery {
+    format: Option<String>,
+}
+
+async fn postmortem(State(s): State<AdminState>, Path(id): Path<u64>, Query(q): Query<PostmortemQuery>) -> Response {
+    let incident = match s.controller.incident(id).await {
+        Ok(Some(i)) => i,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("incident {id} does not exist")),
+        Err(e) => return store_error(e),
+    };
+    if incident.resolved_ms.is_none() {
+        return error(
+            StatusCode::CONFLICT,
+            format!("incident {id} is still open: its postmortem is written when it resolves"),
+        );
+    }
+    match q.format.as_deref().unwrap_or("md") {
+        "md" => (
+            [(axum::http::header::CONTENT_TYPE, "text/markdown; charset=utf-8")],
+            safelb_control::postmortem::markdown(&incident),
+        )
+            .into_response(),
+        "json" => Json(incident).into_response(),
+        other => error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown format `{other}`: use md or json"),
+        ),
     }
 }

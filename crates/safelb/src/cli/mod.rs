@@ -2,7 +2,9 @@
 
 mod apply;
 mod check;
+mod demo;
 mod history;
+mod incidents;
 mod plan;
 mod rollback;
 mod serve;
@@ -47,6 +49,12 @@ enum Command {
     Diff(history::DiffArgs),
     /// Show the running version, the rollout in progress and backend health.
     Status(history::StatusArgs),
+    /// List incidents (alerts that fired, rollbacks), newest first.
+    Incidents(incidents::IncidentsArgs),
+    /// Print the postmortem safelb wrote for an incident.
+    Postmortem(incidents::PostmortemArgs),
+    /// The incident drill: a bad change on a local setup, caught, rolled back, written up.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -65,5 +73,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::History(args) => history::history(args),
         Command::Diff(args) => history::diff(args),
         Command::Status(args) => history::status(args),
+        Command::Incidents(args) => incidents::list(args),
+        Command::Postmortem(args) => incidents::postmortem(args),
+        Command::Demo(args) => demo::run(args),
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use safelb_config::ValidConfig;
-use safelb_control::controller::{recover, ApplyRequest};
+use safelb_control::controller::{recover, ApplyRequest, Startup};
 use safelb_control::sqlite::SqliteStore;
 use safelb_control::{Controller, StoreHandle};
 use safelb_proxy::{server, AccessLog, Proxy, ProxyHandle};
@@ -42,7 +42,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    init_logging();
+    init_logging("info");
     let file_name = args.config.display().to_string();
     let source = std::fs::read_to_string(&args.config).with_context(|| format!("cannot read {file_name}"))?;
     let checked = safelb_config::check(&file_name, &source);
@@ -77,7 +77,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 async fn serve(
     args: ServeArgs,
     file_source: String,
-    startup: safelb_control::controller::Startup,
+    startup: Startup,
     store: StoreHandle,
     threads: usize,
 ) -> anyhow::Result<ExitCode> {
@@ -86,9 +86,54 @@ async fn serve(
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let file_differs = startup.file_differs;
+    let running = start(startup, store, &args.store, args.demo_backends, threads).await?;
+    let file_name = args.config.display().to_string();
+    if file_differs {
+        submit(
+            &running.controller,
+            &file_name,
+            file_source,
+            "startup",
+            "the config file differs from the running version at start",
+        );
+    }
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match std::fs::read_to_string(&args.config) {
+                Ok(source) => submit(&running.controller, &file_name, source, "sighup", "SIGHUP: configuration file re-read"),
+                Err(e) => tracing::error!(file = %file_name, error = %e, "SIGHUP: cannot read the config file; nothing changes"),
+            },
+        }
+    }
+    running.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
 
+/// A running safelb: listeners, admin API, monitor; stopped (and drained) by [`Running::stop`].
+pub struct Running {
+    pub controller: Controller,
+    pub listeners: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tracker: TaskTracker,
+    drain_timeout: std::time::Duration,
+    _demo: Vec<Arc<TestBackend>>,
+}
+
+/// Binds everything for the version `startup` chose and starts serving.
+pub async fn start(
+    startup: Startup,
+    store: StoreHandle,
+    store_dir: &Path,
+    demo_backends: bool,
+    threads: usize,
+) -> anyhow::Result<Running> {
     let config = startup.config;
-    let _demo = if args.demo_backends {
+    let demo = if demo_backends {
         start_demo_backends(&config).await?
     } else {
         Vec::new()
@@ -102,7 +147,7 @@ async fn serve(
     for l in config.listeners.values() {
         let listener =
             server::bind(l.bind).with_context(|| format!("cannot bind listener `{}` on {}", l.name, l.bind))?;
-        bound.push((l.name.clone(), l.bind, listener));
+        bound.push((l.name.clone(), listener));
     }
     let admin_bind: SocketAddr = config
         .admin
@@ -111,7 +156,8 @@ async fn serve(
     let admin_listener = tokio::net::TcpListener::bind(admin_bind)
         .await
         .with_context(|| format!("cannot bind the admin API on {admin_bind}"))?;
-    let token = admin_token(config.admin.as_ref().and_then(|a| a.token_file.as_deref()), &args.store)?;
+    let admin = admin_listener.local_addr()?;
+    let token = admin_token(config.admin.as_ref().and_then(|a| a.token_file.as_deref()), store_dir)?;
     let drain_timeout = config.limits.drain_timeout;
 
     let handle = ProxyHandle::new(config, startup.version);
@@ -119,10 +165,13 @@ async fn serve(
     let proxy = Proxy::new(handle.clone(), log);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let mut accept_loops = Vec::new();
-    for (name, addr, listener) in bound {
+    let mut tasks = Vec::new();
+    let mut listeners = Vec::new();
+    for (name, listener) in bound {
+        let addr = listener.local_addr()?;
         tracing::info!(listener = %name, %addr, threads, version = startup.version, "listening");
-        accept_loops.push(tokio::spawn(server::serve(
+        listeners.push(addr);
+        tasks.push(tokio::spawn(server::serve(
             listener,
             proxy.clone(),
             shutdown.clone(),
@@ -134,55 +183,51 @@ async fn serve(
         token: Arc::from(token),
     });
     let admin_shutdown = shutdown.clone();
-    let admin_task = tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         let served = axum::serve(admin_listener, app)
             .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "admin API stopped");
         }
-    });
-    tracing::info!(addr = %admin_bind, store = %args.store.display(), "admin API listening");
+    }));
+    let monitor = safelb_control::monitor::Monitor::new(controller.clone(), Some(store_dir.join("postmortems")));
+    tasks.push(tokio::spawn(monitor.run(shutdown.clone())));
+    tracing::info!(addr = %admin, store = %store_dir.display(), "admin API listening");
+    Ok(Running {
+        controller,
+        listeners,
+        admin,
+        shutdown,
+        tasks,
+        tracker,
+        drain_timeout,
+        _demo: demo,
+    })
+}
 
-    let file_name = args.config.display().to_string();
-    if startup.file_differs {
-        submit(
-            &controller,
-            &file_name,
-            file_source,
-            "startup",
-            "the config file differs from the running version at start",
+impl Running {
+    /// Stops accepting, lets requests in flight finish (up to the drain timeout), stops the rest.
+    pub async fn stop(self) {
+        tracing::info!(
+            drain_timeout_ms = self.drain_timeout.as_millis() as u64,
+            "shutting down: no new connections, draining requests in flight"
         );
-    }
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => match std::fs::read_to_string(&args.config) {
-                Ok(source) => submit(&controller, &file_name, source, "sighup", "SIGHUP: configuration file re-read"),
-                Err(e) => tracing::error!(file = %file_name, error = %e, "SIGHUP: cannot read the config file; nothing changes"),
-            },
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.tracker.close();
+        let drained = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+            .await
+            .is_ok();
+        self.controller.handle().shutdown();
+        if drained {
+            tracing::info!("drained; exiting");
+        } else {
+            tracing::warn!("drain timeout reached; closing the remaining connections");
         }
     }
-
-    tracing::info!(
-        drain_timeout_ms = drain_timeout.as_millis() as u64,
-        "shutting down: no new connections, draining requests in flight"
-    );
-    shutdown.cancel();
-    for l in accept_loops {
-        let _ = l.await;
-    }
-    let _ = admin_task.await;
-    tracker.close();
-    let drained = tokio::time::timeout(drain_timeout, tracker.wait()).await.is_ok();
-    handle.shutdown();
-    if drained {
-        tracing::info!("drained; exiting");
-    } else {
-        tracing::warn!("drain timeout reached; closing the remaining connections");
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Submits a config through the pipeline in the background, logging the outcome.
@@ -206,7 +251,7 @@ fn submit(controller: &Controller, file_name: &str, source: String, origin: &str
 
 /// The admin token: from `token_file` if the config names one, else generated once into the
 /// store directory (readable by the owner only).
-fn admin_token(configured: Option<&Path>, store: &Path) -> anyhow::Result<String> {
+pub fn admin_token(configured: Option<&Path>, store: &Path) -> anyhow::Result<String> {
     if let Some(path) = configured {
         let token = std::fs::read_to_string(path)
             .with_context(|| format!("reading the admin token file {}", path.display()))?;
@@ -261,9 +306,10 @@ async fn start_demo_backends(config: &ValidConfig) -> anyhow::Result<Vec<Arc<Tes
     Ok(started)
 }
 
-fn init_logging() {
+/// Logs to standard error at `SAFELB_LOG` (an `EnvFilter`), else at `default`.
+pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SAFELB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

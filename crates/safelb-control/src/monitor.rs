@@ -1,0 +1,406 @@
+//! The monitor: once a second it records what the data plane saw, samples the counters,
+//! evaluates every `[[alert]]`, sends notifications, and opens and resolves incidents.
+//!
+//! An incident opens when an alert fires or a rollback happens, and resolves at the first tick
+//! with no alert firing. At resolution its facts are gathered (see `postmortem.rs`), stored with
+//! the incident, and the postmortem is written to `<store>/postmortems/incident-N.md`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use safelb_config::{AlertKind, AlertRule};
+use safelb_proxy::metrics::DataPlaneEvent;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::alerts::{condition, step, Sample, Series, State, Transition};
+use crate::notify::{Notice, Notifier};
+use crate::postmortem::{self, RouteCounts};
+use crate::store::{now_ms, NewEvent};
+use crate::Controller;
+
+pub const TICK: Duration = Duration::from_secs(1);
+/// Per-route counters are kept this long, every `ROUTE_EVERY`, to attribute an incident.
+const ROUTE_KEEP: usize = 120;
+const ROUTE_EVERY: u32 = 5;
+
+type Scope = (Option<String>, Option<String>);
+
+struct Open {
+    id: u64,
+    opened_ms: i64,
+    alerts: BTreeSet<String>,
+}
+
+pub struct Monitor {
+    controller: Controller,
+    notifier: Notifier,
+    postmortems: Option<PathBuf>,
+    series: HashMap<Scope, Series>,
+    routes: std::collections::VecDeque<(i64, RouteCounts)>,
+    states: BTreeMap<String, (State, AlertRule)>,
+    open: Option<Open>,
+    rollbacks_seen: u64,
+    ticks: u32,
+}
+
+impl Monitor {
+    pub fn new(controller: Controller, postmortems: Option<PathBuf>) -> Monitor {
+        let rollbacks_seen = controller.rollbacks().0;
+        Monitor {
+            controller,
+            notifier: Notifier::start(),
+            postmortems,
+            series: HashMap::new(),
+            routes: Default::default(),
+            states: BTreeMap::new(),
+            open: None,
+            rollbacks_seen,
+            ticks: 0,
+        }
+    }
+
+    /// Runs until `cancel`.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut interval = tokio::time::interval(TICK);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = interval.tick() => self.tick().await,
+            }
+        }
+    }
+
+    async fn event(&self, kind: &'static str, version: Option<u64>, message: String, data: serde_json::Value) {
+        let e = NewEvent {
+            kind,
+            version,
+            message,
+            data,
+        };
+        if let Err(err) = self.controller.store().call(move |s| s.append_event(e)).await {
+            tracing::error!(error = %err, "recording an event failed");
+        }
+    }
+
+    pub async fn tick(&mut self) {
+        let now = now_ms();
+        self.ticks += 1;
+        for e in self.controller.handle().metrics().drain_events() {
+            let (kind, message) = describe(&e);
+            tracing::info!(event = kind, "{message}");
+            self.event(kind, None, message, json!({})).await;
+        }
+        let stable = self.controller.handle().snapshot();
+        let rules = stable.config.alerts.clone();
+        let targets = stable.config.notify.clone();
+        self.sample(now, &rules, &stable);
+
+        let (rollbacks, last_rollback_ms, rollback_note) = self.controller.rollbacks();
+        if rollbacks > self.rollbacks_seen {
+            self.rollbacks_seen = rollbacks;
+            self.open_incident(now, format!("Rollback: {rollback_note}")).await;
+        }
+        let rollback_age = last_rollback_ms.map(|t| Duration::from_millis((now - t).max(0) as u64));
+        let no_healthy: Vec<String> = {
+            let t = safelb_proxy::backend::now_ms();
+            stable
+                .pools
+                .iter()
+                .filter(|p| !p.backends.iter().any(|b| b.is_available(t)))
+                .map(|p| p.name.to_string())
+                .collect()
+        };
+
+        let mut firing = Vec::new();
+        for rule in &rules {
+            let scope = (rule.route.clone(), rule.pool.clone());
+            let empty = Series::default();
+            let series = self.series.get(&scope).unwrap_or(&empty);
+            let scoped_no_healthy: Vec<String> = no_healthy
+                .iter()
+                .filter(|p| rule.pool.as_ref().is_none_or(|x| x == *p))
+                .cloned()
+                .collect();
+            let (active, text) = condition(rule, series, &scoped_no_healthy, rollback_age);
+            let state = self.states.get(&rule.name).map_or(State::Inactive, |(s, _)| *s);
+            let (next, transition) = step(state, active, rule.for_, now);
+            self.states.insert(rule.name.clone(), (next, rule.clone()));
+            self.transition(rule, transition, &text, now, &targets).await;
+            if matches!(next, State::Firing { .. }) {
+                firing.push(rule.name.clone());
+            }
+        }
+        // Rules removed by a config change resolve.
+        let gone: Vec<String> = self
+            .states
+            .keys()
+            .filter(|n| !rules.iter().any(|r| &r.name == *n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some((State::Firing { since_ms }, rule)) = self.states.remove(&name) {
+                self.transition(
+                    &rule,
+                    Transition::Resolved { fired_ms: since_ms },
+                    "the rule was removed",
+                    now,
+                    &targets,
+                )
+                .await;
+            }
+        }
+        self.controller.set_alert_states(
+            self.states
+                .iter()
+                .map(|(n, (s, r))| (n.clone(), r.severity.clone(), *s))
+                .collect(),
+        );
+
+        if let Some(open) = &self.open {
+            if firing.is_empty() && now - open.opened_ms >= TICK.as_millis() as i64 {
+                self.resolve(now).await;
+            }
+        }
+    }
+
+    fn sample(&mut self, now: i64, rules: &[AlertRule], stable: &safelb_proxy::Snapshot) {
+        let metrics = self.controller.handle().metrics();
+        let mut scopes: BTreeMap<Scope, bool> = BTreeMap::from([((None, None), false)]);
+        for r in rules {
+            *scopes.entry((r.route.clone(), r.pool.clone())).or_default() |=
+                matches!(r.kind, AlertKind::LatencyP99 { .. });
+        }
+        for (scope, latency) in scopes {
+            let (requests, errors) = metrics.totals(scope.0.as_deref(), scope.1.as_deref());
+            // Latency is kept per pool: a route-scoped rule reads its route's pool.
+            let pool = scope.1.clone().or_else(|| {
+                scope.0.as_ref().and_then(|route| {
+                    stable
+                        .config
+                        .routes
+                        .iter()
+                        .find(|r| &r.name == route)
+                        .map(|r| stable.config.pools[r.pool].name.clone())
+                })
+            });
+            let latency = latency.then(|| metrics.latency(pool.as_deref()));
+            self.series.entry(scope).or_default().push(Sample {
+                ms: now,
+                requests,
+                errors,
+                latency,
+            });
+        }
+        if self.ticks % ROUTE_EVERY == 1 {
+            if self.routes.len() >= ROUTE_KEEP {
+                self.routes.pop_front();
+            }
+            self.routes.push_back((now, postmortem::route_counts(metrics)));
+        }
+    }
+
+    async fn transition(
+        &mut self,
+        rule: &AlertRule,
+        t: Transition,
+        text: &str,
+        now: i64,
+        targets: &[safelb_config::Notify],
+    ) {
+        let name = &rule.name;
+        match t {
+            Transition::None => {}
+            Transition::BecamePending => {
+                self.event(
+                    "AlertPending",
+                    None,
+                    format!("alert {name} pending: {text}"),
+                    json!({ "alert": name, "value": text }),
+                )
+                .await;
+            }
+            Transition::Cleared => {
+                self.event(
+                    "AlertCleared",
+                    None,
+                    format!("alert {name} cleared before firing: {text}"),
+                    json!({ "alert": name }),
+                )
+                .await;
+            }
+            Transition::Fired => {
+                tracing::warn!(alert = %name, severity = %rule.severity, "alert firing: {text}");
+                self.event(
+                    "AlertFired",
+                    None,
+                    format!("alert {name} ({}) firing: {text}", rule.severity),
+                    json!({ "alert": name, "severity": rule.severity, "kind": rule.kind.name(), "value": text }),
+                )
+                .await;
+                self.notifier.send(targets, notice(rule, true, text, now, None));
+                if self.open.is_none() {
+                    self.open_incident(now, format!("{name}: {text}")).await;
+                }
+                if let Some(open) = &mut self.open {
+                    open.alerts.insert(name.clone());
+                }
+            }
+            Transition::Resolved { fired_ms } => {
+                tracing::info!(alert = %name, "alert resolved: {text}");
+                self.event(
+                    "AlertResolved",
+                    None,
+                    format!(
+                        "alert {name} resolved after {:.0}s: {text}",
+                        (now - fired_ms) as f64 / 1000.0
+                    ),
+                    json!({ "alert": name, "fired_ms": fired_ms }),
+                )
+                .await;
+                self.notifier
+                    .send(targets, notice(rule, false, text, fired_ms, Some(now)));
+            }
+        }
+    }
+
+    async fn open_incident(&mut self, now: i64, title: String) {
+        if self.open.is_some() {
+            return;
+        }
+        let t = title.clone();
+        match self.controller.store().call(move |s| s.open_incident(now, &t)).await {
+            Ok(id) => {
+                tracing::warn!(incident = id, "incident opened: {title}");
+                self.event(
+                    "IncidentOpened",
+                    None,
+                    format!("incident #{id} opened: {title}"),
+                    json!({ "incident": id }),
+                )
+                .await;
+                self.open = Some(Open {
+                    id,
+                    opened_ms: now,
+                    alerts: BTreeSet::new(),
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "opening an incident failed"),
+        }
+    }
+
+    async fn resolve(&mut self, now: i64) {
+        let Some(open) = self.open.take() else { return };
+        self.event(
+            "IncidentResolved",
+            None,
+            format!("incident #{} resolved", open.id),
+            json!({ "incident": open.id }),
+        )
+        .await;
+        let global = self.series.get(&(None, None));
+        let empty = Series::default();
+        let report = postmortem::gather(
+            &self.controller,
+            open.id,
+            open.opened_ms,
+            now,
+            global.unwrap_or(&empty),
+            &self.routes,
+            open.alerts.iter().cloned().collect(),
+        )
+        .await;
+        let id = open.id;
+        let stored = report.clone();
+        if let Err(e) = self
+            .controller
+            .store()
+            .call(move |s| s.resolve_incident(id, now, &stored))
+            .await
+        {
+            tracing::error!(error = %e, "recording the incident's resolution failed");
+            return;
+        }
+        if let Some(dir) = &self.postmortems {
+            match self.controller.incident(id).await {
+                Ok(Some(incident)) => {
+                    let path = dir.join(format!("incident-{id}.md"));
+                    let written = std::fs::create_dir_all(dir)
+                        .and_then(|_| std::fs::write(&path, postmortem::markdown(&incident)));
+                    match written {
+                        Ok(()) => tracing::info!(incident = id, path = %path.display(), "postmortem written"),
+                        Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the postmortem failed"),
+                    }
+                }
+                other => tracing::error!(?other, "reading the resolved incident failed"),
+            }
+        }
+        tracing::info!(incident = id, "incident resolved");
+    }
+}
+
+fn notice(rule: &AlertRule, firing: bool, text: &str, starts_ms: i64, ends_ms: Option<i64>) -> Notice {
+    let ts = |ms: i64| safelb_proxy::access_log::rfc3339(ms.div_euclid(1000), (ms.rem_euclid(1000)) as u32);
+    let mut labels = rule.labels.clone();
+    labels.push(("kind".into(), rule.kind.name().into()));
+    if let Some(p) = &rule.pool {
+        labels.push(("pool".into(), p.clone()));
+    }
+    if let Some(r) = &rule.route {
+        labels.push(("route".into(), r.clone()));
+    }
+    Notice {
+        alert: rule.name.clone(),
+        firing,
+        severity: rule.severity.clone(),
+        labels,
+        summary: text.to_string(),
+        starts_at: ts(starts_ms),
+        ends_at: ends_ms.map(ts),
+    }
+}
+
+fn describe(e: &DataPlaneEvent) -> (&'static str, String) {
+    match e {
+        DataPlaneEvent::BackendDown { backend, reason } => (
+            "BackendFailedHealthCheck",
+            format!("backend {backend} failed its health check ({reason}): no new requests"),
+        ),
+        DataPlaneEvent::BackendUp { backend } => (
+            "BackendPassedHealthCheck",
+            format!("backend {backend} passed its health check"),
+        ),
+        DataPlaneEvent::BackendEjected {
+            backend,
+            pool,
+            cause,
+            for_ms,
+        } => (
+            "BackendEjected",
+            format!(
+                "backend {backend} of pool {pool} ejected for {:.0}s after consecutive failures ({cause})",
+                *for_ms as f64 / 1000.0
+            ),
+        ),
+        DataPlaneEvent::PoolPanic {
+            pool,
+            entered: true,
+            available,
+            total,
+        } => (
+            "PoolPanicEntered",
+            format!("pool {pool} entered panic mode: {available} of {total} backends available"),
+        ),
+        DataPlaneEvent::PoolPanic {
+            pool,
+            entered: false,
+            available,
+            total,
+        } => (
+            "PoolPanicLeft",
+            format!("pool {pool} left panic mode: {available} of {total} backends available"),
+        ),
+    }
+}
