@@ -111,25 +111,13 @@ pub async fn gather(
     }
     // The impact window starts at the trigger (if recent) or a minute before the opening.
     let start_ms = trigger_event.as_ref().map_or(opened_ms - 60_000, |e| e.time_ms);
-    let (mut first_fail, mut last_fail) = (None, None);
-    let mut prev: Option<&crate::alerts::Sample> = global.at_or_before(start_ms);
-    for s in global.between(start_ms, resolved_ms) {
-        if let Some(p) = prev {
-            if s.errors > p.errors {
-                first_fail.get_or_insert(p.ms);
-                last_fail = Some(s.ms);
-            }
-        }
-        prev = Some(s);
-    }
-    let at = |ms: i64| global.at_or_before(ms).map_or((0, 0), |s| (s.requests, s.errors));
-    let (r0, e0) = at(start_ms);
-    let (r1, e1) = at(resolved_ms);
-    let (requests, failed) = (r1.saturating_sub(r0), e1.saturating_sub(e0));
-    let clients = controller
+    let (failed, clients, first_fail, last_fail) = controller
         .handle()
         .metrics()
-        .failed_clients_between((start_ms / 1000) as u64, (resolved_ms / 1000) as u64 + 1);
+        .failures_between(start_ms.max(0) as u64, resolved_ms.max(0) as u64);
+    let at = |ms: i64| global.at_or_before(ms).map_or((0, 0), |s| (s.requests, s.errors));
+    // Requests from the once-a-second counters; failures exactly, from the failure record.
+    let (requests, failed) = (at(resolved_ms).0.saturating_sub(at(start_ms).0), failed as u64);
     let before = routes
         .iter()
         .rev()

@@ -131,7 +131,7 @@ pub type PoolBackend = (Arc<str>, Arc<str>);
 /// `route`, `pool`, `backend` ("" when none applies, e.g. a 404 or a 503 with no backend).
 pub type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
 
-/// Failed requests' client addresses kept for incident reports (the failure path only).
+/// Failed requests (time, client) kept for incident reports (the failure path only).
 const FAILED_CLIENTS_KEPT: usize = 200_000;
 
 #[derive(Default)]
@@ -205,7 +205,7 @@ impl Metrics {
 
     /// Remembers the client of a failed (5xx) request.
     pub fn record_failed_client(&self, ip: IpAddr) {
-        let now = crate::access_log::unix_ms() / 1000;
+        let now = crate::access_log::unix_ms();
         let mut q = self.failed_clients.lock().expect("failed clients lock");
         if q.len() >= FAILED_CLIENTS_KEPT {
             q.pop_front();
@@ -213,14 +213,22 @@ impl Metrics {
         q.push_back((now, ip));
     }
 
-    /// Distinct clients that got a 5xx between two Unix times (seconds, inclusive).
-    pub fn failed_clients_between(&self, from: u64, to: u64) -> usize {
+    /// Failed (5xx) requests between two Unix times in milliseconds (inclusive): how many, from
+    /// how many distinct clients, and the times of the first and the last.
+    pub fn failures_between(&self, from_ms: u64, to_ms: u64) -> (usize, usize, Option<u64>, Option<u64>) {
         let q = self.failed_clients.lock().expect("failed clients lock");
-        q.iter()
-            .filter(|(t, _)| *t >= from && *t <= to)
+        let inside: Vec<&(u64, IpAddr)> = q.iter().filter(|(t, _)| *t >= from_ms && *t <= to_ms).collect();
+        let clients = inside
+            .iter()
             .map(|(_, ip)| ip)
             .collect::<std::collections::HashSet<_>>()
-            .len()
+            .len();
+        (
+            inside.len(),
+            clients,
+            inside.first().map(|(t, _)| *t),
+            inside.last().map(|(t, _)| *t),
+        )
     }
 
     /// (responses, 5xx responses) summed over routes matching `route` and pools matching `pool`

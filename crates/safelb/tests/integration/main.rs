@@ -8,5 +8,6 @@ mod change_control;
 mod check_cli;
 mod failures;
 pub mod lifecycle;
+mod observability;
 mod proxying;
 mod swap;
