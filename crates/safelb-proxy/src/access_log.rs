@@ -14,7 +14,9 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-const QUEUE: usize = 16 * 1024;
+const QUEUE: usize = 64 * 1024;
+/// How long a line may wait in the queue before it is written.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[derive(Clone, Default)]
 pub struct AccessLog {
@@ -101,12 +103,28 @@ impl AccessLog {
             .name("safelb-access-log".into())
             .spawn(move || {
                 let mut out = BufWriter::with_capacity(64 * 1024, out);
-                while let Ok(line) = rx.recv() {
-                    let _ = out.write_all(line.as_bytes());
-                    while let Ok(more) = rx.try_recv() {
-                        let _ = out.write_all(more.as_bytes());
+                // Drain in batches with a short sleep between them instead of blocking on the
+                // channel: a blocked receiver costs every request a futex wake-up; this costs a
+                // line at most FLUSH_EVERY of delay.
+                loop {
+                    let mut wrote = false;
+                    loop {
+                        match rx.try_recv() {
+                            Ok(line) => {
+                                let _ = out.write_all(line.as_bytes());
+                                wrote = true;
+                            }
+                            Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                                let _ = out.flush();
+                                return;
+                            }
+                        }
                     }
-                    let _ = out.flush();
+                    if wrote {
+                        let _ = out.flush();
+                    }
+                    std::thread::sleep(FLUSH_EVERY);
                 }
             })
             .expect("spawning the access-log thread");
