@@ -64,48 +64,38 @@ impl Deployment {
 
     /// Runs the CLI against this deployment; returns exit code, stdout, stderr and duration.
     fn cli(&self, args: &[&str]) -> (i32, String, String, Duration) {
-        let started = Instant::now();
-        let out = Command::new(safelb_bin())
-            .args(args)
-            .env("SAFELB_ADMIN", format!("http://{}", self.admin()))
-            .env("SAFELB_TOKEN_FILE", self.dir.join("store/admin.token"))
-            .env("USER", "tester")
-            .current_dir(&self.dir)
-            .output()
-            .unwrap();
-        let took = started.elapsed();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-            took,
-        )
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        run_cli(self.admin(), self.dir.clone(), args)
     }
 
     /// `cli` on a blocking thread, so the load keeps running on the test's runtime.
     async fn cli_async(&self, args: &[&str]) -> (i32, String, String, Duration) {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (admin, token, dir) = (self.admin(), self.dir.join("store/admin.token"), self.dir.clone());
-        tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let out = Command::new(safelb_bin())
-                .args(&args)
-                .env("SAFELB_ADMIN", format!("http://{admin}"))
-                .env("SAFELB_TOKEN_FILE", token)
-                .env("USER", "tester")
-                .current_dir(dir)
-                .output()
-                .unwrap();
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-                started.elapsed(),
-            )
-        })
-        .await
-        .unwrap()
+        let (admin, dir) = (self.admin(), self.dir.clone());
+        tokio::task::spawn_blocking(move || run_cli(admin, dir, args))
+            .await
+            .unwrap()
     }
+}
+
+/// Runs the CLI against a deployment; returns exit code, stdout, stderr and duration.
+fn run_cli(admin: std::net::SocketAddr, dir: PathBuf, args: Vec<String>) -> (i32, String, String, Duration) {
+    let started = Instant::now();
+    let out = Command::new(safelb_bin())
+        .args(&args)
+        .env("SAFELB_ADMIN", format!("http://{admin}"))
+        .env("SAFELB_TOKEN_FILE", dir.join("store/admin.token"))
+        .env("USER", "tester")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        took,
+    )
 }
 
 async fn backends(n: usize) -> Vec<TestBackend> {
