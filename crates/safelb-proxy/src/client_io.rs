@@ -9,6 +9,9 @@
 //! - when the header timer fires it writes a 408 itself and ends the connection;
 //! - when hyper writes one of its automatic error responses while a head is being read (no
 //!   request in flight), the wrapper writes its own answer with the same status instead.
+//!
+//! An HTTP/2 connection (recognised by its preface) gets the idle timeout only; an upgraded
+//! connection (WebSocket) is passed through untouched.
 
 use std::future::Future;
 use std::io;
@@ -31,6 +34,8 @@ use crate::error::parser_answer;
 pub struct ConnState {
     /// Requests of this connection whose response has not finished.
     pub in_flight: AtomicU32,
+    /// The connection was upgraded (WebSocket and the like): from now on bytes pass untouched.
+    pub upgraded: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -47,6 +52,9 @@ pub struct ClientIo {
     stream: TcpStream,
     state: Arc<ConnState>,
     phase: Phase,
+    /// Decided by the first bytes: HTTP/2 has no "request head" between frames, so only the
+    /// idle timeout applies, and no HTTP/1 answer may ever be written into its framing.
+    h2: Option<bool>,
     head_bytes: usize,
     timer: Pin<Box<Sleep>>,
     header_timeout: Duration,
@@ -71,6 +79,7 @@ impl ClientIo {
             state,
             // A new connection must send its first head within the header timeout.
             phase: Phase::Head,
+            h2: None,
             head_bytes: 0,
             timer: Box::pin(tokio::time::sleep(header_timeout)),
             header_timeout,
@@ -116,6 +125,9 @@ impl ClientIo {
 impl AsyncRead for ClientIo {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.state.upgraded.load(Relaxed) {
+            return Pin::new(&mut this.stream).poll_read(cx, buf);
+        }
         if this.state.in_flight.load(Relaxed) > 0 {
             this.phase = Phase::Busy;
         } else if this.phase == Phase::Busy {
@@ -125,6 +137,16 @@ impl AsyncRead for ClientIo {
         let before = buf.filled().len();
         if let Poll::Ready(result) = Pin::new(&mut this.stream).poll_read(cx, buf) {
             let n = buf.filled().len() - before;
+            if this.h2.is_none() && n > 0 {
+                this.h2 = Some(buf.filled()[before..].starts_with(b"PRI * HTTP/2.0"));
+            }
+            if this.h2 == Some(true) {
+                if n > 0 && this.phase != Phase::Busy {
+                    let after = this.keepalive_timeout;
+                    this.arm(Phase::Idle, after);
+                }
+                return Poll::Ready(result);
+            }
             if n > 0 && this.phase == Phase::Idle {
                 this.head_bytes = 0;
                 let after = this.header_timeout;
@@ -136,7 +158,7 @@ impl AsyncRead for ClientIo {
             return Poll::Ready(result);
         }
         if this.phase != Phase::Busy && this.timer.as_mut().poll(cx).is_ready() {
-            if this.phase == Phase::Head && this.head_bytes > 0 {
+            if this.phase == Phase::Head && this.head_bytes > 0 && this.h2 != Some(true) {
                 this.answer(408);
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -153,7 +175,11 @@ impl AsyncRead for ClientIo {
 impl AsyncWrite for ClientIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.phase == Phase::Head && this.state.in_flight.load(Relaxed) == 0 {
+        if this.h2 == Some(false)
+            && this.phase == Phase::Head
+            && this.state.in_flight.load(Relaxed) == 0
+            && !this.state.upgraded.load(Relaxed)
+        {
             if let Some(status) = automatic_error_status(buf) {
                 if this.answer(status) {
                     // The connection closes after this; hyper's own bytes are replaced.
@@ -170,7 +196,11 @@ impl AsyncWrite for ClientIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.phase == Phase::Head && this.state.in_flight.load(Relaxed) == 0 {
+        if this.h2 == Some(false)
+            && this.phase == Phase::Head
+            && this.state.in_flight.load(Relaxed) == 0
+            && !this.state.upgraded.load(Relaxed)
+        {
             if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
                 if let Some(status) = automatic_error_status(first) {
                     if this.answer(status) {

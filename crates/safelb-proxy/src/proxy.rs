@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use safelb_config::routing::RequestView;
 use safelb_config::HashKey;
 use xxhash_rust::xxh3::xxh3_64;
@@ -53,10 +54,15 @@ impl Proxy {
     /// Serves one request. Never fails: every error becomes a response.
     pub async fn serve(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client: SocketAddr,
         conn: Arc<ConnState>,
     ) -> Response<ResponseBody> {
+        let upgrade = (req.version() == Version::HTTP_11)
+            .then(|| upgrade_protocol(req.headers()))
+            .flatten();
+        let on_client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let conn_state = conn.clone();
         let routing = self.handle.routing();
         let (picked, role) = routing.pick(client);
         let snapshot = picked.clone();
@@ -87,7 +93,14 @@ impl Proxy {
             done.path = parts.uri.path().to_owned();
         }
         strip_hop_by_hop(&mut parts.headers);
-        add_forwarded(&mut parts.headers, client, self.scheme, host_header.as_ref());
+        if let Some(protocol) = &upgrade {
+            parts.headers.insert(http::header::UPGRADE, protocol.clone());
+            parts
+                .headers
+                .insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let forwarded_host = parts.headers.get(HOST).cloned();
+        add_forwarded(&mut parts.headers, client, self.scheme, forwarded_host.as_ref());
         parts.version = Version::HTTP_11;
 
         let limit = snapshot.config.limits.max_body_bytes;
@@ -110,6 +123,12 @@ impl Proxy {
             _ => None,
         };
         let request = Request::from_parts(parts, RequestBody::new(body, limit));
+        if let Some(on_client) = on_client_upgrade {
+            return match self.tunnel(&snapshot, request, done, on_client, conn_state).await {
+                Ok(response) => response,
+                Err((err, done)) => local(done, err),
+            };
+        }
         let (err, mut done) = match self.route_and_forward(&snapshot, request, client, done).await {
             Ok(response) => return response,
             Err(failed) => failed,
@@ -126,6 +145,73 @@ impl Proxy {
             }
         }
         local(done, err)
+    }
+
+    /// An Upgrade request (WebSocket): a fresh upstream connection; on `101 Switching Protocols`
+    /// both connections become one byte tunnel that lives until either side closes. The tunnel
+    /// holds sockets, not a snapshot, so config swaps leave it alone.
+    async fn tunnel(
+        &self,
+        snapshot: &Snapshot,
+        request: Request<RequestBody>,
+        mut done: Box<Completion>,
+        on_client: hyper::upgrade::OnUpgrade,
+        conn: Arc<ConnState>,
+    ) -> Result<Response<ResponseBody>, (ProxyError, Box<Completion>)> {
+        let Some(route) = find_route(snapshot, request.method(), request.uri(), request.headers()) else {
+            return Err((ProxyError::new(ErrorKind::NoRoute), done));
+        };
+        let pool = &snapshot.pools[snapshot.config.routes[route].pool];
+        let config = snapshot.pool_config(pool);
+        done.route = Some(snapshot.route_names[route].clone());
+        done.route_idx = Some(route);
+        done.pool = Some(pool.name.clone());
+        done.pool_idx = Some(pool.index);
+        let idx = match pool.select(0, &[]) {
+            Ok(i) => i,
+            Err(kind) => return Err((ProxyError::in_pool(kind, &pool.name), done)),
+        };
+        let backend = &pool.backends[idx];
+        done.backend = Some(backend.clone());
+        done.backend_idx = Some(idx);
+        let mut sender = match upstream::connect_upgradable(backend, config.connect_timeout).await {
+            Ok(s) => s,
+            Err(kind) => {
+                pool.upstream[idx].connect_errors.fetch_add(1, Relaxed);
+                failure(pool, snapshot, backend, kind);
+                return Err((ProxyError::in_pool(kind, &pool.name), done));
+            }
+        };
+        let mut response = match tokio::time::timeout(config.response_timeout, sender.send_request(request)).await {
+            Err(_) => return Err((ProxyError::in_pool(ErrorKind::ResponseTimeout, &pool.name), done)),
+            Ok(Err(_)) => return Err((ProxyError::in_pool(ErrorKind::UpstreamProtocol, &pool.name), done)),
+            Ok(Ok(r)) => r,
+        };
+        done.status = response.status().as_u16();
+        if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            // Refused upgrade: relay the answer; the connection is not reused.
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            return Ok(Response::from_parts(parts, ResponseBody::upstream(body, done)));
+        }
+        backend.record_success();
+        let on_upstream = hyper::upgrade::on(&mut response);
+        conn.upgraded.store(true, Relaxed);
+        let peer = backend.addr;
+        tokio::spawn(async move {
+            let (Ok(client), Ok(upstream)) = (on_client.await, on_upstream.await) else {
+                return;
+            };
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((up, down)) => tracing::debug!(backend = %peer, up, down, "upgraded connection closed"),
+                Err(e) => tracing::debug!(backend = %peer, error = %e, "upgraded connection ended with an error"),
+            }
+        });
+        let mut out = Response::new(ResponseBody::local(Bytes::new(), Some(done)));
+        *out.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        *out.headers_mut() = std::mem::take(response.headers_mut());
+        Ok(out)
     }
 
     /// Routes a prepared request in `snapshot` and forwards it.
@@ -250,6 +336,21 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+/// The protocol asked for by an HTTP/1.1 `Upgrade` request (with `Connection: upgrade`).
+fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let wants = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if wants {
+        headers.get(http::header::UPGRADE).cloned()
+    } else {
+        None
     }
 }
 

@@ -1,4 +1,4 @@
-//! Client-facing listeners: accept, serve HTTP/1.1 with keep-alive, drain on shutdown.
+//! Client-facing listeners: accept, serve HTTP/1.1 (keep-alive, upgrades) and h2c, drain on shutdown.
 //!
 //! [`serve`] takes a bound listener and a shutdown token (the shape of mini-redis's
 //! `server::run`), so tests bind port 0 and own the lifetime. On shutdown it stops accepting;
@@ -10,9 +10,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -74,11 +75,19 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, proxy: Arc<
         let state = state.clone();
         async move { Ok::<_, Infallible>(proxy.serve(req, peer, state).await) }
     });
-    let conn = http1::Builder::new()
+    // HTTP/1.1, and HTTP/2 with prior knowledge (h2c), told apart by the connection preface.
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
         .keep_alive(true)
-        .max_header_size(limits.max_header_bytes)
-        .header_read_timeout(None)
-        .serve_connection(TokioIo::new(io), service);
+        // Past this the request head cannot be parsed: hyper answers 431 (see client_io.rs).
+        .max_buf_size(limits.max_header_bytes)
+        .header_read_timeout(None);
+    builder
+        .http2()
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_concurrent_streams(256);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => {

@@ -89,6 +89,24 @@ pub(crate) async fn connect(backend: &BackendState, timeout: Duration) -> Result
     Ok(sender)
 }
 
+/// A new connection for an Upgrade request: never pooled, since a 101 hands it to the tunnel.
+pub(crate) async fn connect_upgradable(backend: &BackendState, timeout: Duration) -> Result<Sender, ErrorKind> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
+        Err(_) => return Err(ErrorKind::ConnectTimeout),
+        Ok(Err(_)) => return Err(ErrorKind::ConnectRefused),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| ErrorKind::ConnectRefused)?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
 /// Drops every idle connection of a backend (it was removed or ejected).
 pub(crate) fn clear_idle(backend: &Arc<BackendState>) {
     backend.idle.lock().expect("idle list lock is never poisoned").clear();

@@ -4,7 +4,8 @@
 //!
 //! Paths every backend serves: `/healthz` (follows the behaviour like any path), `/headers`
 //! (echoes the request headers, one `name: value` per line), `/bytes/N` (a body of N bytes),
-//! `/echo` (streams the request body back); any other path answers `backend NAME`.
+//! `/echo` (streams the request body back), `/ws` (a WebSocket echo that prefixes each message
+//! with the backend's name); any other path answers `backend NAME`.
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -129,7 +130,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: Cancell
                 let cancel = conn_cancel.clone();
                 async move { Ok::<_, Infallible>(answer(req, &shared, &cancel).await) }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::select! {
                 _ = conn => {}
                 _ = cancel.cancelled() => {}
@@ -165,6 +168,9 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
         Behavior::Ok => {}
     }
     let path = req.uri().path().to_string();
+    if path == "/ws" {
+        return websocket(req, shared.name.clone(), cancel.clone());
+    }
     let mut response = if path == "/headers" {
         let mut text = String::new();
         for (k, v) in req.headers() {
@@ -182,4 +188,55 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
         .headers_mut()
         .insert("x-backend", shared.name.parse().expect("names are header-safe"));
     response
+}
+
+/// Accepts a WebSocket handshake and echoes every text or binary message as `NAME: message`.
+fn websocket(mut req: Request<Incoming>, name: String, cancel: CancellationToken) -> Response<Body> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        let mut r = Response::new(full("missing sec-websocket-key\n"));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        loop {
+            let msg = tokio::select! {
+                _ = cancel.cancelled() => return,
+                m = ws.next() => m,
+            };
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if ws.send(Message::text(format!("{name}: {t}"))).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    if ws.send(Message::binary(b)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    let mut r = Response::new(full(""));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert("upgrade", "websocket".parse().expect("a valid header"));
+    h.insert("connection", "upgrade".parse().expect("a valid header"));
+    h.insert(
+        "sec-websocket-accept",
+        derive_accept_key(key.as_bytes())
+            .parse()
+            .expect("base64 is a valid header"),
+    );
+    r
 }

@@ -9,5 +9,6 @@ mod check_cli;
 mod failures;
 pub mod lifecycle;
 mod observability;
+mod protocols;
 mod proxying;
 mod swap;

@@ -1,0 +1,98 @@
+//! Protocols beyond plain HTTP/1.1: h2c from a real client (curl), WebSocket through the proxy
+//! and across a config swap.
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use safelb_testkit::TestBackend;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_with_prior_knowledge_reaches_http1_backends() {
+    let be = TestBackend::start("be").await;
+    let lb = Lb::start(&pool_config(&[be.addr.to_string()], "")).await;
+    let url = lb.url("/headers");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args([
+                "-s",
+                "--http2-prior-knowledge",
+                "-H",
+                "x-trace: 7",
+                "-w",
+                "\n%{http_version} %{http_code}",
+                &url,
+            ])
+            .output()
+            .expect("curl is installed")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\n2 200"), "curl saw: {text}");
+    // The backend got HTTP/1.1 with a Host made from :authority and the forwarding headers.
+    assert!(text.contains(&format!("host: {}\n", lb.addr)), "{text}");
+    assert!(text.contains(&format!("x-forwarded-host: {}\n", lb.addr)), "{text}");
+    assert!(text.contains("x-trace: 7\n"), "{text}");
+}
+
+async fn ws_connect(addr: std::net::SocketAddr) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (ws, response) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+        .await
+        .expect("websocket handshake through safelb");
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, text: &str) -> String {
+    ws.send(Message::text(text)).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("an echo within 5 s")
+        .unwrap()
+        .unwrap();
+    reply.into_text().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_keeps_its_backend_across_a_config_swap() {
+    let old = TestBackend::start("old").await;
+    let new = TestBackend::start("new").await;
+    let lb = Lb::start(&pool_config(&[old.addr.to_string()], "")).await;
+    let mut ws = ws_connect(lb.addr).await;
+    assert_eq!(echo(&mut ws, "hello").await, "old: hello");
+
+    lb.handle
+        .swap(config(&pool_config(&[new.addr.to_string()], "")), 2)
+        .unwrap();
+    // Quiet for longer than nothing in particular, then more messages: the tunnel is untouched.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..20 {
+        assert_eq!(echo(&mut ws, &format!("m{i}")).await, format!("old: m{i}"));
+    }
+    // A new WebSocket follows the new config.
+    let mut ws2 = ws_connect(lb.addr).await;
+    assert_eq!(echo(&mut ws2, "hi").await, "new: hi");
+    ws.close(None).await.unwrap();
+    ws2.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_is_not_cut_by_the_header_timeout() {
+    let be = TestBackend::start("be").await;
+    let lb = Lb::start(&format!(
+        "[limits]\nheader_timeout = \"300ms\"\n{}",
+        pool_config(&[be.addr.to_string()], "")
+    ))
+    .await;
+    let mut ws = ws_connect(lb.addr).await;
+    assert_eq!(echo(&mut ws, "a").await, "be: a");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(echo(&mut ws, "b").await, "be: b");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(echo(&mut ws, "c").await, "be: c");
+}
