@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# safelb against nginx and HAProxy on this machine, in one run.
+#
+# Two backends (one nginx process, one worker, two ports) on loopback; each proxy configured for
+# round robin over both with upstream keep-alive and ONE worker (safelb --threads 1, nginx
+# worker_processes 1, haproxy nbthread 1), access logs off; plus a direct run to one backend as
+# the limit. wrk rounds are interleaved (every proxy once per round) so the machine's drift hits
+# all alike; the table shows medians. Cases: small body keep-alive, Connection: close, 64 KiB
+# body, and h2c (h2load) for safelb and nginx. Also: RSS with N idle client connections (safelb
+# vs nginx), and the snapshot build/swap micro-benchmark (5k routes, 1k backends).
+#
+# Usage: bench/compare.sh [--short]     (--short: a few seconds, for CI; numbers not meaningful)
+# Peers are installed with apt-get by bench/install-peers when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+short=0
+[ "${1:-}" = "--short" ] && short=1
+if [ $short = 1 ]; then
+    secs=1; rounds=1; h2n=2000; idle=500
+    cargo build -q -p safelb
+    safelb=$root/target/debug/safelb
+else
+    secs=${BENCH_SECONDS:-8}; rounds=${BENCH_ROUNDS:-3}; h2n=${BENCH_H2_REQUESTS:-200000}; idle=${BENCH_IDLE:-10000}
+    cargo build -q --release -p safelb -p safelb-proxy --bins --examples
+    safelb=$root/target/release/safelb
+fi
+./bench/install-peers
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+B1=18101; B2=18102; P_SAFELB=18201; P_NGINX=18202; P_NGINX_H2=18212; P_HAPROXY=18203; ADMIN=18291
+
+wait_port() {
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "port $1 did not open" >&2
+    return 1
+}
+
+# --- backends: one nginx, one worker, two ports ---------------------------------------------
+mkdir -p "$work/backend/logs"
+head -c 65536 /dev/urandom > "$work/64k.bin"
+cat > "$work/backend/nginx.conf" <<CFG
+worker_processes 1;
+pid $work/backend/nginx.pid;
+error_log $work/backend/logs/error.log warn;
+worker_rlimit_nofile 20000;
+events { worker_connections 19000; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $work/backend/body;
+    proxy_temp_path $work/backend/proxy;
+    fastcgi_temp_path $work/backend/fastcgi;
+    uwsgi_temp_path $work/backend/uwsgi;
+    scgi_temp_path $work/backend/scgi;
+    server {
+        listen 127.0.0.1:$B1;
+        listen 127.0.0.1:$B2;
+        location = /64k { alias $work/64k.bin; }
+        location / { return 200 "hello from a backend\n"; }
+    }
+}
+CFG
+nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' >/dev/null 2>&1 &
+pids+=($!)
+wait_port $B1; wait_port $B2
+
+# --- the proxies ------------------------------------------------------------------------------
+cat > "$work/safelb.toml" <<CFG
+[listener.public]
+bind = "127.0.0.1:$P_SAFELB"
+[admin]
+bind = "127.0.0.1:$ADMIN"
+[access_log]
+enabled = false
+[limits]
+max_body_bytes = 104857600
+[[route]]
+name = "r"
+pool = "p"
+[pool.p]
+balance = "round_robin"
+backends = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
+CFG
+mkdir -p "$work/nginx/logs"
+cat > "$work/nginx/nginx.conf" <<CFG
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/logs/error.log warn;
+worker_rlimit_nofile 20000;
+events { worker_connections 19000; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $work/nginx/body;
+    proxy_temp_path $work/nginx/proxy;
+    fastcgi_temp_path $work/nginx/fastcgi;
+    uwsgi_temp_path $work/nginx/uwsgi;
+    scgi_temp_path $work/nginx/scgi;
+    upstream be {
+        server 127.0.0.1:$B1;
+        server 127.0.0.1:$B2;
+        keepalive 128;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        listen 127.0.0.1:$P_NGINX_H2 http2;
+        location / {
+            proxy_pass http://be;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+CFG
+cat > "$work/haproxy.cfg" <<CFG
+global
+    nbthread 1
+    maxconn 9000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$P_HAPROXY
+    default_backend be
+backend be
+    balance roundrobin
+    server s1 127.0.0.1:$B1
+    server s2 127.0.0.1:$B2
+CFG
+
+start_proxy() { # $1 = name; sets $pid
+    case $1 in
+        safelb)
+            rm -rf "$work/store"
+            "$safelb" serve --config "$work/safelb.toml" --store "$work/store" --threads 1 >/dev/null 2>"$work/safelb.log" &
+            pid=$!; wait_port $P_SAFELB ;;
+        nginx)
+            nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' >/dev/null 2>&1 &
+            pid=$!; wait_port $P_NGINX ;;
+        haproxy)
+            haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>&1 &
+            pid=$!; wait_port $P_HAPROXY ;;
+    esac
+    pids+=("$pid")
+}
+port_of() { case $1 in safelb) echo $P_SAFELB ;; nginx) echo $P_NGINX ;; haproxy) echo $P_HAPROXY ;; direct) echo $B1 ;; esac; }
+h2port_of() { case $1 in safelb) echo $P_SAFELB ;; nginx) echo $P_NGINX_H2 ;; esac; }
+
+to_ms() { # wrk latency like 1.23ms, 456.00us, 1.02s
+    awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'
+}
+
+results="$work/results"
+: > "$results"
+run_wrk() { # $1 case $2 proxy
+    local port path="/" extra=()
+    port=$(port_of "$2")
+    case $1 in
+        close) extra=(-H "Connection: close") ;;
+        64k) path="/64k" ;;
+    esac
+    local out
+    out=$(wrk -t1 -c50 -d"${secs}s" --latency "${extra[@]}" "http://127.0.0.1:$port$path" 2>&1)
+    local rps p50 p99
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    echo "$1 $2 ${rps:-0} $p50 $p99" >> "$results"
+}
+run_h2() { # $1 proxy
+    local out rps mean
+    out=$(h2load -n "$h2n" -c 50 -m 10 "http://127.0.0.1:$(h2port_of "$1")/" 2>&1)
+    rps=$(awk '/^finished in/ {print $4}' <<<"$out")
+    mean=$(awk '/^time for request:/ {print $6}' <<<"$out")
+    echo "h2c $1 ${rps:-0} $(to_ms "${mean:-0ms}") -" >> "$results"
+}
+
+echo "== throughput: wrk -t1 -c50 -d${secs}s --latency, $rounds interleaved round(s); h2load -n $h2n -c 50 -m 10"
+for r in $(seq 1 "$rounds"); do
+    for c in small close 64k; do
+        run_wrk "$c" direct
+    done
+    for p in safelb nginx haproxy; do
+        start_proxy $p
+        for c in small close 64k; do
+            run_wrk "$c" "$p"
+        done
+        case $p in safelb|nginx) run_h2 "$p" ;; esac
+        kill "$pid"; wait "$pid" 2>/dev/null || true
+    done
+    echo "   round $r done"
+done
+
+# --- memory: RSS with idle client connections ----------------------------------------------------
+rss_kb() { # sum of VmRSS of a pid and its children
+    local total=0 p
+    for p in "$1" $(pgrep -P "$1" || true); do
+        total=$((total + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+    done
+    echo $total
+}
+cat > "$work/idle.py" <<'PY'
+import socket, sys, time
+port, n, hold = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+socks = []
+for _ in range(n):
+    socks.append(socket.create_connection(("127.0.0.1", port)))
+print("open", len(socks), flush=True)
+time.sleep(hold)
+PY
+memory="$work/memory"
+: > "$memory"
+for p in safelb nginx; do
+    start_proxy $p
+    sleep 0.3
+    before=$(rss_kb "$pid")
+    python3 "$work/idle.py" "$(port_of $p)" "$idle" 30 > "$work/idle.out" &
+    client=$!
+    for _ in $(seq 1 200); do grep -q open "$work/idle.out" 2>/dev/null && break; sleep 0.05; done
+    sleep 0.5
+    after=$(rss_kb "$pid")
+    kill "$client" 2>/dev/null || true; wait "$client" 2>/dev/null || true
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    echo "$p $before $after" >> "$memory"
+done
+
+# --- report -------------------------------------------------------------------------------------------
+median() { sort -n | awk '{a[NR] = $1} END { if (NR == 0) print 0; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+field() { awk -v c="$1" -v p="$2" -v f="$3" '$1 == c && $2 == p {print $f}' "$results" | median; }
+echo
+printf '%-8s %-8s %12s %9s %9s\n' case proxy "req/s" "p50 ms" "p99 ms"
+for c in small close 64k h2c; do
+    for p in direct safelb nginx haproxy; do
+        n=$(awk -v c=$c -v p=$p '$1 == c && $2 == p' "$results" | wc -l)
+        [ "$n" -eq 0 ] && continue
+        p99=$(field $c $p 5)
+        [ "$c" = h2c ] && p99="-"
+        printf '%-8s %-8s %12.0f %9s %9s\n' $c $p "$(field $c $p 3)" "$(field $c $p 4)" "$p99"
+    done
+done
+echo
+echo "ratios (safelb / peer, req/s; above 1 is faster):"
+for c in small close 64k h2c; do
+    s=$(field $c safelb 3)
+    line=$(printf '%-8s' $c)
+    for p in nginx haproxy; do
+        v=$(field $c $p 3)
+        if awk -v v="$v" 'BEGIN { exit !(v > 0) }'; then
+            line="$line $(printf 'vs %-8s %5.2f  ' $p "$(awk -v a="$s" -v b="$v" 'BEGIN {print a / b}')")"
+        fi
+    done
+    echo "  $line"
+done
+echo
+echo "memory: RSS with $idle idle client connections"
+while read -r p before after; do
+    printf '  %-8s before %8.1f MiB   with connections %8.1f MiB   (+%.1f KiB per connection)\n' "$p" \
+        "$(awk -v k="$before" 'BEGIN {print k / 1024}')" "$(awk -v k="$after" 'BEGIN {print k / 1024}')" \
+        "$(awk -v a="$after" -v b="$before" -v n="$idle" 'BEGIN {print (a - b) / n}')"
+done < "$memory"
+s_after=$(awk '$1 == "safelb" {print $3}' "$memory"); n_after=$(awk '$1 == "nginx" {print $3}' "$memory")
+awk -v a="$s_after" -v b="$n_after" 'BEGIN { if (b > 0) printf "  safelb / nginx RSS = %.2f\n", a / b }'
+echo
+echo "snapshot build and swap (5k routes, 1k backends):"
+if [ $short = 1 ]; then
+    cargo run -q -p safelb-proxy --example snapshot_swap -- 500 100
+else
+    "$root/target/release/examples/snapshot_swap"
+fi
