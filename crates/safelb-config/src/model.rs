@@ -68,6 +68,20 @@ impl Config {
 pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
+    /// TLS termination; `None` is plain HTTP (HTTP/1.1 and h2c).
+    pub tls: Option<Vec<TlsCert>>,
+}
+
+/// One certificate of a TLS listener. The first one is the default for clients that send no
+/// SNI or a name no certificate lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsCert {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// SNI names this certificate answers (lower case); each must be covered by the certificate.
+    pub names: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -145,7 +145,7 @@ fn listeners(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<Listener> {
         let Some(l) = as_section(d, value, format!("listener `{name}`")) else {
             continue;
         };
-        l.deny_unknown(d, &["bind"]);
+        l.deny_unknown(d, &["bind", "tls"]);
         let Some(_) = l.require(d, "bind", "\"127.0.0.1:8080\"") else {
             continue;
         };
@@ -162,9 +162,11 @@ fn listeners(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<Listener> {
                 ),
             );
         }
+        let tls = l.get("tls").and_then(|v| tls_certs(d, v, &name));
         out.push(Listener {
             name,
             bind: bind.into_inner(),
+            tls,
         });
     }
     out
@@ -1041,4 +1043,46 @@ fn notify(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<Notify> {
         });
     }
     out
+}
+
+/// `tls = { cert, key, names }` or an array of such tables.
+fn tls_certs(d: &mut Diagnostics, v: &Value<'_>, listener: &str) -> Option<Vec<TlsCert>> {
+    let what = format!("`tls` of listener `{listener}`");
+    let items: Vec<&Value<'_>> = match v.get_ref() {
+        DeValue::Array(a) => a.iter().collect(),
+        _ => vec![v],
+    };
+    if items.is_empty() {
+        d.error(Rule::InvalidValue, v.span(), format!("{what} lists no certificate"))
+            .hint("tls = { cert = \"site.pem\", key = \"site.key\" }");
+        return None;
+    }
+    let mut out = Vec::new();
+    for item in items {
+        let t = as_section(d, item, what.clone())?;
+        t.deny_unknown(d, &["cert", "key", "names"]);
+        let (Some(_), Some(_)) = (
+            t.require(d, "cert", "\"site.pem\""),
+            t.require(d, "key", "\"site.key\""),
+        ) else {
+            continue;
+        };
+        let (Some(cert), Some(key)) = (t.str(d, "cert"), t.str(d, "key")) else {
+            continue;
+        };
+        let names = match t.get("names") {
+            None => Vec::new(),
+            Some(n) => as_array(d, n, &format!("`names` in {what}"))
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|x| as_str(d, x, "a TLS name").map(|s| s.get_ref().to_ascii_lowercase()))
+                .collect(),
+        };
+        out.push(TlsCert {
+            cert: PathBuf::from(*cert.get_ref()),
+            key: PathBuf::from(*key.get_ref()),
+            names,
+        });
+    }
+    Some(out)
 }

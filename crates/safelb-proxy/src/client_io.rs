@@ -23,7 +23,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::access_log::{AccessLog, LogEntry};
@@ -48,8 +47,8 @@ enum Phase {
     Busy,
 }
 
-pub struct ClientIo {
-    stream: TcpStream,
+pub struct ClientIo<S> {
+    stream: S,
     state: Arc<ConnState>,
     phase: Phase,
     /// Decided by the first bytes: HTTP/2 has no "request head" between frames, so only the
@@ -64,9 +63,9 @@ pub struct ClientIo {
     version: u64,
 }
 
-impl ClientIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
     pub fn new(
-        stream: TcpStream,
+        stream: S,
         state: Arc<ConnState>,
         peer: SocketAddr,
         header_timeout: Duration,
@@ -95,9 +94,9 @@ impl ClientIo {
         self.timer.as_mut().reset(tokio::time::Instant::now() + after);
     }
 
-    /// Writes a complete local answer directly to the socket. Small enough for the socket
+    /// Writes a complete local answer directly to the transport. Small enough for the socket
     /// buffer of a connection that is about to close; a client that does not read loses it.
-    fn answer(&mut self, status: u16) -> bool {
+    fn answer(&mut self, cx: &mut Context<'_>, status: u16) -> bool {
         let Some((code, cause, text)) = parser_answer(status) else {
             return false;
         };
@@ -107,10 +106,13 @@ impl ClientIo {
             "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
-        let written = self
-            .stream
-            .try_write(response.as_bytes())
-            .is_ok_and(|n| n == response.len());
+        let written = match Pin::new(&mut self.stream).poll_write(cx, response.as_bytes()) {
+            Poll::Ready(Ok(n)) if n == response.len() => {
+                let _ = Pin::new(&mut self.stream).poll_flush(cx);
+                true
+            }
+            _ => false,
+        };
         self.log.write(&LogEntry::parser_error(
             self.peer,
             status,
@@ -122,7 +124,7 @@ impl ClientIo {
     }
 }
 
-impl AsyncRead for ClientIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.state.upgraded.load(Relaxed) {
@@ -159,7 +161,7 @@ impl AsyncRead for ClientIo {
         }
         if this.phase != Phase::Busy && this.timer.as_mut().poll(cx).is_ready() {
             if this.phase == Phase::Head && this.head_bytes > 0 && this.h2 != Some(true) {
-                this.answer(408);
+                this.answer(cx, 408);
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "request head not received in time",
@@ -172,7 +174,7 @@ impl AsyncRead for ClientIo {
     }
 }
 
-impl AsyncWrite for ClientIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.h2 == Some(false)
@@ -181,7 +183,7 @@ impl AsyncWrite for ClientIo {
             && !this.state.upgraded.load(Relaxed)
         {
             if let Some(status) = automatic_error_status(buf) {
-                if this.answer(status) {
+                if this.answer(cx, status) {
                     // The connection closes after this; hyper's own bytes are replaced.
                     return Poll::Ready(Ok(buf.len()));
                 }
@@ -203,7 +205,7 @@ impl AsyncWrite for ClientIo {
         {
             if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
                 if let Some(status) = automatic_error_status(first) {
-                    if this.answer(status) {
+                    if this.answer(cx, status) {
                         return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
                     }
                 }

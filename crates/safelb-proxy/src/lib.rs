@@ -25,6 +25,7 @@ pub mod samples;
 pub mod server;
 pub mod snapshot;
 pub mod stats;
+pub mod tls;
 mod upstream;
 
 pub use access_log::AccessLog;

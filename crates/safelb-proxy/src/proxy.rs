@@ -43,6 +43,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy for a TLS listener (`X-Forwarded-Proto: https`).
+    pub fn new_https(handle: ProxyHandle, log: AccessLog) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            handle,
+            log,
+            scheme: "https",
+        })
+    }
+
     pub fn new(handle: ProxyHandle, log: AccessLog) -> Arc<Proxy> {
         Arc::new(Proxy {
             handle,

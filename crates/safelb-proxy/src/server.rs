@@ -15,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -36,7 +37,14 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Accepts and serves connections until `shutdown` is cancelled. Connection tasks are spawned
 /// on `tracker`, so the caller can wait for them to drain.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken, tracker: TaskTracker) {
+/// With `tls`, every connection is a TLS handshake first (within the header timeout).
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -52,25 +60,45 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
             },
         };
         let _ = stream.set_nodelay(true);
-        tracker.spawn(connection(stream, peer, proxy.clone(), shutdown.clone()));
+        tracker.spawn(connection(stream, peer, proxy.clone(), tls.clone(), shutdown.clone()));
     }
 }
 
 /// A connection's task holds only this small future until the client sends its first byte; the
 /// HTTP machinery (a future of a few KiB) is boxed then. Measured with 10k idle connections.
-async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
     let header_timeout = proxy.handle.snapshot().config.limits.header_timeout;
     let ready = tokio::select! {
         ready = stream.readable() => ready.is_ok(),
         _ = tokio::time::sleep(header_timeout) => false,
         _ = shutdown.cancelled() => false,
     };
-    if ready {
-        Box::pin(serve_http(stream, peer, proxy, shutdown)).await;
+    if !ready {
+        return;
+    }
+    match tls {
+        None => Box::pin(serve_http(stream, peer, proxy, shutdown)).await,
+        Some(acceptor) => {
+            let handshake = Box::pin(tokio::time::timeout(header_timeout, acceptor.accept(stream)));
+            match handshake.await {
+                Ok(Ok(tls_stream)) => Box::pin(serve_http(tls_stream, peer, proxy, shutdown)).await,
+                Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
+            }
+        }
     }
 }
 
-async fn serve_http(stream: tokio::net::TcpStream, peer: SocketAddr, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+async fn serve_http<S>(stream: S, peer: SocketAddr, proxy: Arc<Proxy>, shutdown: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let snapshot = proxy.handle.snapshot();
     let limits = snapshot.config.limits.clone();
     let state = Arc::new(ConnState::default());

@@ -13,6 +13,7 @@ use safelb_config::ValidConfig;
 use safelb_control::controller::{recover, ApplyRequest, Startup};
 use safelb_control::sqlite::SqliteStore;
 use safelb_control::{Controller, StoreHandle};
+use safelb_proxy::tls::CertResolver;
 use safelb_proxy::{server, AccessLog, Proxy, ProxyHandle};
 use safelb_testkit::TestBackend;
 use tokio::signal::unix::{signal, SignalKind};
@@ -20,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+
+/// How often TLS certificate and key files are checked for changes.
+const CERT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where the admin API listens when the config has no `[admin]` table.
 const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
@@ -102,10 +106,16 @@ async fn serve(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match std::fs::read_to_string(&args.config) {
-                Ok(source) => submit(&running.controller, &file_name, source, "sighup", "SIGHUP: configuration file re-read"),
-                Err(e) => tracing::error!(file = %file_name, error = %e, "SIGHUP: cannot read the config file; nothing changes"),
-            },
+            _ = hup.recv() => {
+                for certs in &running.certs {
+                    // A bad new certificate is refused and logged; the old one keeps serving.
+                    let _ = certs.reload();
+                }
+                match std::fs::read_to_string(&args.config) {
+                    Ok(source) => submit(&running.controller, &file_name, source, "sighup", "SIGHUP: configuration file re-read"),
+                    Err(e) => tracing::error!(file = %file_name, error = %e, "SIGHUP: cannot read the config file; nothing changes"),
+                }
+            }
         }
     }
     running.stop().await;
@@ -115,6 +125,8 @@ async fn serve(
 /// A running safelb: listeners, admin API, monitor; stopped (and drained) by [`Running::stop`].
 pub struct Running {
     pub controller: Controller,
+    /// The certificates of TLS listeners, reloaded on SIGHUP (and when their files change).
+    pub certs: Vec<Arc<CertResolver>>,
     pub listeners: Vec<SocketAddr>,
     pub admin: SocketAddr,
     shutdown: CancellationToken,
@@ -144,10 +156,21 @@ pub async fn start(
         (true, Some(p)) => AccessLog::file(p).with_context(|| format!("opening the access log {}", p.display()))?,
     };
     let mut bound = Vec::new();
+    let mut certs = Vec::new();
     for l in config.listeners.values() {
+        // Certificates first: a listener that cannot serve TLS must not bind.
+        let tls = match &l.tls {
+            None => None,
+            Some(specs) => {
+                let resolver = CertResolver::load(&l.name, specs).map_err(anyhow::Error::msg)?;
+                let acceptor = resolver.acceptor().map_err(anyhow::Error::msg)?;
+                certs.push(resolver);
+                Some(acceptor)
+            }
+        };
         let listener =
             server::bind(l.bind).with_context(|| format!("cannot bind listener `{}` on {}", l.name, l.bind))?;
-        bound.push((l.name.clone(), listener));
+        bound.push((l.name.clone(), listener, tls));
     }
     let admin_bind: SocketAddr = config
         .admin
@@ -162,18 +185,25 @@ pub async fn start(
 
     let handle = ProxyHandle::new(config, startup.version);
     let controller = Controller::new(handle.clone(), store);
-    let proxy = Proxy::new(handle.clone(), log);
     let shutdown = CancellationToken::new();
+    for c in &certs {
+        c.watch(CERT_POLL, shutdown.clone());
+    }
     let tracker = TaskTracker::new();
     let mut tasks = Vec::new();
     let mut listeners = Vec::new();
-    for (name, listener) in bound {
+    for (name, listener, tls) in bound {
         let addr = listener.local_addr()?;
-        tracing::info!(listener = %name, %addr, threads, version = startup.version, "listening");
+        tracing::info!(listener = %name, %addr, tls = tls.is_some(), threads, version = startup.version, "listening");
         listeners.push(addr);
+        let proxy = match tls {
+            Some(_) => Proxy::new_https(handle.clone(), log.clone()),
+            None => Proxy::new(handle.clone(), log.clone()),
+        };
         tasks.push(tokio::spawn(server::serve(
             listener,
-            proxy.clone(),
+            proxy,
+            tls,
             shutdown.clone(),
             tracker.clone(),
         )));
@@ -196,6 +226,7 @@ pub async fn start(
     tracing::info!(addr = %admin, store = %store_dir.display(), "admin API listening");
     Ok(Running {
         controller,
+        certs,
         listeners,
         admin,
         shutdown,

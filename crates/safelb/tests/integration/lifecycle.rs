@@ -73,29 +73,45 @@ pub fn spawn_serve(config: &std::path::Path) -> Process {
     Process(child)
 }
 
-/// Waits until the process logs a line containing `needle` (bounded).
+/// Lines a process wrote to standard error so far.
+type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Standard-error lines of the processes tests started, by pid, read by one thread each.
+static LOGS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u32, Lines>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Waits until the process has logged a line containing `needle` (bounded); returns the lines.
 pub fn wait_for_log(p: &mut Process, needle: &str, limit: Duration) -> Vec<String> {
-    let stderr = p.0.stderr.take().expect("stderr is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
+    let lines = {
+        let mut logs = LOGS.lock().unwrap();
+        logs.entry(p.0.id())
+            .or_insert_with(|| {
+                let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+                let stderr = p.0.stderr.take().expect("stderr is piped");
+                let sink = lines.clone();
+                // Keeps draining for the process's life, so it never blocks on a full pipe.
+                std::thread::spawn(move || {
+                    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                        sink.lock().unwrap().push(line);
+                    }
+                });
+                lines
+            })
+            .clone()
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        {
+            let seen = lines.lock().unwrap();
+            if seen.iter().any(|l| l.contains(needle)) {
+                return seen.clone();
+            }
+            if Instant::now() >= deadline {
+                panic!("`{needle}` not logged within {limit:?}: {seen:#?}");
             }
         }
-    });
-    let deadline = Instant::now() + limit;
-    let mut seen = Vec::new();
-    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        let hit = line.contains(needle);
-        seen.push(line);
-        if hit {
-            // Keep draining in the background so the child never blocks on a full pipe.
-            std::thread::spawn(move || while rx.recv().is_ok() {});
-            return seen;
-        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("`{needle}` not logged within {limit:?}: {seen:#?}");
 }
 
 pub fn signal(p: &Process, sig: i32) {

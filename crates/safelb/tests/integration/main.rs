@@ -12,3 +12,4 @@ mod observability;
 mod protocols;
 mod proxying;
 mod swap;
+mod tls;

@@ -63,7 +63,7 @@ impl Lb {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let proxy = Proxy::new(handle.clone(), log);
-        tokio::spawn(server::serve(listener, proxy, shutdown.clone(), tracker.clone()));
+        tokio::spawn(server::serve(listener, proxy, None, shutdown.clone(), tracker.clone()));
         Lb {
             addr,
             handle,
