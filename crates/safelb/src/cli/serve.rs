@@ -298,7 +298,13 @@ pub fn admin_token(configured: Option<&Path>, store: &Path) -> anyhow::Result<St
             return Ok(existing.trim().to_string());
         }
     }
-    let token = format!("{:032x}", fastrand::u128(..));
+    // From the operating system's CSPRNG (through rustls' ring provider): the token is a secret.
+    let mut bytes = [0u8; 24];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
