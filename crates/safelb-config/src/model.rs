@@ -217,9 +217,19 @@ pub struct Backend {
     pub weight: u32,
 }
 
+/// How safelb speaks to a pool's backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 with a pool of keep-alive connections per backend.
+    Http1,
+    /// HTTP/2 (prior knowledge) with one multiplexed connection per backend; needed for gRPC.
+    H2,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pool {
     pub name: String,
+    pub protocol: Protocol,
     pub balance: Balance,
     pub hash_key: HashKey,
     pub backends: Vec<Backend>,

@@ -31,6 +31,7 @@ const TOP_KEYS: &[&str] = &[
 ];
 const ROUTE_KEYS: &[&str] = &["name", "host", "path_prefix", "method", "headers", "pool"];
 const POOL_KEYS: &[&str] = &[
+    "protocol",
     "balance",
     "backends",
     "hash_on",
@@ -334,9 +335,26 @@ fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_span: Range
             }
         },
     };
+    let protocol = match s.str(d, "protocol") {
+        None => Protocol::Http1,
+        Some(p) => match *p.get_ref() {
+            "http1" => Protocol::Http1,
+            "h2" => Protocol::H2,
+            other => {
+                d.error(
+                    Rule::InvalidValue,
+                    p.span(),
+                    format!("pool `{name}`: unknown protocol `{other}`"),
+                )
+                .hint("one of: http1, h2");
+                Protocol::Http1
+            }
+        },
+    };
     let health = s.section(d, "health").and_then(|h| health(d, &h, &name));
     let outlier = s.section(d, "outlier").map(|o| outlier(d, &o)).unwrap_or_default();
     Some(Pool {
+        protocol,
         balance,
         hash_key,
         backends,

@@ -54,6 +54,8 @@ pub struct BackendState {
     ewma_micros: AtomicU64,
     ewma_stamp_ms: AtomicU64,
     pub(crate) idle: Mutex<Vec<IdleConn>>,
+    /// The one multiplexed connection of pools that speak HTTP/2 to this backend.
+    pub(crate) h2: Mutex<Option<hyper::client::conn::http2::SendRequest<crate::body::RequestBody>>>,
     pub(crate) draining: AtomicBool,
     /// Ejections since start, for metrics.
     pub ejections_total: AtomicU64,
@@ -78,6 +80,7 @@ impl BackendState {
             ewma_micros: AtomicU64::new(EWMA_DEFAULT_MICROS.to_bits()),
             ewma_stamp_ms: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
             draining: AtomicBool::new(false),
             ejections_total: AtomicU64::new(0),
         }

@@ -17,7 +17,7 @@ use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use safelb_config::routing::RequestView;
-use safelb_config::HashKey;
+use safelb_config::{HashKey, Protocol};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::access_log::{rfc3339_now, AccessLog, LogEntry};
@@ -96,6 +96,10 @@ impl Proxy {
         self.handle
             .samples()
             .record(parts.method.as_str(), host, parts.uri.path());
+        let te = parts.headers.get(http::header::TE).and_then(|v| v.to_str().ok());
+        if te.is_some_and(|v| v.contains("trailers")) {
+            parts.extensions.insert(TeTrailers);
+        }
         if done.log.enabled() {
             done.method = parts.method.clone();
             done.host = host.to_owned();
@@ -257,6 +261,10 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, (ProxyError, Box<Completion>)> {
         let config = snapshot.pool_config(pool);
         pool.retry_budget.on_request();
+        let mut request = request;
+        if config.protocol == Protocol::H2 {
+            to_h2(&mut request);
+        }
         let mut request = Some(request);
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error: Option<ErrorKind> = None;
@@ -270,7 +278,8 @@ impl Proxy {
             let backend = &pool.backends[idx];
             backend.start_request();
             let started = Instant::now();
-            let (mut sender, reused) = match upstream::checkout(backend, config.connect_timeout).await {
+            let (mut sender, reused) = match upstream::checkout(backend, config.connect_timeout, config.protocol).await
+            {
                 Ok(s) => s,
                 Err(kind) => {
                     backend.end_request();
@@ -291,7 +300,7 @@ impl Proxy {
             let req = request
                 .take()
                 .expect("the request is put back whenever the loop continues");
-            match tokio::time::timeout(config.response_timeout, sender.try_send_request(req)).await {
+            match tokio::time::timeout(config.response_timeout, sender.send(req)).await {
                 Err(_) => {
                     backend.end_request();
                     backend.observe_latency(config.response_timeout);
@@ -362,6 +371,31 @@ fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
         None
     }
 }
+
+/// Turns an upstream request into HTTP/2 form: absolute URI from the Host header, version 2,
+/// and `te: trailers` again when the client asked for it (gRPC needs it; other TE values stay
+/// hop-by-hop).
+fn to_h2(req: &mut Request<RequestBody>) {
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost")
+        .to_owned();
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    if let Ok(uri) = Uri::try_from(format!("http://{host}{pq}")) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_2;
+    if req.extensions().get::<TeTrailers>().is_some() {
+        req.headers_mut()
+            .insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Marks a request whose client sent `TE: trailers`.
+#[derive(Clone, Copy)]
+struct TeTrailers;
 
 /// Route lookup with the request's own host, path, method and headers.
 fn find_route(snapshot: &Snapshot, method: &Method, uri: &Uri, headers: &http::HeaderMap) -> Option<usize> {

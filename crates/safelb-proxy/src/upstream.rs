@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http2;
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
+use safelb_config::Protocol;
 use tokio::net::TcpStream;
 
 use crate::backend::BackendState;
@@ -28,31 +31,88 @@ pub(crate) struct IdleConn {
     since: Instant,
 }
 
-pub(crate) type Sender = SendRequest<RequestBody>;
+/// A connection to send one request on.
+pub(crate) enum Sender {
+    /// Owned for this request; back to the idle list once the response body ends.
+    H1(SendRequest<RequestBody>),
+    /// A clone of the backend's one multiplexed connection.
+    H2(http2::SendRequest<RequestBody>),
+}
 
-/// A ready connection to `backend`: a pooled one if any is usable, else a new one.
-pub(crate) async fn checkout(backend: &BackendState, connect_timeout: Duration) -> Result<(Sender, bool), ErrorKind> {
+type TrySend =
+    Result<http::Response<hyper::body::Incoming>, hyper::client::conn::TrySendError<http::Request<RequestBody>>>;
+
+impl Sender {
+    /// Sends; a request that was never written comes back in the error.
+    pub(crate) async fn send(&mut self, req: http::Request<RequestBody>) -> TrySend {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+}
+
+/// A ready connection to `backend` in the pool's protocol: reused when possible, else new.
+pub(crate) async fn checkout(
+    backend: &BackendState,
+    connect_timeout: Duration,
+    protocol: Protocol,
+) -> Result<(Sender, bool), ErrorKind> {
+    if protocol == Protocol::H2 {
+        return checkout_h2(backend, connect_timeout).await;
+    }
     while let Some(mut idle) = pop_idle(backend) {
         if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
             continue;
         }
         if idle.sender.is_ready() {
-            return Ok((idle.sender, true));
+            return Ok((Sender::H1(idle.sender), true));
         }
         // Returned right at end of body: the connection task may not have marked it idle yet.
         if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), idle.sender.ready()).await {
-            return Ok((idle.sender, true));
+            return Ok((Sender::H1(idle.sender), true));
         }
     }
-    connect(backend, connect_timeout).await.map(|s| (s, false))
+    connect(backend, connect_timeout).await.map(|s| (Sender::H1(s), false))
+}
+
+async fn checkout_h2(backend: &BackendState, timeout: Duration) -> Result<(Sender, bool), ErrorKind> {
+    if let Some(s) = backend
+        .h2
+        .lock()
+        .expect("h2 lock is never poisoned")
+        .as_ref()
+        .filter(|s| !s.is_closed())
+    {
+        return Ok((Sender::H2(s.clone()), true));
+    }
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
+        Err(_) => return Err(ErrorKind::ConnectTimeout),
+        Ok(Err(_)) => return Err(ErrorKind::ConnectRefused),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| ErrorKind::ConnectRefused)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::trace!(error = %e, "upstream h2 connection ended with an error");
+        }
+    });
+    *backend.h2.lock().expect("h2 lock is never poisoned") = Some(sender.clone());
+    Ok((Sender::H2(sender), false))
 }
 
 fn pop_idle(backend: &BackendState) -> Option<IdleConn> {
     backend.idle.lock().expect("idle list lock is never poisoned").pop()
 }
 
-/// Returns a connection whose last response was read to the end.
+/// Returns a connection whose last response was read to the end (HTTP/2 connections are shared
+/// and never leave the backend).
 pub(crate) fn checkin(backend: &BackendState, sender: Sender) {
+    let Sender::H1(sender) = sender else { return };
     if sender.is_closed() {
         return;
     }
@@ -66,7 +126,7 @@ pub(crate) fn checkin(backend: &BackendState, sender: Sender) {
 }
 
 /// Opens a new connection. Connect errors are classified for retries and outlier detection.
-pub(crate) async fn connect(backend: &BackendState, timeout: Duration) -> Result<Sender, ErrorKind> {
+pub(crate) async fn connect(backend: &BackendState, timeout: Duration) -> Result<SendRequest<RequestBody>, ErrorKind> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
         Err(_) => return Err(ErrorKind::ConnectTimeout),
         Ok(Err(e)) => {
@@ -90,7 +150,10 @@ pub(crate) async fn connect(backend: &BackendState, timeout: Duration) -> Result
 }
 
 /// A new connection for an Upgrade request: never pooled, since a 101 hands it to the tunnel.
-pub(crate) async fn connect_upgradable(backend: &BackendState, timeout: Duration) -> Result<Sender, ErrorKind> {
+pub(crate) async fn connect_upgradable(
+    backend: &BackendState,
+    timeout: Duration,
+) -> Result<SendRequest<RequestBody>, ErrorKind> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
         Err(_) => return Err(ErrorKind::ConnectTimeout),
         Ok(Err(_)) => return Err(ErrorKind::ConnectRefused),
@@ -110,4 +173,5 @@ pub(crate) async fn connect_upgradable(backend: &BackendState, timeout: Duration
 /// Drops every idle connection of a backend (it was removed or ejected).
 pub(crate) fn clear_idle(backend: &Arc<BackendState>) {
     backend.idle.lock().expect("idle list lock is never poisoned").clear();
+    backend.h2.lock().expect("h2 lock is never poisoned").take();
 }

@@ -59,8 +59,21 @@ impl TestBackend {
             .expect("binding a free loopback port")
     }
 
+    /// Starts a backend that speaks HTTP/2 with prior knowledge (for `protocol = "h2"` pools).
+    /// Besides the usual paths it serves `/grpc`: a gRPC-style stream that answers every
+    /// request data frame with one response frame, then ends with `grpc-status: 0` trailers.
+    pub async fn start_h2(name: &str) -> TestBackend {
+        Self::start_with("127.0.0.1:0".parse().expect("a valid address"), name, true)
+            .await
+            .expect("binding a free loopback port")
+    }
+
     /// Starts a backend on a given address.
     pub async fn start_on(addr: SocketAddr, name: &str) -> std::io::Result<TestBackend> {
+        Self::start_with(addr, name, false).await
+    }
+
+    async fn start_with(addr: SocketAddr, name: &str, h2: bool) -> std::io::Result<TestBackend> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -70,7 +83,7 @@ impl TestBackend {
             connections: AtomicU64::new(0),
         });
         let cancel = CancellationToken::new();
-        tokio::spawn(accept_loop(listener, shared.clone(), cancel.clone()));
+        tokio::spawn(accept_loop(listener, shared.clone(), cancel.clone(), h2));
         Ok(TestBackend { addr, shared, cancel })
     }
 
@@ -110,7 +123,7 @@ pub fn closed_port() -> SocketAddr {
     l.local_addr().expect("a bound socket has an address")
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken, h2: bool) {
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -130,12 +143,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: Cancell
                 let cancel = conn_cancel.clone();
                 async move { Ok::<_, Infallible>(answer(req, &shared, &cancel).await) }
             });
-            let conn = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::select! {
-                _ = conn => {}
-                _ = cancel.cancelled() => {}
+            if h2 {
+                let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = cancel.cancelled() => {}
+                }
+            } else {
+                let conn = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                tokio::select! {
+                    _ = conn => {}
+                    _ = cancel.cancelled() => {}
+                }
             }
         });
     }
@@ -170,6 +192,9 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
     let path = req.uri().path().to_string();
     if path == "/ws" {
         return websocket(req, shared.name.clone(), cancel.clone());
+    }
+    if path == "/grpc" {
+        return grpc_stream(req, shared.name.clone());
     }
     let mut response = if path == "/headers" {
         let mut text = String::new();
@@ -238,5 +263,41 @@ fn websocket(mut req: Request<Incoming>, name: String, cancel: CancellationToken
             .parse()
             .expect("base64 is a valid header"),
     );
+    r
+}
+
+/// A gRPC-style bidirectional stream: one response frame per request frame, as soon as it
+/// arrives, then trailers with `grpc-status: 0` and the number of frames seen.
+fn grpc_stream(req: Request<Incoming>, name: String) -> Response<Body> {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(16);
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        let mut frames = 0u32;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return };
+            // An empty DATA frame only carries END_STREAM.
+            if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
+                frames += 1;
+                let reply = format!("{name}: {}", String::from_utf8_lossy(data));
+                if tx.send(Ok(Frame::data(Bytes::from(reply)))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().expect("a valid header"));
+        trailers.insert(
+            "x-frames",
+            frames.to_string().parse().expect("a number is a valid header"),
+        );
+        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let mut r = Response::new(StreamBody::new(stream).boxed());
+    r.headers_mut()
+        .insert("content-type", "application/grpc".parse().expect("a valid header"));
     r
 }

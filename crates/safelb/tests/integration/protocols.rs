@@ -96,3 +96,59 @@ async fn an_upgraded_connection_is_not_cut_by_the_header_timeout() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(echo(&mut ws, "c").await, "be: c");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_style_streaming_with_trailers_through_an_h2_pool() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    let be = TestBackend::start_h2("grpc").await;
+    let lb = Lb::start(&pool_config(&[be.addr.to_string()], "protocol = \"h2\"")).await;
+    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // A streaming request: frames sent one by one while responses stream back.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<bytes::Bytes>, std::convert::Infallible>>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let body = StreamBody::new(Box::pin(stream));
+    let req = http::Request::post(format!("http://{}/grpc", lb.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let response = tokio::spawn(async move { sender.send_request(req).await });
+    let mut frames = Vec::new();
+    for i in 0..5 {
+        tx.send(Ok(Frame::data(bytes::Bytes::from(format!("m{i}")))))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    let resp = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    let mut body = resp.into_body();
+    let mut trailers = None;
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap()
+    {
+        let frame = frame.unwrap();
+        if let Some(d) = frame.data_ref() {
+            frames.push(String::from_utf8_lossy(d).into_owned());
+        } else if let Ok(t) = frame.into_trailers() {
+            trailers = Some(t);
+        }
+    }
+    assert_eq!(frames.concat(), "grpc: m0grpc: m1grpc: m2grpc: m3grpc: m4");
+    let trailers = trailers.expect("trailers reach the client");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-frames"], "5");
+}
