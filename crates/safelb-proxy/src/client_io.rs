@@ -35,6 +35,8 @@ pub struct ConnState {
     pub in_flight: AtomicU32,
     /// The connection was upgraded (WebSocket and the like): from now on bytes pass untouched.
     pub upgraded: std::sync::atomic::AtomicBool,
+    /// The client's IP address as a header value (`X-Forwarded-For`), made once.
+    pub client_ip: std::sync::OnceLock<http::HeaderValue>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

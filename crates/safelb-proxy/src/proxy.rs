@@ -26,7 +26,7 @@ use crate::body::{request_body_error, RequestBody, RequestBodyError, ResponseBod
 use crate::client_io::ConnState;
 use crate::error::{client_answer, ErrorKind, ProxyError};
 use crate::handle::{ProxyHandle, Role};
-use crate::headers::{add_forwarded, request_id, strip_hop_by_hop, X_REQUEST_ID};
+use crate::headers::{add_forwarded, client_ip_value, request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::snapshot::{PoolRuntime, Snapshot};
 use crate::upstream::{self, Sender};
 
@@ -113,7 +113,8 @@ impl Proxy {
                 .insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
         let forwarded_host = parts.headers.get(HOST).cloned();
-        add_forwarded(&mut parts.headers, client, self.scheme, forwarded_host.as_ref());
+        let client_ip = conn_state.client_ip.get_or_init(|| client_ip_value(client));
+        add_forwarded(&mut parts.headers, client_ip, self.scheme, forwarded_host.as_ref());
         parts.version = Version::HTTP_11;
 
         let limit = snapshot.config.limits.max_body_bytes;
