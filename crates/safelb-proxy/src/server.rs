@@ -6,8 +6,10 @@
 //! the [`TaskTracker`] for at most its drain timeout.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -64,8 +66,24 @@ pub async fn serve(
     }
 }
 
+/// The HTTP/2 connection preface: a plain connection that starts with it speaks h2c.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which HTTP a connection speaks, when its first bytes or ALPN have told.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Speaks {
+    Http1,
+    Http2,
+    /// Not decided yet (a partial preface, or TLS without ALPN): hyper-util's detector reads on.
+    Unknown,
+}
+
 /// A connection's task holds only this small future until the client sends its first byte; the
-/// HTTP machinery (a future of a few KiB) is boxed then. Measured with 10k idle connections.
+/// HTTP machinery (a future of several KiB, plus hyper's buffers) is boxed then. The wait is a
+/// `peek`, not `readable()`: tokio assumes an accepted socket readable, so `readable()` returns
+/// at once and 10k silent connections would each hold the full machinery (measured: 4.7 KiB
+/// per idle connection before, see docs/performance.md). The peeked bytes also tell HTTP/1.1
+/// from h2c, so the request path skips hyper-util's version detector and its replay buffer.
 async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -74,35 +92,67 @@ async fn connection(
     shutdown: CancellationToken,
 ) {
     let header_timeout = proxy.handle.snapshot().config.limits.header_timeout;
-    let ready = tokio::select! {
-        ready = stream.readable() => ready.is_ok(),
-        _ = tokio::time::sleep(header_timeout) => false,
-        _ = shutdown.cancelled() => false,
+    let mut first = [0u8; H2_PREFACE.len()];
+    let mut buf = tokio::io::ReadBuf::new(&mut first);
+    // `poll_peek` in a closure: a few bytes, where the `peek` future is ten times that.
+    let peek = std::future::poll_fn(|cx| stream.poll_peek(cx, &mut buf));
+    let peeked = tokio::select! {
+        peeked = peek => peeked.ok(),
+        _ = tokio::time::sleep(header_timeout) => None,
+        _ = shutdown.cancelled() => None,
     };
-    if !ready {
+    // Nothing within the header timeout, an error, or a client that closed without a byte.
+    let Some(n) = peeked.filter(|&n| n > 0) else {
         return;
-    }
+    };
     match tls {
-        None => Box::pin(serve_http(stream, peer, proxy, shutdown)).await,
-        Some(acceptor) => {
-            let handshake = Box::pin(tokio::time::timeout(header_timeout, acceptor.accept(stream)));
-            match handshake.await {
-                Ok(Ok(tls_stream)) => Box::pin(serve_http(tls_stream, peer, proxy, shutdown)).await,
-                Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
-            }
+        None => {
+            let speaks = if first[..n] != H2_PREFACE[..n] {
+                Speaks::Http1
+            } else if n == H2_PREFACE.len() {
+                Speaks::Http2
+            } else {
+                Speaks::Unknown
+            };
+            Box::pin(serve_http(stream, peer, proxy, shutdown, speaks)).await
         }
+        Some(acceptor) => Box::pin(serve_tls(stream, acceptor, header_timeout, peer, proxy, shutdown)).await,
     }
 }
 
-async fn serve_http<S>(stream: S, peer: SocketAddr, proxy: Arc<Proxy>, shutdown: CancellationToken)
+/// A TLS handshake (within the header timeout), then HTTP as ALPN chose. A separate boxed
+/// future: the handshake state (a rustls connection) must not size every idle plain
+/// connection's task.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    acceptor: TlsAcceptor,
+    header_timeout: std::time::Duration,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) {
+    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => {
+            let speaks = match tls_stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Speaks::Http2,
+                Some(b"http/1.1") => Speaks::Http1,
+                _ => Speaks::Unknown,
+            };
+            serve_http(tls_stream, peer, proxy, shutdown, speaks).await
+        }
+        Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
+    }
+}
+
+async fn serve_http<S>(stream: S, peer: SocketAddr, proxy: Arc<Proxy>, shutdown: CancellationToken, speaks: Speaks)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let snapshot = proxy.handle.snapshot();
     let limits = snapshot.config.limits.clone();
     let state = Arc::new(ConnState::default());
-    let io = ClientIo::new(
+    let io = TokioIo::new(ClientIo::new(
         stream,
         state.clone(),
         peer,
@@ -110,36 +160,105 @@ where
         limits.keepalive_timeout,
         proxy.log.clone(),
         snapshot.version,
-    );
+    ));
     drop(snapshot);
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         let state = state.clone();
         async move { Ok::<_, Infallible>(proxy.serve(req, peer, state).await) }
     });
-    // HTTP/1.1, and HTTP/2 with prior knowledge (h2c), told apart by the connection preface.
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let max_header_list = limits.max_header_bytes as u32;
+    match speaks {
+        Speaks::Http1 => {
+            let conn = http1_builder(limits.max_header_bytes)
+                .serve_connection(io, service)
+                .with_upgrades();
+            drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await
+        }
+        Speaks::Http2 => {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .max_header_list_size(max_header_list)
+                .max_concurrent_streams(256);
+            let conn = builder.serve_connection(io, service);
+            drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await
+        }
+        Speaks::Unknown => {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .keep_alive(true)
+                .max_buf_size(limits.max_header_bytes)
+                .header_read_timeout(None);
+            builder
+                .http2()
+                .max_header_list_size(max_header_list)
+                .max_concurrent_streams(256);
+            let conn = builder.serve_connection_with_upgrades(io, service);
+            drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await
+        }
+    }
+}
+
+fn http1_builder(max_header_bytes: usize) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .keep_alive(true)
         // Past this the request head cannot be parsed: hyper answers 431 (see client_io.rs).
-        .max_buf_size(limits.max_header_bytes)
+        .max_buf_size(max_header_bytes)
+        // ClientIo keeps the header timeout itself (with a 408 answer).
         .header_read_timeout(None);
     builder
-        .http2()
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .max_concurrent_streams(256);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+}
+
+/// Runs a connection to its end; on shutdown, lets it finish the request in flight and close.
+async fn drive<C, E>(conn: C, peer: SocketAddr, shutdown: &CancellationToken, graceful: fn(Pin<&mut C>))
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
-            }
-        }
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
         _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            graceful(conn.as_mut());
+            conn.await
         }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access_log::AccessLog;
+    use crate::handle::ProxyHandle;
+
+    const CONFIG: &str = r#"
+[listener.public]
+bind = "127.0.0.1:0"
+[[route]]
+name = "r"
+pool = "p"
+[pool.p]
+backends = ["127.0.0.1:9"]
+"#;
+
+    /// Every silent connection holds one of these: it must stay far below the HTTP machinery
+    /// (which is boxed only when the first byte arrives).
+    #[tokio::test]
+    async fn an_idle_connection_holds_a_small_future() {
+        let checked = safelb_config::check("t.toml", CONFIG).into_result().expect("valid");
+        let proxy = Proxy::new(ProxyHandle::new(checked, 1), AccessLog::disabled());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let idle = connection(stream, peer, proxy.clone(), None, CancellationToken::new());
+        let size = std::mem::size_of_val(&idle);
+        println!("idle connection future: {size} bytes");
+        assert!(size <= 512, "the idle connection future grew to {size} bytes");
     }
 }
