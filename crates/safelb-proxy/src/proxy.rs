@@ -26,7 +26,7 @@ use crate::body::{request_body_error, RequestBody, RequestBodyError, ResponseBod
 use crate::client_io::ConnState;
 use crate::error::{client_answer, ErrorKind, ProxyError};
 use crate::handle::{ProxyHandle, Role};
-use crate::headers::{add_forwarded, client_ip_value, request_id, strip_hop_by_hop, X_REQUEST_ID};
+use crate::headers::{add_forwarded, client_ip_value, has_hop_by_hop, request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::snapshot::{PoolRuntime, Snapshot};
 use crate::upstream::{self, Sender};
 
@@ -67,7 +67,10 @@ impl Proxy {
         client: SocketAddr,
         conn: Arc<ConnState>,
     ) -> Response<ResponseBody> {
-        let upgrade = (req.version() == Version::HTTP_11)
+        // Upgrade and TE are hop-by-hop headers; most requests carry none, and one pass over
+        // the names says so without hashing any.
+        let hop_by_hop = has_hop_by_hop(req.headers());
+        let upgrade = (hop_by_hop && req.version() == Version::HTTP_11)
             .then(|| upgrade_protocol(req.headers()))
             .flatten();
         let on_client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -80,41 +83,43 @@ impl Proxy {
         let mut done = Completion::start(&self.log, client, conn, snapshot.clone(), role);
         let (mut parts, body) = req.into_parts();
         done.request_id = request_id(&mut parts.headers);
-        let host_header = parts.headers.get(HOST).cloned();
+        let mut host_value = parts.headers.get(HOST).cloned();
 
         // The upstream request: origin-form target, the client's Host kept, hop-by-hop gone.
         if let Some(authority) = parts.uri.authority().map(|a| a.as_str().to_owned()) {
-            if host_header.is_none() {
+            if host_value.is_none() {
                 if let Ok(v) = HeaderValue::from_str(&authority) {
-                    parts.headers.insert(HOST, v);
+                    parts.headers.insert(HOST, v.clone());
+                    host_value = Some(v);
                 }
             }
             let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
             parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
         }
-        let host = parts.headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        let host = host_value.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
         self.handle
             .samples()
             .record(parts.method.as_str(), host, parts.uri.path());
-        let te = parts.headers.get(http::header::TE).and_then(|v| v.to_str().ok());
-        if te.is_some_and(|v| v.contains("trailers")) {
-            parts.extensions.insert(TeTrailers);
-        }
         if done.log.enabled() {
             done.method = parts.method.clone();
             done.host = host.to_owned();
             done.path = parts.uri.path().to_owned();
         }
-        strip_hop_by_hop(&mut parts.headers);
+        if hop_by_hop {
+            let te = parts.headers.get(http::header::TE).and_then(|v| v.to_str().ok());
+            if te.is_some_and(|v| v.contains("trailers")) {
+                parts.extensions.insert(TeTrailers);
+            }
+            strip_hop_by_hop(&mut parts.headers);
+        }
         if let Some(protocol) = &upgrade {
             parts.headers.insert(http::header::UPGRADE, protocol.clone());
             parts
                 .headers
                 .insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        let forwarded_host = parts.headers.get(HOST).cloned();
         let client_ip = conn_state.client_ip.get_or_init(|| client_ip_value(client));
-        add_forwarded(&mut parts.headers, client_ip, self.scheme, forwarded_host.as_ref());
+        add_forwarded(&mut parts.headers, client_ip, self.scheme, host_value.as_ref());
         parts.version = Version::HTTP_11;
 
         let limit = snapshot.config.limits.max_body_bytes;

@@ -39,11 +39,22 @@ impl Samples {
             return;
         }
         if let Ok(mut slot) = self.slots[(n / EVERY) % CAPACITY].try_lock() {
-            *slot = Some(Sample {
-                method: method.to_owned(),
-                host: host.to_owned(),
-                path: path.to_owned(),
-            });
+            match slot.as_mut() {
+                // Once the ring is full, overwrite in place: no allocation on the request path.
+                Some(old) => {
+                    for (to, from) in [(&mut old.method, method), (&mut old.host, host), (&mut old.path, path)] {
+                        to.clear();
+                        to.push_str(from);
+                    }
+                }
+                None => {
+                    *slot = Some(Sample {
+                        method: method.to_owned(),
+                        host: host.to_owned(),
+                        path: path.to_owned(),
+                    })
+                }
+            }
         }
     }
 
