@@ -14,7 +14,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::h1::H1Body;
 use crate::proxy::Completion;
+use crate::upstream::UpstreamBody;
 
 /// Why a request body stopped.
 #[derive(Debug)]
@@ -109,8 +111,12 @@ impl Body for RequestBody {
 
 enum Source {
     Upstream(Incoming),
+    Raw(H1Body),
     Local(Option<Bytes>),
 }
+
+/// What a response body fails with: hyper's error or the inline client's.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// The body sent to the client.
 pub struct ResponseBody {
@@ -120,9 +126,12 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    pub(crate) fn upstream(body: Incoming, completion: Box<Completion>) -> Self {
+    pub(crate) fn upstream(body: UpstreamBody, completion: Box<Completion>) -> Self {
         ResponseBody {
-            source: Source::Upstream(body),
+            source: match body {
+                UpstreamBody::Hyper(b) => Source::Upstream(b),
+                UpstreamBody::Raw(b) => Source::Raw(b),
+            },
             bytes: 0,
             completion: Some(completion),
         }
@@ -145,13 +154,14 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        let polled = match &mut this.source {
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut this.source {
             Source::Local(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
-            Source::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Source::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            Source::Raw(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
         };
         match ready!(polled) {
             Some(Ok(frame)) => {
@@ -175,6 +185,7 @@ impl Body for ResponseBody {
         match &self.source {
             Source::Local(text) => text.is_none(),
             Source::Upstream(body) => body.is_end_stream(),
+            Source::Raw(body) => body.is_end_stream(),
         }
     }
 
@@ -183,6 +194,7 @@ impl Body for ResponseBody {
             Source::Local(Some(t)) => SizeHint::with_exact(t.len() as u64),
             Source::Local(None) => SizeHint::with_exact(0),
             Source::Upstream(body) => body.size_hint(),
+            Source::Raw(body) => body.size_hint(),
         }
     }
 }

@@ -16,6 +16,7 @@ mod body;
 mod client_io;
 pub mod error;
 pub mod exposition;
+mod h1;
 mod handle;
 pub mod headers;
 pub mod health;

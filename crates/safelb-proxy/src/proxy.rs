@@ -28,7 +28,7 @@ use crate::error::{client_answer, ErrorKind, ProxyError};
 use crate::handle::{ProxyHandle, Role};
 use crate::headers::{add_forwarded, client_ip_value, has_hop_by_hop, request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::snapshot::{PoolRuntime, Snapshot};
-use crate::upstream::{self, Sender};
+use crate::upstream::{self, Sender, UpstreamBody};
 
 /// Stale pooled connections tried before a fresh one is opened; bounds a loop on a backend
 /// that closes every idle connection.
@@ -211,7 +211,10 @@ impl Proxy {
             // Refused upgrade: relay the answer; the connection is not reused.
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            return Ok(Response::from_parts(parts, ResponseBody::upstream(body, done)));
+            return Ok(Response::from_parts(
+                parts,
+                ResponseBody::upstream(UpstreamBody::Hyper(body), done),
+            ));
         }
         backend.record_success();
         let on_upstream = hyper::upgrade::on(&mut response);
@@ -271,6 +274,8 @@ impl Proxy {
         if config.protocol == Protocol::H2 {
             to_h2(&mut request);
         }
+        // Bodiless HTTP/1.1 requests are exchanged on this task (h1.rs); others through hyper.
+        let bodiless = config.protocol == Protocol::Http1 && http_body::Body::is_end_stream(request.body());
         let mut request = Some(request);
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error: Option<ErrorKind> = None;
@@ -284,29 +289,29 @@ impl Proxy {
             let backend = &pool.backends[idx];
             backend.start_request();
             let started = Instant::now();
-            let (mut sender, reused) = match upstream::checkout(backend, config.connect_timeout, config.protocol).await
-            {
-                Ok(s) => s,
-                Err(kind) => {
-                    backend.end_request();
-                    backend.observe_latency(config.connect_timeout);
-                    pool.upstream[idx].connect_errors.fetch_add(1, Relaxed);
-                    failure(pool, snapshot, backend, kind);
-                    tried.push(idx);
-                    last_error = Some(kind);
-                    // Nothing reached a backend, so any method may go elsewhere.
-                    if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
-                        done.retries += 1;
-                        pool.retries.fetch_add(1, Relaxed);
-                        continue;
+            let (mut sender, reused) =
+                match upstream::checkout(backend, config.connect_timeout, config.protocol, bodiless).await {
+                    Ok(s) => s,
+                    Err(kind) => {
+                        backend.end_request();
+                        backend.observe_latency(config.connect_timeout);
+                        pool.upstream[idx].connect_errors.fetch_add(1, Relaxed);
+                        failure(pool, snapshot, backend, kind);
+                        tried.push(idx);
+                        last_error = Some(kind);
+                        // Nothing reached a backend, so any method may go elsewhere.
+                        if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
+                            done.retries += 1;
+                            pool.retries.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                        return Err((ProxyError::in_pool(kind, &pool.name), done));
                     }
-                    return Err((ProxyError::in_pool(kind, &pool.name), done));
-                }
-            };
+                };
             let req = request
                 .take()
                 .expect("the request is put back whenever the loop continues");
-            match tokio::time::timeout(config.response_timeout, sender.send(req)).await {
+            match tokio::time::timeout(config.response_timeout, sender.send(req, backend)).await {
                 Err(_) => {
                     backend.end_request();
                     backend.observe_latency(config.response_timeout);
@@ -318,7 +323,7 @@ impl Proxy {
                 }
                 Ok(Err(mut e)) => {
                     backend.end_request();
-                    if let Some(req) = e.take_message() {
+                    if let Some(req) = e.unsent.take() {
                         // Never written: a pooled connection the backend had closed.
                         if reused && stale_reuses < MAX_STALE_REUSE {
                             stale_reuses += 1;
@@ -328,8 +333,8 @@ impl Proxy {
                     }
                     done.backend = Some(backend.clone());
                     done.backend_idx = Some(idx);
-                    let err = e.into_error();
-                    if let Some(body_err) = request_body_error(&err) {
+                    let err = e.error;
+                    if let Some(body_err) = request_body_error(&*err) {
                         let kind = match body_err {
                             RequestBodyError::TooLarge { .. } => ErrorKind::BodyTooLarge,
                             RequestBodyError::Client(_) => ErrorKind::ClientBody,

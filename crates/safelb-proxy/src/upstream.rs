@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioExecutor;
@@ -19,6 +20,7 @@ use tokio::net::TcpStream;
 use crate::backend::BackendState;
 use crate::body::RequestBody;
 use crate::error::ErrorKind;
+use crate::h1;
 
 /// Idle connections older than this are closed instead of reused: many servers close theirs
 /// after a few seconds, and reusing one that is being closed costs a round trip.
@@ -37,29 +39,94 @@ pub(crate) enum Sender {
     H1(SendRequest<RequestBody>),
     /// A clone of the backend's one multiplexed connection.
     H2(http2::SendRequest<RequestBody>),
+    /// For a bodiless request: exchanged on the request's own task; the response body puts it
+    /// back in the pool when it ends.
+    Raw(Option<h1::Conn>),
 }
 
-type TrySend =
-    Result<http::Response<hyper::body::Incoming>, hyper::client::conn::TrySendError<http::Request<RequestBody>>>;
+/// A response body as it comes from a backend.
+pub(crate) enum UpstreamBody {
+    Hyper(Incoming),
+    Raw(h1::H1Body),
+}
+
+/// A failed send.
+pub(crate) struct SendError {
+    /// The request, when it may go out again on another connection: never written, or (for
+    /// an idempotent request on a reused connection) closed by the backend before any answer.
+    pub(crate) unsent: Option<http::Request<RequestBody>>,
+    pub(crate) error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SendError {
+    fn from_hyper(mut e: hyper::client::conn::TrySendError<http::Request<RequestBody>>) -> SendError {
+        SendError {
+            unsent: e.take_message(),
+            error: Box::new(e.into_error()),
+        }
+    }
+}
 
 impl Sender {
-    /// Sends; a request that was never written comes back in the error.
-    pub(crate) async fn send(&mut self, req: http::Request<RequestBody>) -> TrySend {
+    pub(crate) async fn send(
+        &mut self,
+        req: http::Request<RequestBody>,
+        backend: &Arc<BackendState>,
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
         match self {
-            Sender::H1(s) => s.try_send_request(req).await,
-            Sender::H2(s) => s.try_send_request(req).await,
+            Sender::H1(s) => s
+                .try_send_request(req)
+                .await
+                .map(|r| r.map(UpstreamBody::Hyper))
+                .map_err(SendError::from_hyper),
+            Sender::H2(s) => s
+                .try_send_request(req)
+                .await
+                .map(|r| r.map(UpstreamBody::Hyper))
+                .map_err(SendError::from_hyper),
+            Sender::Raw(conn) => {
+                let conn = conn.take().expect("a connection carries one request at a time");
+                let (parts, body) = req.into_parts();
+                let head = h1::encode_head(&parts);
+                match h1::exchange(conn, &head, &parts.method, backend.clone()).await {
+                    Ok(response) => Ok(response.map(UpstreamBody::Raw)),
+                    Err(e) => {
+                        let again = matches!(e, h1::Error::ClosedBeforeResponse) && parts.method.is_idempotent();
+                        Err(SendError {
+                            unsent: again.then(|| http::Request::from_parts(parts, body)),
+                            error: Box::new(e),
+                        })
+                    }
+                }
+            }
         }
     }
 }
 
 /// A ready connection to `backend` in the pool's protocol: reused when possible, else new.
+/// Bodiless HTTP/1.1 requests get a connection of their own kind (see `h1.rs`).
 pub(crate) async fn checkout(
     backend: &BackendState,
     connect_timeout: Duration,
     protocol: Protocol,
+    bodiless: bool,
 ) -> Result<(Sender, bool), ErrorKind> {
     if protocol == Protocol::H2 {
         return checkout_h2(backend, connect_timeout).await;
+    }
+    if bodiless {
+        loop {
+            let idle = backend.raw_idle.lock().expect("idle list lock is never poisoned").pop();
+            match idle {
+                Some((conn, since)) if since.elapsed() <= IDLE_TIMEOUT && !conn.closed_while_idle() => {
+                    return Ok((Sender::Raw(Some(conn)), true))
+                }
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        let stream = connect_tcp(backend, connect_timeout).await?;
+        return Ok((Sender::Raw(Some(h1::Conn::new(stream))), false));
     }
     while let Some(mut idle) = pop_idle(backend) {
         if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
@@ -86,12 +153,7 @@ async fn checkout_h2(backend: &BackendState, timeout: Duration) -> Result<(Sende
     {
         return Ok((Sender::H2(s.clone()), true));
     }
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
-        Err(_) => return Err(ErrorKind::ConnectTimeout),
-        Ok(Err(_)) => return Err(ErrorKind::ConnectRefused),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = connect_tcp(backend, timeout).await?;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .handshake(TokioIo::new(stream))
         .await
@@ -125,8 +187,17 @@ pub(crate) fn checkin(backend: &BackendState, sender: Sender) {
     }
 }
 
-/// Opens a new connection. Connect errors are classified for retries and outlier detection.
-pub(crate) async fn connect(backend: &BackendState, timeout: Duration) -> Result<SendRequest<RequestBody>, ErrorKind> {
+/// A bodiless request's connection, back once its response ended cleanly.
+pub(crate) fn checkin_raw(backend: &BackendState, conn: h1::Conn) {
+    let mut idle = backend.raw_idle.lock().expect("idle list lock is never poisoned");
+    if idle.len() < MAX_IDLE_PER_BACKEND {
+        idle.push((conn, Instant::now()));
+    }
+}
+
+/// A TCP connection to the backend. Connect errors are classified for retries and outlier
+/// detection.
+async fn connect_tcp(backend: &BackendState, timeout: Duration) -> Result<TcpStream, ErrorKind> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
         Err(_) => return Err(ErrorKind::ConnectTimeout),
         Ok(Err(e)) => {
@@ -136,6 +207,12 @@ pub(crate) async fn connect(backend: &BackendState, timeout: Duration) -> Result
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Opens a new connection for hyper's client.
+pub(crate) async fn connect(backend: &BackendState, timeout: Duration) -> Result<SendRequest<RequestBody>, ErrorKind> {
+    let stream = connect_tcp(backend, timeout).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -154,12 +231,7 @@ pub(crate) async fn connect_upgradable(
     backend: &BackendState,
     timeout: Duration,
 ) -> Result<SendRequest<RequestBody>, ErrorKind> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
-        Err(_) => return Err(ErrorKind::ConnectTimeout),
-        Ok(Err(_)) => return Err(ErrorKind::ConnectRefused),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = connect_tcp(backend, timeout).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -173,5 +245,10 @@ pub(crate) async fn connect_upgradable(
 /// Drops every idle connection of a backend (it was removed or ejected).
 pub(crate) fn clear_idle(backend: &Arc<BackendState>) {
     backend.idle.lock().expect("idle list lock is never poisoned").clear();
+    backend
+        .raw_idle
+        .lock()
+        .expect("idle list lock is never poisoned")
+        .clear();
     backend.h2.lock().expect("h2 lock is never poisoned").take();
 }

@@ -181,3 +181,51 @@ async fn bodies_stream_both_ways_and_connections_are_reused() {
     let backend = lb.handle.backend(&be.addr).unwrap();
     assert!(wait_until(Duration::from_secs(2), || backend.in_flight() == 0).await);
 }
+
+/// Many servers close keep-alive connections after a short idle time. A pooled connection the
+/// backend has closed must never cost a client request: the proxy sees the hang-up and opens
+/// a fresh connection.
+#[tokio::test]
+async fn a_backend_that_closes_idle_connections_costs_clients_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let backend = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // A keep-alive answer, then the server's idle timeout closes the connection.
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    let lb = Lb::start(&pool_config(&[addr.to_string()], "")).await;
+    let mut client = Client::connect(lb.addr).await;
+    for i in 0..10 {
+        let reply = client.get("x", "/").await.unwrap();
+        assert_eq!((i, reply.status, reply.body.as_str()), (i, 200, "ok"));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        10,
+        "each request needed a fresh connection"
+    );
+    backend.abort();
+}
