@@ -8,10 +8,11 @@
 //! body keep hyper's client, which writes the body while it reads the response (a backend may
 //! answer early, and both directions' buffers can fill).
 //!
-//! Response framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; chunked when it
-//! is the last transfer coding; else Content-Length; else until the backend closes. A
-//! connection goes back to its pool only when the body ended exactly where its framing said and
-//! nothing followed it.
+//! Response framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; chunked; else
+//! Content-Length; else until the backend closes. A connection goes back to its pool only when
+//! the body ended exactly where its framing said and nothing followed it. Transfer codings other
+//! than chunked are refused, as nginx does: Transfer-Encoding is hop-by-hop, so relaying the
+//! decoded chunks without the other coding would hand the client a body it cannot read.
 
 use std::fmt;
 use std::future::Future;
@@ -151,7 +152,7 @@ pub(crate) async fn exchange(
                     }
                     continue;
                 }
-                let state = framing(&head, method)?;
+                let state = framing(&head, method);
                 let keep_alive = head.keep_alive && !matches!(state, State::Close);
                 let mut response = http::Response::new(H1Body {
                     conn: Some(conn),
@@ -187,8 +188,8 @@ struct Head {
     headers: HeaderMap,
     keep_alive: bool,
     content_length: Option<u64>,
-    /// `Some(true)` when the last transfer coding is chunked.
-    chunked: Option<bool>,
+    /// `Transfer-Encoding: chunked` (the only transfer coding accepted).
+    chunked: bool,
 }
 
 /// Parses one response head off the front of `buf`; `None` until it is complete.
@@ -234,7 +235,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
         headers: HeaderMap::with_capacity(count),
         keep_alive: version == Version::HTTP_11,
         content_length: None,
-        chunked: None,
+        chunked: false,
     };
     for &(ns, ne, vs, ve) in &spans[..count] {
         let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
@@ -252,8 +253,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
             }
             parsed.content_length = Some(n);
         } else if name == TRANSFER_ENCODING {
-            let last = value.to_str().ok().and_then(|v| v.rsplit(',').next()).map(str::trim);
-            parsed.chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")));
+            let only_chunked = value.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+            if !only_chunked || parsed.chunked {
+                return Err(Error::Protocol("unsupported Transfer-Encoding"));
+            }
+            parsed.chunked = true;
         } else if name == CONNECTION {
             for option in value.to_str().unwrap_or("").split(',').map(str::trim) {
                 if option.eq_ignore_ascii_case("close") {
@@ -265,21 +269,25 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
         }
         parsed.headers.append(name, value);
     }
+    if parsed.chunked && parsed.content_length.take().is_some() {
+        // Both: chunked wins, the length must not travel on (RFC 9112 §6.3), and a backend that
+        // sends such a message does not get to carry another on this connection.
+        parsed.headers.remove(CONTENT_LENGTH);
+        parsed.keep_alive = false;
+    }
     Ok(Some(parsed))
 }
 
 /// How the body of a response is delimited (RFC 9112 §6.3).
-fn framing(head: &Head, method: &Method) -> Result<State, Error> {
+fn framing(head: &Head, method: &Method) -> State {
     if *method == Method::HEAD || head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED {
-        return Ok(State::Length(0));
+        return State::Length(0);
     }
-    Ok(match (head.chunked, head.content_length) {
-        (Some(true), _) => State::Chunked(Chunk::Size),
-        // Another transfer coding last: the body runs until the backend closes.
-        (Some(false), _) => State::Close,
-        (None, Some(n)) => State::Length(n),
-        (None, None) => State::Close,
-    })
+    match (head.chunked, head.content_length) {
+        (true, _) => State::Chunked(Chunk::Size),
+        (false, Some(n)) => State::Length(n),
+        (false, None) => State::Close,
+    }
 }
 
 enum State {
@@ -687,6 +695,31 @@ mod tests {
         let (response, home) = get(addr, Method::GET).await;
         assert!(response.unwrap().into_body().collect().await.is_err());
         assert_eq!(pooled(&home), 0);
+    }
+
+    #[tokio::test]
+    async fn transfer_codings_other_than_chunked_are_refused_and_chunked_beats_a_length() {
+        for head in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+        ] {
+            let addr = backend(vec![vec![head]], false).await;
+            assert!(matches!(get(addr, Method::GET).await.0, Err(Error::Protocol(_))));
+        }
+        let addr = backend(
+            vec![vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            ]],
+            false,
+        )
+        .await;
+        let (response, home) = get(addr, Method::GET).await;
+        let response = response.unwrap();
+        assert!(!response.headers().contains_key("content-length"));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(pooled(&home), 0, "a message with both framings closes its connection");
     }
 
     #[tokio::test]
