@@ -39,6 +39,8 @@ const MAX_HEADERS: usize = 128;
 const MAX_CHUNK_LINE: usize = 4096;
 /// What one read asks for while a body streams.
 const READ_SIZE: usize = 64 * 1024;
+/// Largest read buffer an idle pooled connection keeps.
+const IDLE_BUFFER: usize = 8 * 1024;
 
 /// An upstream HTTP/1.1 connection with its read buffer.
 pub(crate) struct Conn {
@@ -320,8 +322,12 @@ impl H1Body {
     /// The body ended where its framing said: the connection may carry the next request.
     fn finish(&mut self) {
         self.state = State::Done;
-        if let Some(conn) = self.conn.take() {
+        if let Some(mut conn) = self.conn.take() {
             if self.keep_alive && conn.buf.is_empty() {
+                // An idle connection keeps a head-sized buffer, not the last body's 64 KiB reads.
+                if conn.buf.capacity() > IDLE_BUFFER {
+                    conn.buf = BytesMut::new();
+                }
                 crate::upstream::checkin_raw(&self.home, conn);
             }
         }
