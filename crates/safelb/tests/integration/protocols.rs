@@ -152,3 +152,27 @@ async fn grpc_style_streaming_with_trailers_through_an_h2_pool() {
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["x-frames"], "5");
 }
+
+/// A load of multiplexed h2c streams from a real HTTP/2 client (h2load): every one answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_streams_all_succeed() {
+    let be = TestBackend::start("be").await;
+    let lb = Lb::start(&pool_config(&[be.addr.to_string()], "")).await;
+    let url = lb.url("/");
+    let out = tokio::task::spawn_blocking(move || {
+        // 2,000 requests on 10 connections, 10 concurrent streams each; h2load stops by itself.
+        Command::new("h2load")
+            .args(["-n", "2000", "-c", "10", "-m", "10", &url])
+            .output()
+            .expect("h2load is installed (scripts/install-test-deps)")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, 0 errored"),
+        "h2load saw: {text}"
+    );
+    assert!(text.contains("status codes: 2000 2xx"), "h2load saw: {text}");
+    assert_eq!(be.hits(), 2000);
+}
