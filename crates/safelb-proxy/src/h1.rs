@@ -103,22 +103,21 @@ impl Conn {
 
 /// The head of a bodiless request in wire form: origin-form target, the headers as given (the
 /// proxy has already removed hop-by-hop ones and added its own).
-pub(crate) fn encode_head(parts: &http::request::Parts) -> Vec<u8> {
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let size = parts.method.as_str().len()
+pub(crate) fn encode_head(method: &Method, uri: &http::Uri, headers: &HeaderMap) -> Vec<u8> {
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let size = method.as_str().len()
         + target.len()
         + 16
-        + parts
-            .headers
+        + headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
             .sum::<usize>();
     let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -553,7 +552,7 @@ mod tests {
         let mut req = http::Request::new(());
         *req.method_mut() = method.clone();
         req.headers_mut().insert("host", HeaderValue::from_static("test"));
-        let head = encode_head(&req.into_parts().0);
+        let head = encode_head(req.method(), req.uri(), req.headers());
         (exchange(conn, &head, &method, home.clone()).await, home)
     }
 

@@ -52,48 +52,63 @@ pub(crate) enum UpstreamBody {
 
 /// A failed send.
 pub(crate) struct SendError {
-    /// The request, when it may go out again on another connection: never written, or (for
-    /// an idempotent request on a reused connection) closed by the backend before any answer.
-    pub(crate) unsent: Option<http::Request<RequestBody>>,
+    /// The request is back in the caller's slot and may go out again on another connection:
+    /// never written, or (for an idempotent request on a reused connection) closed by the
+    /// backend before any answer.
+    pub(crate) unsent: bool,
     pub(crate) error: Box<dyn std::error::Error + Send + Sync>,
 }
 
-impl SendError {
-    fn from_hyper(mut e: hyper::client::conn::TrySendError<http::Request<RequestBody>>) -> SendError {
-        SendError {
-            unsent: e.take_message(),
-            error: Box::new(e.into_error()),
-        }
-    }
-}
-
 impl Sender {
+    /// Sends the request in `slot`. It stays there while a bodiless request is exchanged
+    /// inline, and goes back there when it may be sent again; otherwise it is consumed.
     pub(crate) async fn send(
         &mut self,
-        req: http::Request<RequestBody>,
+        slot: &mut Option<http::Request<RequestBody>>,
         backend: &Arc<BackendState>,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
+        let hyper_error = |mut e: hyper::client::conn::TrySendError<http::Request<RequestBody>>,
+                           slot: &mut Option<http::Request<RequestBody>>| {
+            *slot = e.take_message();
+            SendError {
+                unsent: slot.is_some(),
+                error: Box::new(e.into_error()),
+            }
+        };
         match self {
-            Sender::H1(s) => s
-                .try_send_request(req)
-                .await
-                .map(|r| r.map(UpstreamBody::Hyper))
-                .map_err(SendError::from_hyper),
-            Sender::H2(s) => s
-                .try_send_request(req)
-                .await
-                .map(|r| r.map(UpstreamBody::Hyper))
-                .map_err(SendError::from_hyper),
+            // hyper's send futures are boxed: requests with a body and h2 pools pay one
+            // allocation, so that bodiless HTTP/1.1 requests (most) do not carry their size.
+            Sender::H1(s) => {
+                let req = slot.take().expect("send is given a request");
+                match Box::pin(s.try_send_request(req)).await {
+                    Ok(r) => Ok(r.map(UpstreamBody::Hyper)),
+                    Err(e) => Err(hyper_error(e, slot)),
+                }
+            }
+            Sender::H2(s) => {
+                let req = slot.take().expect("send is given a request");
+                match Box::pin(s.try_send_request(req)).await {
+                    Ok(r) => Ok(r.map(UpstreamBody::Hyper)),
+                    Err(e) => Err(hyper_error(e, slot)),
+                }
+            }
             Sender::Raw(conn) => {
                 let conn = conn.take().expect("a connection carries one request at a time");
-                let (parts, body) = req.into_parts();
-                let head = h1::encode_head(&parts);
-                match h1::exchange(conn, &head, &parts.method, backend.clone()).await {
-                    Ok(response) => Ok(response.map(UpstreamBody::Raw)),
+                let req = slot.as_ref().expect("send is given a request");
+                let head = h1::encode_head(req.method(), req.uri(), req.headers());
+                let method = req.method().clone();
+                match h1::exchange(conn, &head, &method, backend.clone()).await {
+                    Ok(response) => {
+                        slot.take();
+                        Ok(response.map(UpstreamBody::Raw))
+                    }
                     Err(e) => {
-                        let again = matches!(e, h1::Error::ClosedBeforeResponse) && parts.method.is_idempotent();
+                        let again = matches!(e, h1::Error::ClosedBeforeResponse) && method.is_idempotent();
+                        if !again {
+                            slot.take();
+                        }
                         Err(SendError {
-                            unsent: again.then(|| http::Request::from_parts(parts, body)),
+                            unsent: again,
                             error: Box::new(e),
                         })
                     }
@@ -112,7 +127,9 @@ pub(crate) async fn checkout(
     bodiless: bool,
 ) -> Result<(Sender, bool), ErrorKind> {
     if protocol == Protocol::H2 {
-        return checkout_h2(backend, connect_timeout).await;
+        // Boxed, like the handshakes below: a future's size is paid (copied) on every request
+        // that awaits it, taken or not, and these are the rare paths.
+        return Box::pin(checkout_h2(backend, connect_timeout)).await;
     }
     if bodiless {
         loop {
@@ -140,7 +157,9 @@ pub(crate) async fn checkout(
             return Ok((Sender::H1(idle.sender), true));
         }
     }
-    connect(backend, connect_timeout).await.map(|s| (Sender::H1(s), false))
+    Box::pin(connect(backend, connect_timeout))
+        .await
+        .map(|s| (Sender::H1(s), false))
 }
 
 async fn checkout_h2(backend: &BackendState, timeout: Duration) -> Result<(Sender, bool), ErrorKind> {
