@@ -52,6 +52,9 @@ wait_port() {
 # --- backends: one nginx, one worker, two ports ---------------------------------------------
 mkdir -p "$work/backend/logs"
 head -c 65536 /dev/urandom > "$work/64k.bin"
+# nginx's workers run as an unprivileged user: the file and its directory must be readable to
+# them, or every /64k answer is a 403 page and the case measures nothing.
+chmod 755 "$work"; chmod 644 "$work/64k.bin"
 cat > "$work/backend/nginx.conf" <<CFG
 worker_processes 1;
 pid $work/backend/nginx.pid;
@@ -179,6 +182,12 @@ run_wrk() { # $1 case $2 proxy
     esac
     local out
     out=$(wrk -t1 -c50 -d"${secs}s" --latency "${extra[@]}" "http://127.0.0.1:$port$path" 2>&1)
+    # A number is only a number if every answer was a success.
+    if grep -q "Non-2xx or 3xx responses" <<<"$out"; then
+        echo "bench: $2 answered $1 requests with errors; the run is not valid:" >&2
+        echo "$out" >&2
+        exit 1
+    fi
     local rps p50 p99
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
@@ -188,6 +197,11 @@ run_wrk() { # $1 case $2 proxy
 run_h2() { # $1 proxy
     local out rps mean
     out=$(h2load -n "$h2n" -c 50 -m 10 "http://127.0.0.1:$(h2port_of "$1")/" 2>&1)
+    if ! grep -q "$h2n succeeded, 0 failed, 0 errored" <<<"$out" || ! grep -q "status codes: $h2n 2xx" <<<"$out"; then
+        echo "bench: h2load through $1 saw failures; the run is not valid:" >&2
+        echo "$out" >&2
+        exit 1
+    fi
     rps=$(awk '/^finished in/ {print $4}' <<<"$out")
     mean=$(awk '/^time for request:/ {print $6}' <<<"$out")
     echo "h2c $1 ${rps:-0} $(to_ms "${mean:-0ms}") -" >> "$results"
