@@ -89,9 +89,10 @@ impl Conn {
         }
     }
 
-    /// Reads more bytes into the buffer; `Ok(0)` is the end of the stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.reserve(READ_SIZE);
+    /// Reads more bytes into the buffer, with room for about `want`; `Ok(0)` is the end of the
+    /// stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.buf.reserve(want.clamp(1024, READ_SIZE));
         loop {
             match self.io.try_read_buf(&mut self.buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.io.poll_read_ready(cx))?,
@@ -471,8 +472,13 @@ impl Body for H1Body {
             if !need_bytes {
                 continue;
             }
+            // Room for what is known to come (a length, a chunk), else a modest read.
+            let want = match this.state {
+                State::Length(n) | State::Chunked(Chunk::Data(n)) => usize::try_from(n).unwrap_or(READ_SIZE),
+                _ => 8 * 1024,
+            };
             let conn = this.conn.as_mut().expect("checked above");
-            match ready!(conn.poll_fill(cx)) {
+            match ready!(conn.poll_fill(cx, want)) {
                 Ok(0) if matches!(this.state, State::Close) => {
                     // The backend closed: that is the end of this body, and of the connection.
                     this.state = State::Done;

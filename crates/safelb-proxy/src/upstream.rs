@@ -1,10 +1,13 @@
-//! Upstream connections: connect with a timeout, keep idle HTTP/1.1 connections per backend,
-//! hand them out again.
+//! Upstream connections: connect with a timeout, keep idle connections per backend, hand them
+//! out again. Three kinds: plain HTTP/1.1 connections for bodiless requests (exchanged inline,
+//! `h1.rs`), hyper HTTP/1.1 connections for requests with a body, and one multiplexed hyper
+//! HTTP/2 connection per backend for `protocol = "h2"` pools.
 //!
-//! The pool is ours rather than hyper-util's client because a retry must happen *before* the
+//! The pools are ours rather than hyper-util's client because a retry must happen *before* the
 //! request body is consumed: we obtain a connection first, and only then give the request away.
-//! A stale keep-alive connection that the backend closed is detected by hyper without losing
-//! the request (`try_send_request` hands it back), and the request goes out on a fresh one.
+//! A stale keep-alive connection that the backend closed is recognised without losing the
+//! request (the reactor's hang-up readiness for inline connections; `try_send_request` handing
+//! it back for hyper's), and the request goes out on a fresh one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
