@@ -103,6 +103,9 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// On SIGTERM, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
+    /// A request with an `Idempotency-Key` and a body up to this size is buffered so it can be
+    /// sent twice (fallback, hedge, rescue); a larger one is streamed and never sent twice.
+    pub replay_body_bytes: u64,
 }
 
 impl Default for Limits {
@@ -113,6 +116,7 @@ impl Default for Limits {
             max_header_bytes: 32 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
+            replay_body_bytes: 64 * 1024,
         }
     }
 }
@@ -242,6 +246,34 @@ pub struct Pool {
     pub panic_policy: PanicPolicy,
     pub health: Option<HealthCheck>,
     pub outlier: Outlier,
+    /// `None` is `hedge = false`.
+    pub hedge: Option<Hedge>,
+}
+
+/// When a replayable request still has no response head, also send it elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HedgeAfter {
+    /// From the stable version's observed response-head latency of the pool: 3 x p99, at least
+    /// 100 ms, at most the response timeout.
+    Auto,
+    Fixed(Duration),
+}
+
+/// `hedge = { after, budget }` of a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hedge {
+    pub after: HedgeAfter,
+    /// Hedges per thousand of the pool's requests (`budget = 0.1` is 100), plus a small burst.
+    pub budget_permille: u32,
+}
+
+impl Default for Hedge {
+    fn default() -> Self {
+        Hedge {
+            after: HedgeAfter::Auto,
+            budget_permille: 100,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -345,6 +377,9 @@ pub struct Rollout {
     /// Consecutive successful probes each candidate backend needs at preflight.
     pub preflight_probes: u32,
     pub preflight_timeout: Duration,
+    /// A replayable candidate request with no response head after this long is also sent to
+    /// the stable version (`None`: never).
+    pub hedge_after: Option<HedgeAfter>,
 }
 
 impl Default for Rollout {
@@ -360,6 +395,7 @@ impl Default for Rollout {
             sticky: false,
             preflight_probes: 3,
             preflight_timeout: Duration::from_secs(1),
+            hedge_after: Some(HedgeAfter::Auto),
         }
     }
 }

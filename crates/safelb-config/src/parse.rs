@@ -43,6 +43,7 @@ const POOL_KEYS: &[&str] = &[
     "panic_policy",
     "health",
     "outlier",
+    "hedge",
 ];
 const TEST_KEYS: &[&str] = &["request", "headers", "expect_pool", "expect_route", "expect_status"];
 
@@ -196,6 +197,7 @@ fn limits(d: &mut Diagnostics, s: &Section<'_, '_>) -> Limits {
             "max_header_bytes",
             "max_body_bytes",
             "drain_timeout",
+            "replay_body_bytes",
         ],
     );
     let def = Limits::default();
@@ -213,6 +215,9 @@ fn limits(d: &mut Diagnostics, s: &Section<'_, '_>) -> Limits {
         max_header_bytes: max_header_bytes.unwrap_or(def.max_header_bytes).max(8192),
         max_body_bytes: s.uint(d, "max_body_bytes", u64::MAX >> 1).unwrap_or(def.max_body_bytes),
         drain_timeout: s.duration(d, "drain_timeout").unwrap_or(def.drain_timeout),
+        replay_body_bytes: s
+            .uint(d, "replay_body_bytes", 16 << 20)
+            .unwrap_or(def.replay_body_bytes),
     }
 }
 
@@ -353,7 +358,9 @@ fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_span: Range
     };
     let health = s.section(d, "health").and_then(|h| health(d, &h, &name));
     let outlier = s.section(d, "outlier").map(|o| outlier(d, &o)).unwrap_or_default();
+    let hedge = hedge(d, s, &name);
     Some(Pool {
+        hedge,
         protocol,
         balance,
         hash_key,
@@ -473,10 +480,14 @@ fn health(d: &mut Diagnostics, h: &Section<'_, '_>, pool: &str) -> Option<Health
             return None;
         }
     };
+    let interval = h.duration(d, "interval").unwrap_or(std::time::Duration::from_secs(2));
     let check = HealthCheck {
         kind,
-        interval: h.duration(d, "interval").unwrap_or(std::time::Duration::from_secs(2)),
-        timeout: h.duration(d, "timeout").unwrap_or(std::time::Duration::from_secs(1)),
+        interval,
+        // The default never contradicts an interval the user chose: 1s, or the interval if shorter.
+        timeout: h
+            .duration(d, "timeout")
+            .unwrap_or(std::time::Duration::from_secs(1).min(interval)),
         healthy: h.uint(d, "healthy", 100).unwrap_or(2).max(1) as u32,
         unhealthy: h.uint(d, "unhealthy", 100).unwrap_or(3).max(1) as u32,
     };
@@ -495,6 +506,42 @@ fn health(d: &mut Diagnostics, h: &Section<'_, '_>, pool: &str) -> Option<Health
         );
     }
     Some(check)
+}
+
+/// `hedge = false`, or `hedge = { after = "auto" | DURATION, budget = 0.1 }`; on by default.
+fn hedge(d: &mut Diagnostics, s: &Section<'_, '_>, pool: &str) -> Option<Hedge> {
+    let def = Hedge::default();
+    let Some(v) = s.get("hedge") else {
+        return Some(def);
+    };
+    if let DeValue::Boolean(on) = v.get_ref() {
+        return on.then_some(def);
+    }
+    let h = s.section(d, "hedge")?;
+    h.deny_unknown(d, &["after", "budget"]);
+    let after = hedge_after(d, &h, "after", &format!("pool `{pool}`: hedge `after`")).unwrap_or(def.after);
+    let budget = h.float(d, "budget", 0.0, 1.0).unwrap_or(0.1);
+    Some(Hedge {
+        after,
+        budget_permille: (budget * 1000.0).round() as u32,
+    })
+}
+
+/// `"auto"` or a duration above zero.
+fn hedge_after(d: &mut Diagnostics, s: &Section<'_, '_>, key: &str, what: &str) -> Option<HedgeAfter> {
+    let v = s.get(key)?;
+    if let DeValue::String(text) = v.get_ref() {
+        if text.as_ref() == "auto" {
+            return Some(HedgeAfter::Auto);
+        }
+    }
+    let after = s.duration(d, key)?;
+    if after.is_zero() {
+        d.error(Rule::InvalidValue, v.span(), format!("{what} must be above zero"))
+            .hint("\"auto\" derives it from the observed latency");
+        return None;
+    }
+    Some(HedgeAfter::Fixed(after))
 }
 
 fn outlier(d: &mut Diagnostics, o: &Section<'_, '_>) -> Outlier {
@@ -775,9 +822,15 @@ fn rollout(d: &mut Diagnostics, s: &Section<'_, '_>) -> Rollout {
             "max_traffic_shift",
             "sticky",
             "preflight",
+            "hedge_after",
         ],
     );
     let def = Rollout::default();
+    let hedge_after = match s.get("hedge_after").map(|v| v.get_ref()) {
+        None => def.hedge_after,
+        Some(DeValue::Boolean(false)) => None,
+        Some(_) => hedge_after(d, s, "hedge_after", "`hedge_after` of [rollout]").or(def.hedge_after),
+    };
     let canary_steps = match s.get("canary_steps") {
         None => def.canary_steps.clone(),
         Some(v) => {
@@ -824,6 +877,7 @@ fn rollout(d: &mut Diagnostics, s: &Section<'_, '_>) -> Rollout {
         sticky: s.bool(d, "sticky").unwrap_or(def.sticky),
         preflight_probes: probes,
         preflight_timeout: timeout,
+        hedge_after,
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use safelb_config::{HealthCheck, Rollout, ValidConfig};
 use safelb_proxy::health::{probe, probe_answers};
 use safelb_proxy::samples::Sample;
+use safelb_proxy::Probed;
 use serde::Serialize;
 
 use crate::impact::{preview, Impact};
@@ -35,6 +36,41 @@ pub struct BackendReport {
     pub addr: SocketAddr,
     pub healthy: bool,
     pub detail: String,
+}
+
+impl PreflightReport {
+    /// Per pool, "n of m healthy": the truth even when the report passed with a backend down.
+    pub fn summary(&self) -> String {
+        self.pools
+            .iter()
+            .map(|p| format!("pool `{}` {} of {} healthy", p.pool, p.healthy, p.backends.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// (pool, healthy, total) for events.
+    pub fn pool_counts(&self) -> Vec<(String, usize, usize)> {
+        self.pools
+            .iter()
+            .map(|p| (p.pool.clone(), p.healthy, p.backends.len()))
+            .collect()
+    }
+
+    /// Every probed backend's result, as verdicts for the data plane: preflight has just probed
+    /// each one, so a backend never seen before starts from what preflight found.
+    pub fn probed(&self) -> Vec<Probed> {
+        let mut out: Vec<Probed> = Vec::new();
+        for b in self.pools.iter().flat_map(|p| &p.backends) {
+            if !out.iter().any(|p| p.addr == b.addr) {
+                out.push(Probed {
+                    addr: b.addr,
+                    passed: b.healthy,
+                    detail: format!("preflight: {}", b.detail),
+                });
+            }
+        }
+        out
+    }
 }
 
 /// Runs every check; `confirm` accepts a traffic shift above the policy's limit.

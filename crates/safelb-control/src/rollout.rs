@@ -136,6 +136,7 @@ impl RolloutTask {
         let skip = self.status.lock().expect("status lock").skip_preflight;
         let started = Instant::now();
 
+        let mut probed = Vec::new();
         if skip {
             self.event(
                 "PreflightSkipped",
@@ -168,15 +169,20 @@ impl RolloutTask {
             self.event(
                 "PreflightPassed",
                 format!(
-                    "preflight passed: every pool healthy, {:.1}% of recent traffic moves",
+                    "preflight passed: {}; {:.1}% of recent traffic moves",
+                    report.summary(),
                     report.impact.shift_percent
                 ),
-                json!({ "shift_percent": report.impact.shift_percent }),
+                json!({ "shift_percent": report.impact.shift_percent, "pools": report.pool_counts() }),
             )
             .await;
+            probed = report.probed();
         }
 
-        let candidate = match self.handle.begin_canary(self.candidate.clone(), id, policy.sticky) {
+        let candidate = match self
+            .handle
+            .begin_canary(self.candidate.clone(), id, policy.sticky, &probed)
+        {
             Ok(c) => c,
             Err(e) => {
                 return self

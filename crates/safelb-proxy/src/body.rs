@@ -49,8 +49,10 @@ pub(crate) fn request_body_error<'e>(e: &'e (dyn StdError + 'static)) -> Option<
 }
 
 pub struct RequestBody {
-    /// `None` for a request rebuilt without a body (a fallback to the stable version).
+    /// `None` for a request without a streaming body: none at all, or one buffered in `buffered`.
     inner: Option<Incoming>,
+    /// A replayable request's body, read whole before sending (`Idempotency-Key`).
+    buffered: Option<Bytes>,
     remaining: u64,
     limit: u64,
 }
@@ -59,6 +61,7 @@ impl RequestBody {
     pub(crate) fn new(inner: Incoming, limit: u64) -> Self {
         RequestBody {
             inner: Some(inner),
+            buffered: None,
             remaining: limit,
             limit,
         }
@@ -67,6 +70,17 @@ impl RequestBody {
     pub(crate) fn empty() -> Self {
         RequestBody {
             inner: None,
+            buffered: None,
+            remaining: 0,
+            limit: 0,
+        }
+    }
+
+    /// A body already read whole (its size was checked against the limits when it was read).
+    pub(crate) fn buffered(data: Bytes) -> Self {
+        RequestBody {
+            inner: None,
+            buffered: (!data.is_empty()).then_some(data),
             remaining: 0,
             limit: 0,
         }
@@ -80,7 +94,7 @@ impl Body for RequestBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
+            return Poll::Ready(this.buffered.take().map(|data| Ok(Frame::data(data))));
         };
         match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
@@ -99,13 +113,15 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.buffered.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+        match (&self.inner, &self.buffered) {
+            (Some(b), _) => b.size_hint(),
+            (None, Some(data)) => SizeHint::with_exact(data.len() as u64),
+            (None, None) => SizeHint::with_exact(0),
+        }
     }
 }
 

@@ -31,6 +31,9 @@ pub enum ErrorKind {
     BadRequest,
     /// Reading the client's request body failed (it went away or sent bad framing).
     ClientBody,
+    /// The version serving the request was rolled back before a response head arrived, and
+    /// the request is not replayable, so it was not sent again.
+    RolledBack,
 }
 
 impl ErrorKind {
@@ -45,6 +48,7 @@ impl ErrorKind {
             | ErrorKind::ConnectTimeout
             | ErrorKind::ResponseTimeout
             | ErrorKind::UpstreamProtocol => Side::Upstream,
+            ErrorKind::RolledBack => Side::Internal,
         }
     }
 
@@ -66,6 +70,7 @@ impl ErrorKind {
             ErrorKind::BodyTooLarge => "body_too_large",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::ClientBody => "client_body",
+            ErrorKind::RolledBack => "rolled_back",
         }
     }
 }
@@ -125,6 +130,10 @@ pub fn client_answer(err: &ProxyError) -> (StatusCode, String) {
         ),
         ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "request cannot be forwarded".into()),
         ErrorKind::ClientBody => (StatusCode::BAD_REQUEST, "request body could not be read".into()),
+        ErrorKind::RolledBack => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the config version serving this request was rolled back before the backend answered; not sent again because the request is not replayable (add an Idempotency-Key to make it so)".into(),
+        ),
     }
 }
 

@@ -15,7 +15,7 @@ use safelb_config::{Listener, ValidConfig};
 use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::backend::{BackendState, Registry};
+use crate::backend::{Active, BackendState, Registry};
 use crate::health::{desired_checks, HealthCheckers};
 use crate::metrics::Metrics;
 use crate::samples::Samples;
@@ -30,6 +30,15 @@ pub enum SwapError {
     AccessLogChanged,
     #[error("no canary is running")]
     NoCanary,
+}
+
+/// One probe result taken outside the checkers (preflight).
+#[derive(Clone, Debug)]
+pub struct Probed {
+    pub addr: SocketAddr,
+    pub passed: bool,
+    /// Why it failed, for the health event.
+    pub detail: String,
 }
 
 /// Which version serves a request.
@@ -170,10 +179,19 @@ impl ProxyHandle {
     }
 
     /// Builds a candidate snapshot next to the stable one, with 0% of traffic. Its backends get
-    /// health checks from now on.
-    pub fn begin_canary(&self, config: ValidConfig, version: u64, sticky: bool) -> Result<Arc<Snapshot>, SwapError> {
+    /// health checks from now on. `probed` holds preflight's results (address, passed, detail):
+    /// they are real verdicts and are applied before the candidate can route (see
+    /// [`ProxyHandle::apply_probes`]).
+    pub fn begin_canary(
+        &self,
+        config: ValidConfig,
+        version: u64,
+        sticky: bool,
+        probed: &[Probed],
+    ) -> Result<Arc<Snapshot>, SwapError> {
         let current = self.routing();
         check_swappable(&current.stable.config, &config)?;
+        self.apply_probes(probed);
         let candidate = Arc::new(Snapshot::build(
             config,
             version,
@@ -217,15 +235,59 @@ impl ProxyHandle {
         Ok(canary.candidate)
     }
 
-    /// Candidate traffic goes to zero at once; the stable version serves everything.
+    /// Candidate traffic goes to zero at once; the stable version serves everything, and
+    /// requests still waiting on the candidate for a response head are rescued (replayable
+    /// ones go to the stable version, the others are answered at once).
     pub fn abort_canary(&self) {
         let current = self.routing();
-        if current.canary.is_some() {
+        if let Some(canary) = &current.canary {
             self.inner.current.store(Arc::new(Routing {
                 stable: current.stable.clone(),
                 canary: None,
             }));
+            // After the store: a rescued request must find the stable version in place.
+            canary.candidate.retired.cancel();
             self.reconcile();
+        }
+    }
+
+    /// Applies probe results taken outside the checkers (preflight, the start-up round): a failed
+    /// probe marks the backend down at once; a passed one makes it up only where no checker has
+    /// a verdict of its own (a backend never seen before, or one no pool checks), so a backend a
+    /// checker holds down still needs its `healthy` streak to come back.
+    pub fn apply_probes(&self, probed: &[Probed]) {
+        let checked = self.inner.checkers.checked();
+        for p in probed {
+            let backend = self.inner.registry.get_or_insert(p.addr);
+            let current = backend.active();
+            if !p.passed {
+                crate::health::transition(&backend, Active::Down, Some(&p.detail), &self.inner.metrics);
+            } else if current == Active::Unknown || !checked.contains(&p.addr) {
+                crate::health::transition(&backend, Active::Up, None, &self.inner.metrics);
+            }
+        }
+    }
+
+    /// Waits until every actively checked backend of the running version has its first verdict
+    /// (at most the longest check timeout, plus a little): the checkers probe at once when they
+    /// start, and a cold start that waits for them routes no request to a backend that would
+    /// fail its first check. Backends of pools without a check stay usable (unknown) and are
+    /// not waited for.
+    pub async fn first_verdicts(&self) {
+        let snapshot = self.snapshot();
+        let pools = snapshot
+            .pools
+            .iter()
+            .map(|p| (&snapshot.config.pools[p.index], p.backends.as_slice()));
+        let wanted = desired_checks(pools);
+        let longest = wanted.values().map(|(c, _)| c.timeout).max().unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + longest + std::time::Duration::from_millis(250);
+        let backends: Vec<Arc<BackendState>> = wanted.values().map(|(_, b)| b.clone()).collect();
+        while tokio::time::Instant::now() < deadline {
+            if backends.iter().all(|b| b.active() != Active::Unknown) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 

@@ -1,9 +1,12 @@
 //! Active health checks: one task per backend address, started and stopped as snapshots come
 //! and go, writing its verdict into the backend's shared state.
 //!
-//! A backend's first verdict is taken from its first probe (a new backend that does not answer
+//! A backend never seen before takes its verdict from its first probe (one that does not answer
 //! is out at once); after that `unhealthy` consecutive failures take it out and `healthy`
-//! consecutive successes bring it back. Probes are spread with ±10% jitter so that many
+//! consecutive successes bring it back. The verdict belongs to the address, not to the checker:
+//! a checker restarted by a config change (new interval, path, thresholds) or stopped (the pool
+//! no longer checks) leaves it as it was, so a change that only touches a health check cannot
+//! make a backend known to be down routable. Probes are spread with ±10% jitter so that many
 //! backends checked at the same interval do not probe in lockstep.
 
 use std::collections::HashMap;
@@ -95,12 +98,11 @@ async fn run(backend: Arc<BackendState>, check: HealthCheck, cancel: Cancellatio
             _ = tokio::time::sleep(pause) => {}
         }
     }
-    // Checks for this address stopped (removed, or its pool no longer checks it): forget the
-    // verdict rather than keep a backend down that nothing will ever bring back.
-    backend.set_active(Active::Unknown);
+    // The verdict stays: a restarted checker continues from it, and an address no pool checks
+    // any more keeps what was last known (preflight's probes refresh it on the next change).
 }
 
-fn transition(backend: &BackendState, to: Active, why: Option<&str>, metrics: &Metrics) {
+pub(crate) fn transition(backend: &BackendState, to: Active, why: Option<&str>, metrics: &Metrics) {
     let from = backend.set_active(to);
     if from == to {
         return;

@@ -20,6 +20,7 @@ mod h1;
 mod handle;
 pub mod headers;
 pub mod health;
+pub mod hedge;
 pub mod metrics;
 pub mod proxy;
 pub mod samples;
@@ -30,6 +31,6 @@ pub mod tls;
 mod upstream;
 
 pub use access_log::AccessLog;
-pub use handle::{Canary, ProxyHandle, Role, Routing, SwapError};
+pub use handle::{Canary, Probed, ProxyHandle, Role, Routing, SwapError};
 pub use proxy::Proxy;
 pub use snapshot::Snapshot;

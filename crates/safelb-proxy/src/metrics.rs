@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::handle::Role;
+use crate::hedge::{CanaryCounters, HeadLatency, HedgeCounters};
 
 /// Upper bounds of the request-duration histogram, in seconds.
 pub const DURATION_BUCKETS: [f64; 14] = [
@@ -140,7 +141,11 @@ pub struct Metrics {
     pub(crate) durations: RwLock<HashMap<Arc<str>, Arc<[Histogram; 2]>>>,
     pub(crate) upstream: RwLock<HashMap<PoolBackend, Arc<UpstreamCounters>>>,
     pub(crate) retries: RwLock<HashMap<Arc<str>, Arc<AtomicU64>>>,
+    pub(crate) head_latency: RwLock<HashMap<Arc<str>, Arc<HeadLatency>>>,
+    pub(crate) hedging: RwLock<HashMap<Arc<str>, Arc<HedgeCounters>>>,
     pub in_flight: AtomicI64,
+    /// Every candidate's hedges, fallbacks and rescues since start.
+    pub canary: CanaryCounters,
     failed_clients: Mutex<VecDeque<(u64, IpAddr)>>,
     events: Mutex<VecDeque<DataPlaneEvent>>,
 }
@@ -179,6 +184,27 @@ impl Metrics {
 
     pub fn retries(&self, pool: &Arc<str>) -> Arc<AtomicU64> {
         get_or_insert(&self.retries, pool)
+    }
+
+    pub fn head_latency(&self, pool: &Arc<str>) -> Arc<HeadLatency> {
+        get_or_insert(&self.head_latency, pool)
+    }
+
+    pub fn hedging(&self, pool: &Arc<str>) -> Arc<HedgeCounters> {
+        get_or_insert(&self.hedging, pool)
+    }
+
+    /// Every pool's hedging counters.
+    pub fn hedging_counters(&self) -> Vec<(Arc<str>, Arc<HedgeCounters>)> {
+        let mut v: Vec<_> = self
+            .hedging
+            .read()
+            .expect("metrics lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     pub fn push_event(&self, e: DataPlaneEvent) {

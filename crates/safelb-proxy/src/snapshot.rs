@@ -7,11 +7,13 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use safelb_config::{PanicPolicy, Pool, ValidConfig};
+use safelb_config::{HedgeAfter, PanicPolicy, Pool, ValidConfig};
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::{now_ms, BackendState, Registry};
 use crate::balance::{Balancer, Candidates};
 use crate::error::ErrorKind;
+use crate::hedge::{CanaryCounters, HeadLatency, HedgeBudget, HedgeCounters};
 use crate::metrics::{ClassCounters, Histogram, Metrics, UpstreamCounters};
 
 pub struct Snapshot {
@@ -28,6 +30,11 @@ pub struct Snapshot {
     /// Responses to requests no route matched.
     pub no_route: Arc<ClassCounters>,
     pub metrics: Arc<Metrics>,
+    /// Cancelled when this version is rolled back: requests still waiting on it for a response
+    /// head are rescued at once (see `proxy.rs`).
+    pub retired: CancellationToken,
+    /// What the stable version did for this version's requests while it was a candidate.
+    pub canary: CanaryCounters,
 }
 
 impl Snapshot {
@@ -65,6 +72,8 @@ impl Snapshot {
             route_counters,
             no_route,
             metrics: metrics.clone(),
+            retired: CancellationToken::new(),
+            canary: CanaryCounters::default(),
         }
     }
 
@@ -100,7 +109,19 @@ pub struct PoolRuntime {
     /// Per backend, in `backends` order.
     pub upstream: Vec<Arc<UpstreamCounters>>,
     pub retries: Arc<AtomicU64>,
+    /// `None` when the pool has `hedge = false`.
+    pub hedge: Option<PoolHedge>,
+    /// Response-head latency of the pool's stable traffic (long-lived by name): hedge delays.
+    pub head_latency: Arc<HeadLatency>,
+    pub hedging: Arc<HedgeCounters>,
     metrics: Arc<Metrics>,
+}
+
+/// A pool's hedging policy and its budget.
+#[derive(Debug)]
+pub struct PoolHedge {
+    pub after: HedgeAfter,
+    pub budget: HedgeBudget,
 }
 
 impl PoolRuntime {
@@ -113,6 +134,12 @@ impl PoolRuntime {
             durations: metrics.durations(&name),
             upstream: backends.iter().map(|b| metrics.upstream(&name, &b.label)).collect(),
             retries: metrics.retries(&name),
+            hedge: pool.hedge.map(|h| PoolHedge {
+                after: h.after,
+                budget: HedgeBudget::new(h.budget_permille),
+            }),
+            head_latency: metrics.head_latency(&name),
+            hedging: metrics.hedging(&name),
             metrics: metrics.clone(),
             name,
             balancer: Balancer::new(pool.balance, &backends, &weights),

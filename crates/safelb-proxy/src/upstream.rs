@@ -68,6 +68,7 @@ impl Sender {
     pub(crate) async fn send(
         &mut self,
         slot: &mut Option<http::Request<RequestBody>>,
+        head: Option<&[u8]>,
         backend: &Arc<BackendState>,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
         let hyper_error = |mut e: hyper::client::conn::TrySendError<http::Request<RequestBody>>,
@@ -95,27 +96,46 @@ impl Sender {
                     Err(e) => Err(hyper_error(e, slot)),
                 }
             }
-            Sender::Raw(conn) => {
-                let conn = conn.take().expect("a connection carries one request at a time");
+            Sender::Raw(_) => {
                 let req = slot.as_ref().expect("send is given a request");
-                let head = h1::encode_head(req.method(), req.uri(), req.headers());
+                let encoded;
+                let head = match head {
+                    Some(h) => h,
+                    None => {
+                        encoded = h1::encode_head(req.method(), req.uri(), req.headers());
+                        &encoded
+                    }
+                };
                 let method = req.method().clone();
-                match h1::exchange(conn, &head, &method, backend.clone()).await {
-                    Ok(response) => {
-                        slot.take();
-                        Ok(response.map(UpstreamBody::Raw))
-                    }
-                    Err(e) => {
-                        let again = matches!(e, h1::Error::ClosedBeforeResponse) && method.is_idempotent();
-                        if !again {
-                            slot.take();
-                        }
-                        Err(SendError {
-                            unsent: again,
-                            error: Box::new(e),
-                        })
-                    }
+                let sent = self.send_head(head, &method, backend).await;
+                if !matches!(&sent, Err(e) if e.unsent) {
+                    slot.take();
                 }
+                sent
+            }
+        }
+    }
+
+    /// Sends a bodiless request already in wire form on an inline connection. The head can be
+    /// shared by several attempts (retries, a hedge), so it is encoded once per request.
+    pub(crate) async fn send_head(
+        &mut self,
+        head: &[u8],
+        method: &http::Method,
+        backend: &Arc<BackendState>,
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
+        let Sender::Raw(conn) = self else {
+            unreachable!("send_head is used with inline connections only");
+        };
+        let conn = conn.take().expect("a connection carries one request at a time");
+        match h1::exchange(conn, head, method, backend.clone()).await {
+            Ok(response) => Ok(response.map(UpstreamBody::Raw)),
+            Err(e) => {
+                let again = matches!(e, h1::Error::ClosedBeforeResponse) && method.is_idempotent();
+                Err(SendError {
+                    unsent: again,
+                    error: Box::new(e),
+                })
             }
         }
     }

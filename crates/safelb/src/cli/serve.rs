@@ -191,6 +191,10 @@ pub async fn start(
     let drain_timeout = config.limits.drain_timeout;
 
     let handle = ProxyHandle::new(config, startup.version);
+    // The listeners are bound (connections queue in the backlog) but accept nothing until every
+    // checked backend has its first verdict: a cold start must not send traffic to a backend
+    // that would fail its first check.
+    handle.first_verdicts().await;
     let controller = Controller::new(handle.clone(), store);
     let shutdown = CancellationToken::new();
     for c in &certs {

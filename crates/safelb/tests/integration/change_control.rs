@@ -12,22 +12,31 @@ use crate::common::*;
 use crate::lifecycle::{admin_port, free_port, signal, spawn_serve, tempdir, wait_for_log, Process};
 
 /// One safelb deployment under test.
-struct Deployment {
-    dir: PathBuf,
-    port: u16,
-    process: Option<Process>,
+pub(crate) struct Deployment {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub process: Option<Process>,
     rollout: String,
+    /// Lines of `[pool.p]` besides `backends`.
+    pool: String,
 }
 
 const FAST_ROLLOUT: &str = "canary_steps = [10, 50, 100]\nstep_bake = \"1s\"\nmin_requests = 10";
 
 impl Deployment {
     async fn start(backends: &[String], rollout: &str) -> Deployment {
+        Self::start_with(backends, rollout, "response_timeout = \"300ms\"").await
+    }
+
+    /// A deployment whose pool `p` has `pool` lines besides its backends (nothing else of the
+    /// pool's defaults is changed).
+    pub async fn start_with(backends: &[String], rollout: &str, pool: &str) -> Deployment {
         let mut d = Deployment {
             dir: tempdir(),
             port: free_port(),
             process: None,
             rollout: rollout.to_string(),
+            pool: pool.to_string(),
         };
         d.write("safelb.toml", backends, "");
         let mut p = spawn_serve(&d.dir.join("safelb.toml"));
@@ -36,22 +45,27 @@ impl Deployment {
         d
     }
 
-    fn addr(&self) -> std::net::SocketAddr {
+    pub fn addr(&self) -> std::net::SocketAddr {
         format!("127.0.0.1:{}", self.port).parse().unwrap()
     }
 
-    fn admin(&self) -> std::net::SocketAddr {
+    pub fn admin(&self) -> std::net::SocketAddr {
         format!("127.0.0.1:{}", admin_port(self.port)).parse().unwrap()
     }
 
-    /// Writes a config naming `backends` (pool `p`, response timeout 300 ms) to `name`.
-    fn write(&self, name: &str, backends: &[String], extra: &str) -> PathBuf {
+    /// Writes a config naming `backends` (pool `p` with this deployment's pool lines) to `name`.
+    pub fn write(&self, name: &str, backends: &[String], extra: &str) -> PathBuf {
+        self.write_pool(name, backends, extra, &self.pool)
+    }
+
+    /// `write` with other lines for `[pool.p]`.
+    pub fn write_pool(&self, name: &str, backends: &[String], extra: &str, pool: &str) -> PathBuf {
         let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
         let path = self.dir.join(name);
         std::fs::write(
             &path,
             format!(
-                "[listener.public]\nbind = \"127.0.0.1:{}\"\n[admin]\nbind = \"{}\"\n[access_log]\nenabled = false\n[rollout]\n{}\n{extra}\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [{}]\nresponse_timeout = \"300ms\"\n",
+                "[listener.public]\nbind = \"127.0.0.1:{}\"\n[admin]\nbind = \"{}\"\n[access_log]\nenabled = false\n[rollout]\n{}\n{extra}\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [{}]\n{pool}\n",
                 self.port,
                 self.admin(),
                 self.rollout,
@@ -63,13 +77,13 @@ impl Deployment {
     }
 
     /// Runs the CLI against this deployment; returns exit code, stdout, stderr and duration.
-    fn cli(&self, args: &[&str]) -> (i32, String, String, Duration) {
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String, Duration) {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         run_cli(self.admin(), self.dir.clone(), args)
     }
 
     /// `cli` on a blocking thread, so the load keeps running on the test's runtime.
-    async fn cli_async(&self, args: &[&str]) -> (i32, String, String, Duration) {
+    pub async fn cli_async(&self, args: &[&str]) -> (i32, String, String, Duration) {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let (admin, dir) = (self.admin(), self.dir.clone());
         tokio::task::spawn_blocking(move || run_cli(admin, dir, args))
@@ -98,7 +112,7 @@ fn run_cli(admin: std::net::SocketAddr, dir: PathBuf, args: Vec<String>) -> (i32
     )
 }
 
-async fn backends(n: usize) -> Vec<TestBackend> {
+pub(crate) async fn backends(n: usize) -> Vec<TestBackend> {
     let mut v = Vec::new();
     for i in 0..n {
         v.push(TestBackend::start(&format!("b{i}")).await);
@@ -106,7 +120,7 @@ async fn backends(n: usize) -> Vec<TestBackend> {
     v
 }
 
-fn addrs(b: &[TestBackend]) -> Vec<String> {
+pub(crate) fn addrs(b: &[TestBackend]) -> Vec<String> {
     b.iter().map(|b| b.addr.to_string()).collect()
 }
 

@@ -11,5 +11,6 @@ pub mod lifecycle;
 mod observability;
 mod protocols;
 mod proxying;
+mod safety;
 mod swap;
 mod tls;

@@ -1,0 +1,193 @@
+//! A bad change costs users nothing, at the settings a new user gets: no `response_timeout`
+//! or health-check value is tightened here unless the test is about it. Rollout steps are
+//! shortened only to keep the suite fast; they are not what these tests are about.
+
+use std::time::Duration;
+
+use safelb_testkit::{Behavior, TestBackend};
+
+use crate::change_control::{addrs, backends, Deployment};
+use crate::common::*;
+
+const QUICK_ROLLOUT: &str = "canary_steps = [10, 50, 100]\nstep_bake = \"1s\"\nmin_requests = 10";
+
+/// The seed outage in its smallest form: a change that only touches a health check. The hung
+/// backend (accepts, never answers) was down before the change and stays down through the
+/// checker's restart; no client request reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_only_change_keeps_a_down_backend_down() {
+    let good = backends(1).await;
+    let hung = TestBackend::start("hung").await;
+    hung.set(Behavior::Hang);
+    let mut pool = addrs(&good);
+    pool.push(hung.addr.to_string());
+    let before = "health = { path = \"/healthz\", interval = \"500ms\" }";
+    let d = Deployment::start_with(&pool, QUICK_ROLLOUT, before).await;
+    let load = SteadyLoad::start(d.addr(), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let after = "health = { path = \"/healthz\", interval = \"5s\" }";
+    let file = d.write_pool("interval.toml", &pool, "", after);
+    let (code, out, err, _) = d
+        .cli_async(&["apply", file.to_str().unwrap(), "-m", "health checks less often"])
+        .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("1 of 2 healthy"),
+        "preflight tells the truth per pool: {out}"
+    );
+    // Past the new checker's first probe (5 s interval, 1 s timeout) and then some.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let report = load.finish().await;
+    println!("interval-only change: {report:?}");
+    assert!(report.total() > 100, "{report:?}");
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert_eq!(report.by_backend.get("hung").copied().unwrap_or(0), 0, "{report:?}");
+    assert!(
+        report.slowest < Duration::from_secs(1),
+        "slowest request {:?}",
+        report.slowest
+    );
+}
+
+/// A forced bad change (preflight skipped) to a backend that accepts and never answers, at the
+/// default response timeout (15 s): candidate requests are hedged to the stable version after
+/// the hedge delay, and those still waiting when the canary is rolled back are rescued, so no
+/// client waits on the rolled-back version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_change_to_a_silent_backend_costs_no_client_a_failure_or_a_wait() {
+    let good = backends(2).await;
+    let hung = TestBackend::start("hung").await;
+    hung.set(Behavior::Hang);
+    let d = Deployment::start_with(&addrs(&good), QUICK_ROLLOUT, "").await;
+    let load = SteadyLoad::start(d.addr(), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bad = d.write_pool("hang.toml", &[hung.addr.to_string()], "", "");
+    let (code, out, err, took) = d
+        .cli_async(&["apply", bad.to_str().unwrap(), "-m", "forced", "--skip-preflight"])
+        .await;
+    assert_eq!(code, 4, "{out}\n{err}");
+    println!("forced change rolled back after {took:?}:\n{out}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = load.finish().await;
+    println!("forced change to a silent backend: {report:?}");
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert!(
+        report.slowest < Duration::from_millis(1500),
+        "slowest request {:?}",
+        report.slowest
+    );
+    assert!(hung.hits() > 0, "the candidate's backend was tried");
+}
+
+/// POSTs carry an `Idempotency-Key` (replayable, body buffered) or not. During a forced bad
+/// change the keyed ones all succeed; the others fail at most at the canary share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_posts_survive_a_forced_bad_change_and_unkeyed_ones_fail_at_most_at_the_canary_share() {
+    let good = backends(2).await;
+    let broken = TestBackend::start("broken").await;
+    broken.set(Behavior::Status(500));
+    let d = Deployment::start_with(&addrs(&good), QUICK_ROLLOUT, "").await;
+    let addr = d.addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut posters = Vec::new();
+    for keyed in [true, false] {
+        for _ in 0..2 {
+            let stop = stop.clone();
+            posters.push(tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                let mut client = Client::connect(addr).await;
+                for i in 0..20_000u64 {
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    let mut req = request("POST", "x", "/orders", bytes::Bytes::from_static(b"{\"item\":1}"));
+                    if keyed {
+                        req.headers_mut()
+                            .insert("idempotency-key", format!("k-{i}").parse().unwrap());
+                    }
+                    match client.send(req).await {
+                        Ok(r) if r.status < 500 => ok += 1,
+                        Ok(_) => failed += 1,
+                        Err(_) => {
+                            failed += 1;
+                            client = Client::connect(addr).await;
+                        }
+                    }
+                }
+                (keyed, ok, failed)
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bad = d.write_pool("broken.toml", &[broken.addr.to_string()], "", "");
+    let (code, out, err, _) = d
+        .cli_async(&["apply", bad.to_str().unwrap(), "-m", "forced", "--skip-preflight"])
+        .await;
+    assert_eq!(code, 4, "{out}\n{err}");
+    stop.cancel();
+    let (mut keyed_failed, mut unkeyed) = (0, (0, 0));
+    for p in posters {
+        let (keyed, ok, failed) = p.await.unwrap();
+        if keyed {
+            keyed_failed += failed;
+            assert!(ok > 0);
+        } else {
+            unkeyed = (unkeyed.0 + ok, unkeyed.1 + failed);
+        }
+    }
+    println!("keyed POSTs failed: {keyed_failed}; unkeyed POSTs ok/failed: {unkeyed:?}");
+    assert_eq!(keyed_failed, 0);
+    // The first canary step is 10%; allow for the noise of a short window.
+    assert!(unkeyed.1 * 100 <= (unkeyed.0 + unkeyed.1) * 15, "{unkeyed:?}");
+    assert!(broken.hits() > 0, "the broken candidate was tried");
+}
+
+/// A backend that starts hanging under load, at defaults (no health check, 15 s response
+/// timeout): GETs are hedged to the other backend after the hedge delay, the hung one is
+/// ejected after a few lost hedges, and no client request fails or waits the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_starts_hanging_costs_get_clients_nothing() {
+    let pool = backends(2).await;
+    let lb = Lb::start(&pool_config(&addrs(&pool), "")).await;
+    let load = SteadyLoad::start(lb.addr, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pool[1].set(Behavior::Hang);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = load.finish().await;
+    println!("one backend started hanging: {report:?}");
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert!(report.slowest < Duration::from_secs(1), "slowest {:?}", report.slowest);
+    let counters = lb.handle.metrics().hedging_counters();
+    let (_, h) = counters.iter().find(|(p, _)| &**p == "p").expect("pool p hedges");
+    let hedges = h.hedges.load(std::sync::atomic::Ordering::Relaxed);
+    println!("hedges: {hedges} of {} requests", report.total());
+    assert!(hedges > 0);
+    assert!(
+        hedges <= report.total() / 10 + safelb_proxy::hedge::BURST,
+        "hedges {hedges} exceed the 10% budget of {} requests",
+        report.total()
+    );
+}
+
+/// `hedge = false`: a hung backend costs its requests the full response timeout, as before
+/// (here shortened, since this test is about that setting being honoured).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedge_false_sends_every_request_once() {
+    let pool = backends(2).await;
+    let lb = Lb::start(&pool_config(
+        &addrs(&pool),
+        "hedge = false\nresponse_timeout = \"400ms\"",
+    ))
+    .await;
+    pool[1].set(Behavior::Hang);
+    let report = load(lb.addr, "x", "/", 2, Duration::from_secs(2), 400).await;
+    println!("hedge = false: {report:?}");
+    assert!(report.failed() > 0, "{report:?}");
+    let counters = lb.handle.metrics().hedging_counters();
+    let hedges: u64 = counters
+        .iter()
+        .map(|(_, h)| h.hedges.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert_eq!(hedges, 0);
+}
