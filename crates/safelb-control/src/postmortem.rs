@@ -175,6 +175,18 @@ pub async fn gather(
         .filter(|e| e.time_ms >= start_ms.min(opened_ms) - 1000)
         .map(|e| json!({ "time_ms": e.time_ms, "kind": e.kind, "message": e.message }))
         .collect();
+    // What the stable version answered for candidates during the incident: failures avoided.
+    let mut protected = [0u64; 4];
+    for e in events.iter().filter(|e| e.time_ms >= start_ms.min(opened_ms) - 1000) {
+        if let Some(r) = e.data.get("rescues") {
+            for (slot, key) in protected
+                .iter_mut()
+                .zip(["hedges", "fallbacks", "rescued", "rescue_refused"])
+            {
+                *slot += r[key].as_u64().unwrap_or(0);
+            }
+        }
+    }
     let mut report = json!({
         "incident": id,
         "opened_ms": opened_ms,
@@ -186,6 +198,9 @@ pub async fn gather(
             "requests": requests, "failed": failed,
             "error_rate": if requests > 0 { failed as f64 / requests as f64 } else { 0.0 },
             "distinct_clients": clients, "affected": affected, "budget": budget,
+            "candidate_requests_answered_by_stable": {
+                "hedged": protected[0], "fell_back": protected[1], "rescued": protected[2], "refused": protected[3],
+            },
         },
         "alerts": alerts,
         "trigger": trigger,
@@ -383,6 +398,14 @@ pub fn markdown(incident: &IncidentRecord) -> String {
         imp["error_rate"].as_f64().unwrap_or(0.0) * 100.0
     );
     let _ = writeln!(md, "| distinct clients with a failure | {} |", imp["distinct_clients"]);
+    let saved = &imp["candidate_requests_answered_by_stable"];
+    if saved.is_object() {
+        let _ = writeln!(
+            md,
+            "| candidate requests answered by the stable version | {} hedged, {} after a candidate failure, {} rescued at the rollback ({} not replayable answered 503) |",
+            saved["hedged"], saved["fell_back"], saved["rescued"], saved["refused"]
+        );
+    }
     let budget = &imp["budget"];
     let budget_text = if budget.is_null() {
         "unknown (no SLO configured: add a burn_rate alert with `slo`)".to_string()

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use safelb_config::ValidConfig;
+use safelb_proxy::hedge::CanaryTotals;
 use safelb_proxy::stats::StatsSnapshot;
 use safelb_proxy::ProxyHandle;
 use serde::Serialize;
@@ -217,7 +218,8 @@ impl RolloutTask {
                     _ = self.cancel.cancelled() => {
                         self.handle.abort_canary();
                         let reason = self.abort_reason();
-                        self.event("RolloutAborted", format!("rollout of version {id} aborted at {percent}%: {reason}"), json!({ "reason": reason, "percent": percent })).await;
+                        let (rescues, saved) = settled_rescues(&candidate).await;
+                        self.event("RolloutAborted", format!("rollout of version {id} aborted at {percent}%: {reason}; {saved}"), json!({ "reason": reason, "percent": percent, "rescues": rescues })).await;
                         return self.finish(Phase::RolledBack, Fate::RolledBack, format!("aborted by a manual rollback: {reason}")).await;
                     }
                     _ = tokio::time::sleep(JUDGE_EVERY) => {}
@@ -237,10 +239,11 @@ impl RolloutTask {
                     Verdict::Breach(why) => {
                         self.handle.abort_canary();
                         let took = started.elapsed();
+                        let (rescues, saved) = settled_rescues(&candidate).await;
                         self.event(
                             "RolloutRolledBack",
                             format!(
-                                "version {id} rolled back at {percent}% after {:.1}s: {why}",
+                                "version {id} rolled back at {percent}% after {:.1}s: {why}; {saved}",
                                 took.as_secs_f64()
                             ),
                             json!({
@@ -250,6 +253,7 @@ impl RolloutTask {
                                 "candidate": WindowView::from(&wc),
                                 "stable": WindowView::from(&ws),
                                 "elapsed_ms": took.as_millis() as u64,
+                                "rescues": rescues,
                             }),
                         )
                         .await;
@@ -293,13 +297,15 @@ impl RolloutTask {
             tracing::error!(error = %e, "recording the running version failed");
         }
         let took = started.elapsed();
+        let rescues = candidate.canary.read();
         self.event(
             "RolloutPromoted",
             format!(
-                "version {id} promoted after {:.1}s: now running and known-good",
-                took.as_secs_f64()
+                "version {id} promoted after {:.1}s: now running and known-good; {}",
+                took.as_secs_f64(),
+                describe_rescues(&rescues)
             ),
-            json!({ "elapsed_ms": took.as_millis() as u64 }),
+            json!({ "elapsed_ms": took.as_millis() as u64, "rescues": rescues }),
         )
         .await;
         self.finish(
@@ -317,6 +323,33 @@ impl RolloutTask {
             .clone()
             .unwrap_or_else(|| "aborted".into())
     }
+}
+
+/// What the stable version did for the candidate's requests, read once the requests that were
+/// waiting at the rollback have been rescued (each does so on its own task, at once).
+async fn settled_rescues(candidate: &safelb_proxy::Snapshot) -> (CanaryTotals, String) {
+    let mut last = candidate.canary.read();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = candidate.canary.read();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    (last, describe_rescues(&last))
+}
+
+/// "stable answered N candidate requests: ..." for events and `apply`'s progress.
+pub fn describe_rescues(r: &CanaryTotals) -> String {
+    format!(
+        "the stable version answered {} candidate request(s): {} hedged after the hedge delay, {} after a candidate failure, {} rescued at the rollback; {} not replayable answered 503",
+        r.hedges + r.fallbacks + r.rescued,
+        r.hedges,
+        r.fallbacks,
+        r.rescued,
+        r.rescue_refused
+    )
 }
 
 /// The first pool of the candidate with fewer available backends than its `min_healthy`.

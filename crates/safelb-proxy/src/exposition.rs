@@ -167,6 +167,36 @@ pub fn render(handle: &ProxyHandle, e: &mut Exposition) {
             n.load(std::sync::atomic::Ordering::Relaxed) as f64,
         );
     }
+    e.family(
+        "safelb_hedges_total",
+        "counter",
+        "Second attempts of replayable requests sent to another backend of the pool after the hedge delay, by outcome (won: answered first; lost: the first backend answered first or both failed; denied: over the hedge budget, not sent).",
+    );
+    for (pool, h) in m.hedging_counters() {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let (sent, won, denied) = (load(&h.hedges), load(&h.hedges_won), load(&h.hedges_denied));
+        for (outcome, n) in [("won", won), ("lost", sent.saturating_sub(won)), ("denied", denied)] {
+            e.sample(
+                "safelb_hedges_total",
+                &[("pool", &pool), ("outcome", outcome)],
+                n as f64,
+            );
+        }
+    }
+    e.family(
+        "safelb_canary_rescues_total",
+        "counter",
+        "Candidate requests the stable version answered, by why (hedge: no response head within the hedge delay; fallback: the candidate failed; rollback: waiting when the candidate was rolled back; refused: waiting at rollback but not replayable, answered 503).",
+    );
+    let c = m.canary.read();
+    for (kind, n) in [
+        ("hedge", c.hedges),
+        ("fallback", c.fallbacks),
+        ("rollback", c.rescued),
+        ("refused", c.rescue_refused),
+    ] {
+        e.sample("safelb_canary_rescues_total", &[("kind", kind)], n as f64);
+    }
     let upstream = m.upstream.read().expect("metrics lock");
     let mut keys: Vec<_> = upstream.keys().collect();
     keys.sort();
