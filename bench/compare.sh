@@ -10,6 +10,8 @@
 # vs nginx), and the snapshot build/swap micro-benchmark (5k routes, 1k backends).
 #
 # Usage: bench/compare.sh [--short]     (--short: a few seconds, for CI; numbers not meaningful)
+# SAFELB_POOL_EXTRA adds lines to safelb's pool (e.g. SAFELB_POOL_EXTRA='hedge = false' to
+# measure what hedging costs a healthy pool).
 # Peers are installed with apt-get by bench/install-peers when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,6 +99,7 @@ pool = "p"
 [pool.p]
 balance = "round_robin"
 backends = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
+${SAFELB_POOL_EXTRA:-}
 CFG
 mkdir -p "$work/nginx/logs"
 cat > "$work/nginx/nginx.conf" <<CFG

@@ -380,6 +380,33 @@ pub struct Rollout {
     /// A replayable candidate request with no response head after this long is also sent to
     /// the stable version (`None`: never).
     pub hedge_after: Option<HedgeAfter>,
+    /// The shadow stage between preflight and canary (`None`: `shadow = false`).
+    pub shadow: Option<ShadowPolicy>,
+}
+
+/// `[rollout] shadow = { duration, share, min_requests, concurrency }`: copies of live safe
+/// requests (GET and HEAD without a body) go through the candidate too, their answers are
+/// compared per route with stable's and discarded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShadowPolicy {
+    pub duration: Duration,
+    /// Share of eligible stable requests copied (0..1).
+    pub share: f64,
+    /// Comparisons wanted; with less live traffic, recent traffic samples are replayed.
+    pub min_requests: u64,
+    /// Shadow requests in flight at most; more are dropped (and counted).
+    pub concurrency: u32,
+}
+
+impl Default for ShadowPolicy {
+    fn default() -> Self {
+        ShadowPolicy {
+            duration: Duration::from_secs(3),
+            share: 0.25,
+            min_requests: 20,
+            concurrency: 16,
+        }
+    }
 }
 
 impl Default for Rollout {
@@ -396,6 +423,7 @@ impl Default for Rollout {
             preflight_probes: 3,
             preflight_timeout: Duration::from_secs(1),
             hedge_after: Some(HedgeAfter::Auto),
+            shadow: Some(ShadowPolicy::default()),
         }
     }
 }

@@ -823,6 +823,7 @@ fn rollout(d: &mut Diagnostics, s: &Section<'_, '_>) -> Rollout {
             "sticky",
             "preflight",
             "hedge_after",
+            "shadow",
         ],
     );
     let def = Rollout::default();
@@ -878,7 +879,38 @@ fn rollout(d: &mut Diagnostics, s: &Section<'_, '_>) -> Rollout {
         preflight_probes: probes,
         preflight_timeout: timeout,
         hedge_after,
+        shadow: shadow(d, s),
     }
+}
+
+/// `shadow = false`, or `shadow = { duration, share, min_requests, concurrency }`; on by default.
+fn shadow(d: &mut Diagnostics, s: &Section<'_, '_>) -> Option<ShadowPolicy> {
+    let def = ShadowPolicy::default();
+    let Some(v) = s.get("shadow") else {
+        return Some(def);
+    };
+    if let DeValue::Boolean(on) = v.get_ref() {
+        return on.then_some(def);
+    }
+    let sh = s.section(d, "shadow")?;
+    sh.deny_unknown(d, &["duration", "share", "min_requests", "concurrency"]);
+    let duration = sh.duration(d, "duration").unwrap_or(def.duration);
+    if duration.is_zero() {
+        d.error(
+            Rule::InvalidValue,
+            sh.key_span("duration"),
+            "`shadow.duration` must be above zero",
+        )
+        .hint("`shadow = false` turns the stage off");
+    }
+    Some(ShadowPolicy {
+        duration,
+        share: sh.float(d, "share", 0.0, 1.0).unwrap_or(def.share),
+        min_requests: sh.uint(d, "min_requests", 1_000_000).unwrap_or(def.min_requests),
+        concurrency: sh
+            .uint(d, "concurrency", 10_000)
+            .map_or(def.concurrency, |n| n.max(1) as u32),
+    })
 }
 
 fn change_freezes(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<ChangeFreeze> {

@@ -33,6 +33,8 @@ pub struct ApplyRequest {
     pub reason: String,
     pub origin: String,
     pub skip_preflight: bool,
+    /// Skip the shadow stage (recorded as an event, like a skipped preflight).
+    pub skip_shadow: bool,
     pub confirm: bool,
     pub emergency: bool,
 }
@@ -330,8 +332,14 @@ impl Controller {
         self.event(
             "ChangeSubmitted",
             Some(version),
-            format!("version {version} submitted by {}: {}{}", req.author, req.reason, if req.skip_preflight { " (preflight SKIPPED)" } else { "" }),
-            json!({ "author": req.author, "reason": req.reason, "skip_preflight": req.skip_preflight, "emergency": req.emergency, "origin": req.origin }),
+            format!(
+                "version {version} submitted by {}: {}{}{}",
+                req.author,
+                req.reason,
+                if req.skip_preflight { " (preflight SKIPPED)" } else { "" },
+                if req.skip_shadow { " (shadow SKIPPED)" } else { "" }
+            ),
+            json!({ "author": req.author, "reason": req.reason, "skip_preflight": req.skip_preflight, "skip_shadow": req.skip_shadow, "emergency": req.emergency, "origin": req.origin }),
         )
         .await;
 
@@ -345,6 +353,8 @@ impl Controller {
             percent: 0,
             step_bake_ms: policy.step_bake.as_millis() as u64,
             skip_preflight: req.skip_preflight,
+            skip_shadow: req.skip_shadow,
+            shadow: None,
             candidate: WindowView::default(),
             stable: WindowView::default(),
             verdict: None,

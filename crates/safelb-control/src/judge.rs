@@ -1,6 +1,7 @@
 //! The canary verdict: the candidate's window against the stable version's window.
 
 use safelb_config::Rollout;
+use safelb_proxy::shadow::ShadowReport;
 use safelb_proxy::stats::StatsSnapshot;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -57,6 +58,38 @@ pub fn judge(candidate: &StatsSnapshot, stable: &StatsSnapshot, policy: &Rollout
         }
     }
     Verdict::Pass
+}
+
+/// Routes with fewer bad comparisons than this never fail the shadow stage: one slow answer
+/// is not a verdict.
+const SHADOW_MIN_BAD: u64 = 3;
+
+/// The shadow stage's verdict: `Some(why)` when a route's candidate answers were worse than
+/// stable's (5xx or no answer where stable was fine, 404 where stable had a route, much slower)
+/// in more than `max_error_rate` of its comparisons; the text names routes, statuses and counts.
+pub fn judge_shadow(report: &ShadowReport, policy: &Rollout) -> Option<String> {
+    let breaches: Vec<String> = report
+        .routes
+        .iter()
+        .filter(|(_, r)| r.bad() >= SHADOW_MIN_BAD && r.bad() as f64 > r.compared as f64 * policy.max_error_rate)
+        .map(|(name, r)| {
+            let pairs: Vec<String> = r.mismatches.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+            format!(
+                "route `{name}`: {} of {} copies worse than stable ({} failed, {} not found, {} much slower; {})",
+                r.bad(),
+                r.compared,
+                r.failed,
+                r.not_found,
+                r.slow,
+                if pairs.is_empty() {
+                    "same status classes".to_string()
+                } else {
+                    pairs.join(", ")
+                }
+            )
+        })
+        .collect();
+    (!breaches.is_empty()).then(|| breaches.join("; "))
 }
 
 #[cfg(test)]

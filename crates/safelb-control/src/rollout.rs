@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use safelb_config::ValidConfig;
 use safelb_proxy::hedge::CanaryTotals;
+use safelb_proxy::shadow::ShadowReport;
 use safelb_proxy::stats::StatsSnapshot;
 use safelb_proxy::ProxyHandle;
 use serde::Serialize;
@@ -27,6 +28,7 @@ const JUDGE_EVERY: Duration = Duration::from_millis(200);
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Preflight,
+    Shadow,
     Canary,
     Promoted,
     RolledBack,
@@ -71,6 +73,9 @@ pub struct RolloutStatus {
     pub percent: u8,
     pub step_bake_ms: u64,
     pub skip_preflight: bool,
+    pub skip_shadow: bool,
+    /// What the shadow stage found (once it ran).
+    pub shadow: Option<ShadowReport>,
     /// The current step's window for the candidate and the stable version.
     pub candidate: WindowView,
     pub stable: WindowView,
@@ -178,6 +183,10 @@ impl RolloutTask {
             )
             .await;
             probed = report.probed();
+        }
+
+        if let Some(phase) = self.shadow_stage(&policy, &probed).await {
+            return phase;
         }
 
         let candidate = match self
@@ -314,6 +323,103 @@ impl RolloutTask {
             "promoted: every step passed its bake".into(),
         )
         .await
+    }
+
+    /// The shadow stage: copies of live safe requests through the candidate, judged per route
+    /// against stable's answers. Returns the final phase when it ends the rollout (rejected or
+    /// aborted), `None` to go on to the canary.
+    async fn shadow_stage(&self, policy: &safelb_config::Rollout, probed: &[safelb_proxy::Probed]) -> Option<Phase> {
+        let id = self.id();
+        let skip = self.status.lock().expect("status lock").skip_shadow;
+        if skip {
+            self.event(
+                "ShadowSkipped",
+                format!("shadow stage skipped for version {id} (--skip-shadow)"),
+                json!({}),
+            )
+            .await;
+            return None;
+        }
+        let sp = policy.shadow.clone()?;
+        self.update(|s| s.phase = Phase::Shadow);
+        let shadow = match self.handle.begin_shadow(self.candidate.clone(), id, probed, &sp) {
+            Ok(s) => s,
+            Err(e) => {
+                return Some(
+                    self.finish(Phase::Rejected, Fate::Rejected, format!("rejected: {e}"))
+                        .await,
+                )
+            }
+        };
+        self.event(
+            "ShadowStarted",
+            format!(
+                "shadow: {:.0}% of safe requests (GET, HEAD) copied to version {id} for {:.1}s; no client is served by it",
+                sp.share * 100.0,
+                sp.duration.as_secs_f64()
+            ),
+            json!({ "share": sp.share, "duration_ms": sp.duration.as_millis() as u64 }),
+        )
+        .await;
+        let stage = async {
+            tokio::time::sleep(sp.duration).await;
+            let live = shadow.report().compared;
+            if live < sp.min_requests {
+                // Too little live traffic to judge: recent requests stand in for it.
+                let want = (sp.min_requests - live) as usize;
+                shadow
+                    .replay(self.handle.snapshot(), self.handle.samples().collect(), want)
+                    .await;
+            }
+            // Copies still out are bounded by their own timeouts; give them that long.
+            let settle = Instant::now();
+            while shadow.report().in_flight > 0 && settle.elapsed() < Duration::from_secs(3) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            _ = stage => {}
+            _ = self.cancel.cancelled() => {
+                self.handle.end_shadow();
+                let reason = self.abort_reason();
+                return Some(self.finish(Phase::Rejected, Fate::Rejected, format!("aborted during the shadow stage: {reason}")).await);
+            }
+        }
+        let report = shadow.report();
+        self.update(|s| s.shadow = Some(report.clone()));
+        match crate::judge::judge_shadow(&report, policy) {
+            Some(why) => {
+                self.handle.end_shadow();
+                self.event(
+                    "ShadowFailed",
+                    format!("shadow stage failed, no client was served by version {id}: {why}"),
+                    json!({ "report": report }),
+                )
+                .await;
+                Some(
+                    self.finish(
+                        Phase::Rejected,
+                        Fate::Rejected,
+                        format!("rejected at the shadow stage: {why}"),
+                    )
+                    .await,
+                )
+            }
+            None => {
+                self.event(
+                    "ShadowPassed",
+                    format!(
+                        "shadow passed: {} comparisons on {} route(s), none worse than stable ({} copies dropped over the concurrency bound)",
+                        report.compared,
+                        report.routes.len(),
+                        report.dropped
+                    ),
+                    json!({ "report": report }),
+                )
+                .await;
+                None
+            }
+        }
     }
 
     fn abort_reason(&self) -> String {

@@ -19,6 +19,7 @@ use crate::backend::{Active, BackendState, Registry};
 use crate::health::{desired_checks, HealthCheckers};
 use crate::metrics::Metrics;
 use crate::samples::Samples;
+use crate::shadow::Shadow;
 use crate::snapshot::Snapshot;
 
 /// Why a config cannot replace the running one without a restart.
@@ -57,10 +58,12 @@ impl Role {
     }
 }
 
-/// What requests read: the stable snapshot and an optional canary.
+/// What requests read: the stable snapshot, an optional canary, and an optional shadow stage
+/// (copies of stable requests through a candidate that serves no client).
 pub struct Routing {
     pub stable: Arc<Snapshot>,
     pub canary: Option<Canary>,
+    pub shadow: Option<Arc<Shadow>>,
 }
 
 #[derive(Clone)]
@@ -126,7 +129,11 @@ impl ProxyHandle {
         let stable = Arc::new(Snapshot::build(config, version, &registry, &metrics));
         let handle = ProxyHandle {
             inner: Arc::new(Inner {
-                current: ArcSwap::from_pointee(Routing { stable, canary: None }),
+                current: ArcSwap::from_pointee(Routing {
+                    stable,
+                    canary: None,
+                    shadow: None,
+                }),
                 registry,
                 checkers: HealthCheckers::default(),
                 samples: Samples::default(),
@@ -168,6 +175,7 @@ impl ProxyHandle {
         self.inner.current.store(Arc::new(Routing {
             stable: next.clone(),
             canary: None,
+            shadow: None,
         }));
         self.reconcile();
         tracing::info!(
@@ -191,13 +199,24 @@ impl ProxyHandle {
     ) -> Result<Arc<Snapshot>, SwapError> {
         let current = self.routing();
         check_swappable(&current.stable.config, &config)?;
-        self.apply_probes(probed);
-        let candidate = Arc::new(Snapshot::build(
-            config,
-            version,
-            &self.inner.registry,
-            &self.inner.metrics,
-        ));
+        // The candidate that was shadowed is the one that now gets traffic (same counters).
+        let shadowed = current
+            .shadow
+            .as_ref()
+            .filter(|s| s.candidate.version == version)
+            .map(|s| s.candidate.clone());
+        let candidate = match shadowed {
+            Some(c) => c,
+            None => {
+                self.apply_probes(probed);
+                Arc::new(Snapshot::build(
+                    config,
+                    version,
+                    &self.inner.registry,
+                    &self.inner.metrics,
+                ))
+            }
+        };
         let canary = Canary {
             candidate: candidate.clone(),
             percent: 0,
@@ -206,9 +225,51 @@ impl ProxyHandle {
         self.inner.current.store(Arc::new(Routing {
             stable: current.stable.clone(),
             canary: Some(canary),
+            shadow: None,
         }));
         self.reconcile();
         Ok(candidate)
+    }
+
+    /// Starts the shadow stage: the candidate is built (preflight's verdicts applied first) and
+    /// a share of live safe stable requests is copied to it; no client is served by it.
+    pub fn begin_shadow(
+        &self,
+        config: ValidConfig,
+        version: u64,
+        probed: &[Probed],
+        policy: &safelb_config::ShadowPolicy,
+    ) -> Result<Arc<Shadow>, SwapError> {
+        let current = self.routing();
+        check_swappable(&current.stable.config, &config)?;
+        self.apply_probes(probed);
+        let candidate = Arc::new(Snapshot::build(
+            config,
+            version,
+            &self.inner.registry,
+            &self.inner.metrics,
+        ));
+        let shadow = Arc::new(Shadow::new(candidate, policy));
+        self.inner.current.store(Arc::new(Routing {
+            stable: current.stable.clone(),
+            canary: None,
+            shadow: Some(shadow.clone()),
+        }));
+        self.reconcile();
+        Ok(shadow)
+    }
+
+    /// Ends a shadow stage without a canary (the candidate was rejected or the change aborted).
+    pub fn end_shadow(&self) {
+        let current = self.routing();
+        if current.shadow.is_some() {
+            self.inner.current.store(Arc::new(Routing {
+                stable: current.stable.clone(),
+                canary: current.canary.clone(),
+                shadow: None,
+            }));
+            self.reconcile();
+        }
     }
 
     /// Sets the candidate's share of requests.
@@ -219,6 +280,7 @@ impl ProxyHandle {
         self.inner.current.store(Arc::new(Routing {
             stable: current.stable.clone(),
             canary: Some(canary),
+            shadow: None,
         }));
         Ok(())
     }
@@ -230,6 +292,7 @@ impl ProxyHandle {
         self.inner.current.store(Arc::new(Routing {
             stable: canary.candidate.clone(),
             canary: None,
+            shadow: None,
         }));
         self.reconcile();
         Ok(canary.candidate)
@@ -244,6 +307,7 @@ impl ProxyHandle {
             self.inner.current.store(Arc::new(Routing {
                 stable: current.stable.clone(),
                 canary: None,
+                shadow: None,
             }));
             // After the store: a rescued request must find the stable version in place.
             canary.candidate.retired.cancel();
@@ -295,6 +359,7 @@ impl ProxyHandle {
         let routing = self.routing();
         let live: Vec<&Snapshot> = std::iter::once(&*routing.stable)
             .chain(routing.canary.as_ref().map(|c| &*c.candidate))
+            .chain(routing.shadow.as_ref().map(|s| &*s.candidate))
             .collect();
         let pools = live.iter().flat_map(|s| {
             s.pools

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod samples;
 pub mod server;
+pub mod shadow;
 pub mod snapshot;
 pub mod stats;
 pub mod tls;

@@ -81,6 +81,18 @@ impl Proxy {
         let (picked, role) = routing.pick(client);
         let snapshot = picked.clone();
         let stable = (role == Role::Candidate).then(|| routing.stable.clone());
+        // During a shadow stage a share of safe bodiless stable requests is copied.
+        let shadow = match &routing.shadow {
+            Some(s)
+                if matches!(*req.method(), Method::GET | Method::HEAD)
+                    && http_body::Body::is_end_stream(req.body())
+                    && upgrade.is_none()
+                    && s.sample() =>
+            {
+                Some(s.clone())
+            }
+            _ => None,
+        };
         drop(routing);
         let mut done = Completion::start(&self.log, client, conn, snapshot.clone(), role);
         let (mut parts, body) = req.into_parts();
@@ -173,10 +185,37 @@ impl Proxy {
             // Boxed: only canary traffic pays for the race's size.
             return Box::pin(self.serve_candidate(&snapshot, stable, &mut request, copy, client, done)).await;
         }
-        match self.route_and_forward(&snapshot, &mut request, client, done).await {
-            Ok(response) => response,
-            Err((err, done)) => local(done, err),
+        let Some(shadow) = shadow else {
+            return finish(self.route_and_forward(&snapshot, &mut request, client, done).await);
+        };
+        // Boxed: only the shadow stage's sampled requests pay for the copy.
+        Box::pin(self.serve_shadowed(shadow, &snapshot, &mut request, client, done)).await
+    }
+
+    /// A stable request sampled by the shadow stage: served as usual, then its copy goes to the
+    /// candidate from a task of its own, with the stable answer to compare against.
+    async fn serve_shadowed(
+        &self,
+        shadow: Arc<crate::shadow::Shadow>,
+        snapshot: &Arc<Snapshot>,
+        request: &mut Option<Request<RequestBody>>,
+        client: SocketAddr,
+        done: Box<Completion>,
+    ) -> Response<ResponseBody> {
+        let copy = request.as_ref().map(|r| {
+            let mut c = Request::new(());
+            *c.method_mut() = r.method().clone();
+            *c.uri_mut() = r.uri().clone();
+            *c.headers_mut() = r.headers().clone();
+            c.into_parts().0
+        });
+        let started = Instant::now();
+        let response = finish(self.route_and_forward(snapshot, request, client, done).await);
+        if let Some(parts) = copy {
+            let (status, latency) = (response.status().as_u16(), started.elapsed());
+            tokio::spawn(shadow.compare_live(snapshot.clone(), parts, client, status, latency));
         }
+        response
     }
 
     /// A request on the candidate. It races the candidate's answer against the version's
@@ -763,7 +802,7 @@ fn to_h2(req: &mut Request<RequestBody>) {
 struct TeTrailers;
 
 /// Route lookup with the request's own host, path, method and headers.
-fn find_route(snapshot: &Snapshot, method: &Method, uri: &Uri, headers: &http::HeaderMap) -> Option<usize> {
+pub(crate) fn find_route(snapshot: &Snapshot, method: &Method, uri: &Uri, headers: &http::HeaderMap) -> Option<usize> {
     let view = RequestView {
         method: method.as_str(),
         host: headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
@@ -895,7 +934,12 @@ fn failure(pool: &PoolRuntime, snapshot: &Snapshot, backend: &Arc<BackendState>,
     }
 }
 
-fn request_hash(snapshot: &Snapshot, pool: &PoolRuntime, headers: &http::HeaderMap, client: SocketAddr) -> u64 {
+pub(crate) fn request_hash(
+    snapshot: &Snapshot,
+    pool: &PoolRuntime,
+    headers: &http::HeaderMap,
+    client: SocketAddr,
+) -> u64 {
     let by_client = || match client.ip() {
         std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
         std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),

@@ -35,12 +35,17 @@ pub enum Behavior {
     Hang,
     /// Answers normally after this delay.
     Delay(Duration),
+    /// `/healthz` answers 200, every other path this status: a backend that passes its health
+    /// checks and breaks real requests.
+    HealthyButFailing(u16),
 }
 
 struct Shared {
     name: String,
     behavior: Mutex<Behavior>,
     hits: AtomicU64,
+    /// Requests marked `X-Safelb-Shadow` (safelb's shadow stage).
+    shadow_hits: AtomicU64,
     connections: AtomicU64,
 }
 
@@ -80,6 +85,7 @@ impl TestBackend {
             name: name.to_string(),
             behavior: Mutex::new(Behavior::Ok),
             hits: AtomicU64::new(0),
+            shadow_hits: AtomicU64::new(0),
             connections: AtomicU64::new(0),
         });
         let cancel = CancellationToken::new();
@@ -98,6 +104,11 @@ impl TestBackend {
     /// Requests received (health checks included), whatever the answer.
     pub fn hits(&self) -> u64 {
         self.shared.hits.load(Relaxed)
+    }
+
+    /// Requests that carried `X-Safelb-Shadow` (copies from safelb's shadow stage).
+    pub fn shadow_hits(&self) -> u64 {
+        self.shared.shadow_hits.load(Relaxed)
     }
 
     /// TCP connections accepted so far.
@@ -173,7 +184,17 @@ fn full(text: impl Into<Bytes>) -> Body {
 
 async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationToken) -> Response<Body> {
     shared.hits.fetch_add(1, Relaxed);
-    let behavior = *shared.behavior.lock().expect("behavior lock");
+    if req.headers().contains_key("x-safelb-shadow") {
+        shared.shadow_hits.fetch_add(1, Relaxed);
+    }
+    let mut behavior = *shared.behavior.lock().expect("behavior lock");
+    if let Behavior::HealthyButFailing(code) = behavior {
+        behavior = if req.uri().path() == "/healthz" {
+            Behavior::Ok
+        } else {
+            Behavior::Status(code)
+        };
+    }
     match behavior {
         Behavior::Hang => {
             cancel.cancelled().await;
@@ -187,7 +208,7 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
                 .insert("x-backend", shared.name.parse().expect("names are header-safe"));
             return r;
         }
-        Behavior::Ok => {}
+        Behavior::Ok | Behavior::HealthyButFailing(_) => {}
     }
     let path = req.uri().path().to_string();
     if path == "/ws" {

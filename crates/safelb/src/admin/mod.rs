@@ -142,6 +142,8 @@ struct ApplyBody {
     #[serde(default)]
     skip_preflight: bool,
     #[serde(default)]
+    skip_shadow: bool,
+    #[serde(default)]
     confirm: bool,
     #[serde(default)]
     emergency: bool,
@@ -161,6 +163,7 @@ async fn apply(State(s): State<AdminState>, Json(b): Json<ApplyBody>) -> Respons
         reason: b.reason,
         origin: "apply".into(),
         skip_preflight: b.skip_preflight,
+        skip_shadow: b.skip_shadow,
         confirm: b.confirm,
         emergency: b.emergency,
     };

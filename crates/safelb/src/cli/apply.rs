@@ -23,6 +23,9 @@ pub struct ApplyArgs {
     /// Skip the preflight probes (emergencies only; recorded as such). The canary still runs.
     #[arg(long)]
     skip_preflight: bool,
+    /// Skip the shadow stage (recorded as such): the candidate's first answers are then to clients.
+    #[arg(long)]
+    skip_shadow: bool,
     /// Accept a traffic shift above rollout.max_traffic_shift.
     #[arg(long)]
     confirm: bool,
@@ -52,6 +55,7 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             "reason": args.reason,
             "author": author(args.author),
             "skip_preflight": args.skip_preflight,
+            "skip_shadow": args.skip_shadow,
             "confirm": args.confirm,
             "emergency": args.emergency,
         });
@@ -81,6 +85,9 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
                 ""
             }
         );
+        if args.skip_shadow {
+            println!("  shadow stage SKIPPED: the candidate's first answers go to clients");
+        }
         if args.no_wait {
             println!("follow it with: safelb status (rollout {id})");
             return Ok(ExitCode::SUCCESS);

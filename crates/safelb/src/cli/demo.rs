@@ -180,12 +180,16 @@ async fn drill(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let shop = [TestBackend::start("shop-1").await, TestBackend::start("shop-2").await];
     let silent = TestBackend::start("new-shop").await;
     silent.set(Behavior::Hang);
+    let broken = TestBackend::start("shop-v2").await;
+    broken.set(Behavior::HealthyButFailing(500));
     let (listen, admin) = (free_port()?, free_port()?);
     let good = config(listen, admin, &[shop[0].addr, shop[1].addr]);
     let bad = config(listen, admin, &[silent.addr]);
+    let broken_change = config(listen, admin, &[broken.addr]);
     let file = dir.join("safelb.toml");
     std::fs::write(&file, &good)?;
     std::fs::write(dir.join("bad-change.toml"), &bad)?;
+    std::fs::write(dir.join("new-release.toml"), &broken_change)?;
 
     let store_dir = dir.join("store");
     let store = StoreHandle::new(SqliteStore::open(&store_dir)?);
@@ -204,11 +208,13 @@ async fn drill(args: DemoArgs) -> anyhow::Result<ExitCode> {
              safelb        http://{addr}  (admin and metrics http://{})\n\
              backends      shop-1 {}  shop-2 {}  (healthy)\n\
              new-shop      {}  accepts connections, never answers\n\
+             shop-v2       {}  passes its health check, answers 500 to real requests\n\
              files         {}",
             running.admin,
             shop[0].addr,
             shop[1].addr,
             silent.addr,
+            broken.addr,
             dir.display()
         ),
     );
@@ -254,6 +260,7 @@ async fn drill(args: DemoArgs) -> anyhow::Result<ExitCode> {
         reason: reason.into(),
         origin: "apply".into(),
         skip_preflight: skip,
+        skip_shadow: skip,
         ..ApplyRequest::default()
     };
     say(
@@ -272,8 +279,31 @@ async fn drill(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
 
     say(
-        "3. The same change forced through, the way the original one slipped past review",
-        "$ safelb apply bad-change.toml -m \"move the shop, preflight is flaky\" --skip-preflight",
+        "3. A release that passes its health checks and breaks real requests",
+        "$ safelb apply new-release.toml -m \"shop v2\"",
+    );
+    let failed_before = t.failed.load(Relaxed);
+    let accepted = controller
+        .apply(ApplyRequest {
+            source: broken_change.clone(),
+            file_name: "new-release.toml".into(),
+            author: "demo-operator".into(),
+            reason: "shop v2".into(),
+            origin: "apply".into(),
+            ..ApplyRequest::default()
+        })
+        .await?;
+    let verdict = wait_rollout(&controller, accepted.rollout).await;
+    println!("   {verdict}");
+    println!(
+        "   -> rejected at the shadow stage: {} copies reached shop-v2, no client was served by it ({} failed requests).",
+        broken.shadow_hits(),
+        t.failed.load(Relaxed) - failed_before
+    );
+
+    say(
+        "4. The first change forced through, the way the original one slipped past review",
+        "$ safelb apply bad-change.toml -m \"move the shop, preflight is flaky\" --skip-preflight --skip-shadow",
     );
     let accepted = controller
         .apply(change(true, "move the shop, preflight is flaky"))
@@ -323,7 +353,7 @@ async fn drill(args: DemoArgs) -> anyhow::Result<ExitCode> {
             code = ExitCode::from(1);
         }
     }
-    say("4. Totals", &summary);
+    say("5. Totals", &summary);
 
     if args.keep_running {
         say(

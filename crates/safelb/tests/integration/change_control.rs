@@ -191,6 +191,7 @@ async fn forced_bad_candidates_roll_back_within_step_bake_plus_a_second() {
                 "-m",
                 "forced bad change",
                 "--skip-preflight",
+                "--skip-shadow",
             ])
             .await;
         assert_eq!(code, 4, "{out}\n{err}");

@@ -276,7 +276,14 @@ hold = "2s"
     )
     .unwrap();
     let load_task = tokio::spawn(hit(site.addr, "/err", 60, Duration::from_millis(20)));
-    let (code, out) = site.cli(&["apply", bad.to_str().unwrap(), "-m", "forced", "--skip-preflight"]);
+    let (code, out) = site.cli(&[
+        "apply",
+        bad.to_str().unwrap(),
+        "-m",
+        "forced",
+        "--skip-preflight",
+        "--skip-shadow",
+    ]);
     assert_eq!(code, 4, "{out}");
     site.wait_event("AlertFired", "RolledBack", limit).await;
     site.wait_event("AlertResolved", "RolledBack", limit).await;
@@ -414,6 +421,7 @@ async fn postmortem_figures_match_what_clients_saw() {
         "-m",
         "orders to the new cluster",
         "--skip-preflight",
+        "--skip-shadow",
     ]);
     assert_eq!(code, 4, "{out}");
     let mut all = Vec::new();

@@ -64,7 +64,14 @@ async fn forced_change_to_a_silent_backend_costs_no_client_a_failure_or_a_wait()
     tokio::time::sleep(Duration::from_millis(500)).await;
     let bad = d.write_pool("hang.toml", &[hung.addr.to_string()], "", "");
     let (code, out, err, took) = d
-        .cli_async(&["apply", bad.to_str().unwrap(), "-m", "forced", "--skip-preflight"])
+        .cli_async(&[
+            "apply",
+            bad.to_str().unwrap(),
+            "-m",
+            "forced",
+            "--skip-preflight",
+            "--skip-shadow",
+        ])
         .await;
     assert_eq!(code, 4, "{out}\n{err}");
     println!("forced change rolled back after {took:?}:\n{out}");
@@ -122,7 +129,14 @@ async fn keyed_posts_survive_a_forced_bad_change_and_unkeyed_ones_fail_at_most_a
     tokio::time::sleep(Duration::from_millis(500)).await;
     let bad = d.write_pool("broken.toml", &[broken.addr.to_string()], "", "");
     let (code, out, err, _) = d
-        .cli_async(&["apply", bad.to_str().unwrap(), "-m", "forced", "--skip-preflight"])
+        .cli_async(&[
+            "apply",
+            bad.to_str().unwrap(),
+            "-m",
+            "forced",
+            "--skip-preflight",
+            "--skip-shadow",
+        ])
         .await;
     assert_eq!(code, 4, "{out}\n{err}");
     stop.cancel();
@@ -190,4 +204,62 @@ async fn hedge_false_sends_every_request_once() {
         .map(|(_, h)| h.hedges.load(std::sync::atomic::Ordering::Relaxed))
         .sum();
     assert_eq!(hedges, 0);
+}
+
+/// A candidate whose backend passes its health check (`/healthz` 200) and answers 500 to real
+/// requests gets past preflight; the shadow stage (defaults: 3 s, 25% of safe requests) sees
+/// its copies fail where stable answered 200 and rejects it: exit 3, no client served by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_but_broken_candidate_is_rejected_by_the_shadow_stage() {
+    let good = backends(2).await;
+    let broken = TestBackend::start("broken").await;
+    broken.set(Behavior::HealthyButFailing(500));
+    let health = "health = { path = \"/healthz\" }";
+    let d = Deployment::start_with(&addrs(&good), QUICK_ROLLOUT, health).await;
+    let load = SteadyLoad::start(d.addr(), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bad = d.write_pool("broken.toml", &[broken.addr.to_string()], "", health);
+    let (code, out, err, took) = d.cli_async(&["apply", bad.to_str().unwrap(), "-m", "release v2"]).await;
+    println!("healthy-but-broken candidate, apply returned after {took:?}:\n{out}");
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(out.contains("rejected at the shadow stage"), "{out}");
+    assert!(
+        out.contains("route `r`") && out.contains("stable 200 / candidate 500"),
+        "{out}"
+    );
+    let report = load.finish().await;
+    println!(
+        "load during the shadow stage: {report:?}; shadow copies at the broken backend: {}",
+        broken.shadow_hits()
+    );
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert_eq!(
+        report.by_backend.get("broken").copied().unwrap_or(0),
+        0,
+        "no client was served by it"
+    );
+    assert!(
+        broken.shadow_hits() >= 3,
+        "the candidate's backend received shadow copies"
+    );
+    let (_, history, _, _) = d.cli(&["history"]);
+    assert!(history.contains("rejected"), "{history}");
+}
+
+/// `shadow = false`: the candidate goes from preflight straight to the canary (no copies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_false_goes_straight_to_the_canary() {
+    let good = backends(2).await;
+    let next = TestBackend::start("next").await;
+    let rollout = format!("{QUICK_ROLLOUT}\nshadow = false");
+    let d = Deployment::start_with(&addrs(&good), &rollout, "").await;
+    let load = SteadyLoad::start(d.addr(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let file = d.write_pool("next.toml", &[next.addr.to_string()], "", "");
+    let (code, out, err, _) = d.cli_async(&["apply", file.to_str().unwrap(), "-m", "move"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!out.contains("shadow"), "{out}");
+    let report = load.finish().await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert_eq!(next.shadow_hits(), 0);
 }
