@@ -307,13 +307,26 @@ pub fn markdown(incident: &IncidentRecord) -> String {
     };
     let _ = writeln!(md, "- **Root cause:** {root}");
     let imp = &r["impact"];
+    let saved = &imp["candidate_requests_answered_by_stable"];
+    let saved_total: u64 = ["hedged", "fell_back", "rescued"]
+        .iter()
+        .map(|k| saved[k].as_u64().unwrap_or(0))
+        .sum();
     let _ = writeln!(
         md,
-        "- **Impact:** {} failed of {} requests ({:.2}%), {} distinct client(s) affected",
+        "- **Impact:** {} failed of {} requests ({:.2}%), {} distinct client(s) affected{}",
         imp["failed"],
         imp["requests"],
         imp["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
-        imp["distinct_clients"]
+        imp["distinct_clients"],
+        if saved_total > 0 {
+            format!(
+                "; {saved_total} candidate request(s) answered by the stable version instead ({} hedged, {} rescued at the rollback)",
+                saved["hedged"], saved["rescued"]
+            )
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         md,

@@ -448,6 +448,9 @@ async fn settled_rescues(candidate: &safelb_proxy::Snapshot) -> (CanaryTotals, S
 
 /// "stable answered N candidate requests: ..." for events and `apply`'s progress.
 pub fn describe_rescues(r: &CanaryTotals) -> String {
+    if r.hedges + r.fallbacks + r.rescued + r.rescue_refused == 0 {
+        return "no candidate request needed the stable version".into();
+    }
     format!(
         "the stable version answered {} candidate request(s): {} hedged after the hedge delay, {} after a candidate failure, {} rescued at the rollback; {} not replayable answered 503",
         r.hedges + r.fallbacks + r.rescued,

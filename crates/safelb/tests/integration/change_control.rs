@@ -24,8 +24,9 @@ pub(crate) struct Deployment {
 const FAST_ROLLOUT: &str = "canary_steps = [10, 50, 100]\nstep_bake = \"1s\"\nmin_requests = 10";
 
 impl Deployment {
+    /// A deployment at the pool's defaults (15 s response timeout, hedging on).
     async fn start(backends: &[String], rollout: &str) -> Deployment {
-        Self::start_with(backends, rollout, "response_timeout = \"300ms\"").await
+        Self::start_with(backends, rollout, "").await
     }
 
     /// A deployment whose pool `p` has `pool` lines besides its backends (nothing else of the
@@ -80,6 +81,14 @@ impl Deployment {
     pub fn cli(&self, args: &[&str]) -> (i32, String, String, Duration) {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         run_cli(self.admin(), self.dir.clone(), args)
+    }
+
+    /// `apply FILE -m REASON --skip-preflight --skip-shadow`: a bad change forced past every
+    /// check before the canary, the way the original outage's change slipped through.
+    pub async fn force(&self, file: &std::path::Path, reason: &str) -> (i32, String, String, Duration) {
+        let file = file.to_str().expect("test paths are UTF-8");
+        self.cli_async(&["apply", file, "-m", reason, "--skip-preflight", "--skip-shadow"])
+            .await
     }
 
     /// `cli` on a blocking thread, so the load keeps running on the test's runtime.
@@ -184,16 +193,7 @@ async fn forced_bad_candidates_roll_back_within_step_bake_plus_a_second() {
 
     for (name, backend) in [("closed", closed_port()), ("hang", hung.addr)] {
         let file = d.write(&format!("{name}.toml"), &[backend.to_string()], "");
-        let (code, out, err, took) = d
-            .cli_async(&[
-                "apply",
-                file.to_str().unwrap(),
-                "-m",
-                "forced bad change",
-                "--skip-preflight",
-                "--skip-shadow",
-            ])
-            .await;
+        let (code, out, err, took) = d.force(&file, "forced bad change").await;
         assert_eq!(code, 4, "{out}\n{err}");
         assert!(out.contains("rolled back at 10%"), "{out}");
         println!("{name}: forced bad change rolled back, apply returned after {took:?}:\n{out}");

@@ -72,35 +72,31 @@ async fn backend_killed_under_load_costs_at_most_the_requests_in_flight() {
     assert!(report.ok > 1000, "{report:?}");
 }
 
+/// At defaults (15 s response timeout, hedging on, outlier ejection after 5 failures): GETs to
+/// a backend that accepts and never answers are hedged to the other backend after the hedge
+/// delay, each lost hedge counts against the hung backend, and it is ejected.
 #[tokio::test]
-async fn hung_backend_costs_a_client_at_most_one_timeout_and_is_ejected() {
+async fn hung_backend_costs_a_client_at_most_the_hedge_delay_and_is_ejected() {
     let good = TestBackend::start("good").await;
     let hung = TestBackend::start("hung").await;
     hung.set(Behavior::Hang);
     let lb = Lb::start(&pool_config(
         &[good.addr.to_string(), hung.addr.to_string()],
-        "balance = \"round_robin\"\nresponse_timeout = \"300ms\"\noutlier = { consecutive_failures = 2, base_ejection = \"30s\" }",
+        "balance = \"round_robin\"",
     ))
     .await;
-    let mut timeouts = 0;
     let mut slowest = Duration::ZERO;
     let mut client = Client::connect(lb.addr).await;
     for _ in 0..40 {
         let started = Instant::now();
         let r = client.get("x", "/").await.unwrap();
         slowest = slowest.max(started.elapsed());
-        if r.status == 504 {
-            timeouts += 1;
-            assert!(r.body.contains("did not answer in time"), "{}", r.body);
-        } else {
-            assert_eq!(r.status, 200);
-        }
+        assert_eq!(r.status, 200, "{}", r.body);
     }
-    println!("hung backend: {timeouts} timeouts of 40, slowest {slowest:?}");
-    assert!(timeouts <= 2, "ejection after 2 consecutive timeouts, got {timeouts}");
+    println!("hung backend: 40 of 40 answered, slowest {slowest:?}");
     assert!(
         slowest < Duration::from_millis(900),
-        "one request paid more than one timeout: {slowest:?}"
+        "one request paid more than the hedge delay: {slowest:?}"
     );
     let hits = hung.hits();
     for _ in 0..20 {

@@ -63,16 +63,7 @@ async fn forced_change_to_a_silent_backend_costs_no_client_a_failure_or_a_wait()
     let load = SteadyLoad::start(d.addr(), 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let bad = d.write_pool("hang.toml", &[hung.addr.to_string()], "", "");
-    let (code, out, err, took) = d
-        .cli_async(&[
-            "apply",
-            bad.to_str().unwrap(),
-            "-m",
-            "forced",
-            "--skip-preflight",
-            "--skip-shadow",
-        ])
-        .await;
+    let (code, out, err, took) = d.force(&bad, "forced").await;
     assert_eq!(code, 4, "{out}\n{err}");
     println!("forced change rolled back after {took:?}:\n{out}");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -128,16 +119,7 @@ async fn keyed_posts_survive_a_forced_bad_change_and_unkeyed_ones_fail_at_most_a
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let bad = d.write_pool("broken.toml", &[broken.addr.to_string()], "", "");
-    let (code, out, err, _) = d
-        .cli_async(&[
-            "apply",
-            bad.to_str().unwrap(),
-            "-m",
-            "forced",
-            "--skip-preflight",
-            "--skip-shadow",
-        ])
-        .await;
+    let (code, out, err, _) = d.force(&bad, "forced").await;
     assert_eq!(code, 4, "{out}\n{err}");
     stop.cancel();
     let (mut keyed_failed, mut unkeyed) = (0, (0, 0));
