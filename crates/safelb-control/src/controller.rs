@@ -466,7 +466,7 @@ impl Controller {
             fate: Fate::Pending,
         };
         let version = self.inner.store.call(move |s| s.append_version(new)).await?;
-        if let Err(e) = self.inner.handle.swap(config, version) {
+        if let Err(e) = self.inner.handle.roll_back_to(config, version) {
             self.inner
                 .store
                 .call(move |s| s.set_fate(version, Fate::Rejected))

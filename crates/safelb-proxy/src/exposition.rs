@@ -197,6 +197,22 @@ pub fn render(handle: &ProxyHandle, e: &mut Exposition) {
     ] {
         e.sample("safelb_canary_rescues_total", &[("kind", kind)], n as f64);
     }
+    e.family(
+        "safelb_shadow_requests_total",
+        "counter",
+        "Shadow-stage copies of stable requests sent through a candidate, by outcome (same: no worse than stable's answer; worse: failed, not found or much slower; dropped: over the stage's concurrency bound, not sent).",
+    );
+    for (outcome, n) in [
+        ("same", &m.shadow.same),
+        ("worse", &m.shadow.worse),
+        ("dropped", &m.shadow.dropped),
+    ] {
+        e.sample(
+            "safelb_shadow_requests_total",
+            &[("outcome", outcome)],
+            n.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
+    }
     let upstream = m.upstream.read().expect("metrics lock");
     let mut keys: Vec<_> = upstream.keys().collect();
     keys.sort();

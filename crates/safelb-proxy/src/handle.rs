@@ -162,8 +162,20 @@ impl ProxyHandle {
     }
 
     /// Replaces the stable snapshot for all traffic, ending any canary. Refuses changes that
-    /// cannot take effect without a restart, naming them; on refusal nothing changes.
+    /// cannot take effect without a restart, naming them; on refusal nothing changes. Requests in
+    /// flight finish on the version they started with.
     pub fn swap(&self, config: ValidConfig, version: u64) -> Result<Arc<Snapshot>, SwapError> {
+        self.replace_stable(config, version, false)
+    }
+
+    /// A rollback: `swap`, and the versions it replaced are retired, so requests still waiting
+    /// on them for a response head are rescued at once (replayable ones are sent again through
+    /// the version put back, the others answered 503).
+    pub fn roll_back_to(&self, config: ValidConfig, version: u64) -> Result<Arc<Snapshot>, SwapError> {
+        self.replace_stable(config, version, true)
+    }
+
+    fn replace_stable(&self, config: ValidConfig, version: u64, retire: bool) -> Result<Arc<Snapshot>, SwapError> {
         let running = self.snapshot();
         check_swappable(&running.config, &config)?;
         let next = Arc::new(Snapshot::build(
@@ -172,11 +184,19 @@ impl ProxyHandle {
             &self.inner.registry,
             &self.inner.metrics,
         ));
+        let replaced = self.routing();
         self.inner.current.store(Arc::new(Routing {
             stable: next.clone(),
             canary: None,
             shadow: None,
         }));
+        if retire {
+            // After the store: a rescued request must find the version put back in place.
+            replaced.stable.retired.cancel();
+            if let Some(c) = &replaced.canary {
+                c.candidate.retired.cancel();
+            }
+        }
         self.reconcile();
         tracing::info!(
             from = running.version,

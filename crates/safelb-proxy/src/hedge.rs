@@ -161,6 +161,17 @@ impl CanaryCounters {
     }
 }
 
+/// What shadow stages compared since start (long-lived, for metrics).
+#[derive(Debug, Default)]
+pub struct ShadowCounters {
+    /// Copies whose answer was no worse than stable's.
+    pub same: AtomicU64,
+    /// Copies worse than stable's answer (failed, not found, much slower).
+    pub worse: AtomicU64,
+    /// Copies not sent: the stage was at its concurrency bound.
+    pub dropped: AtomicU64,
+}
+
 /// [`CanaryCounters`] at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CanaryTotals {

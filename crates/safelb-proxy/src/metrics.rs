@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::handle::Role;
-use crate::hedge::{CanaryCounters, HeadLatency, HedgeCounters};
+use crate::hedge::{CanaryCounters, HeadLatency, HedgeCounters, ShadowCounters};
 
 /// Upper bounds of the request-duration histogram, in seconds.
 pub const DURATION_BUCKETS: [f64; 14] = [
@@ -146,6 +146,8 @@ pub struct Metrics {
     pub in_flight: AtomicI64,
     /// Every candidate's hedges, fallbacks and rescues since start.
     pub canary: CanaryCounters,
+    /// Every shadow stage's comparisons since start.
+    pub shadow: ShadowCounters,
     failed_clients: Mutex<VecDeque<(u64, IpAddr)>>,
     events: Mutex<VecDeque<DataPlaneEvent>>,
 }

@@ -186,10 +186,46 @@ impl Proxy {
             return Box::pin(self.serve_candidate(&snapshot, stable, &mut request, copy, client, done)).await;
         }
         let Some(shadow) = shadow else {
-            return finish(self.route_and_forward(&snapshot, &mut request, client, done).await);
+            return match self.route_and_forward(&snapshot, &mut request, client, done).await {
+                Ok(response) => response,
+                Err((err, done)) if err.kind == ErrorKind::RolledBack => {
+                    Box::pin(self.rescue(&snapshot, &mut request, client, done)).await
+                }
+                Err((err, done)) => local(done, err),
+            };
         };
         // Boxed: only the shadow stage's sampled requests pay for the copy.
         Box::pin(self.serve_shadowed(shadow, &snapshot, &mut request, client, done)).await
+    }
+
+    /// A request whose version was rolled back (put back by `safelb rollback`) while it waited
+    /// for a response head: a bodiless idempotent one is sent again through the version that
+    /// serves now; another gets an immediate answer naming the rollback.
+    async fn rescue(
+        &self,
+        retired: &Snapshot,
+        request: &mut Option<Request<RequestBody>>,
+        client: SocketAddr,
+        mut done: Box<Completion>,
+    ) -> Response<ResponseBody> {
+        let replayable = request
+            .as_ref()
+            .is_some_and(|r| is_idempotent(r.method()) && http_body::Body::is_end_stream(r.body()));
+        let count = |f: fn(&CanaryCounters) -> &AtomicU64| {
+            f(&retired.canary).fetch_add(1, Relaxed);
+            f(&retired.metrics.canary).fetch_add(1, Relaxed);
+        };
+        if !replayable {
+            count(|c| &c.rescue_refused);
+            return local(done, ProxyError::new(ErrorKind::RolledBack));
+        }
+        count(|c| &c.rescued);
+        let now_stable = self.handle.routing().stable.clone();
+        let mut fresh = done.seed().start(&now_stable, Role::Stable);
+        fresh.fell_back = true;
+        done.quiet = Some(Arc::new(AtomicBool::new(true)));
+        drop(done);
+        finish(self.route_and_forward(&now_stable, request, client, fresh).await)
     }
 
     /// A stable request sampled by the shadow stage: served as usual, then its copy goes to the
@@ -253,6 +289,11 @@ impl Proxy {
                     quiet.store(true, Relaxed);
                     drop(response);
                     Lost::Failed
+                }
+                Err((err, done)) if err.kind == ErrorKind::RolledBack => {
+                    quiet.store(true, Relaxed);
+                    drop(done);
+                    Lost::RolledBack
                 }
                 Err((err, done)) => {
                     if !copy.as_ref().is_some_and(|c| falls_back(&err, &stable, &c.parts)) {
@@ -512,41 +553,47 @@ impl Proxy {
                         return Err((ProxyError::in_pool(kind, &pool.name), done));
                     }
                 };
-            // One send future and one timer for every request: the hedge delay first when the
-            // request may be hedged, else the response timeout.
-            // One send future and one timer for every request: the hedge delay first when the
-            // request may be hedged, else the response timeout.
+            // One send future and one timer for every request. It first runs to the hedge delay;
+            // a request still waiting then enters the rare path (boxed): the hedge, if the
+            // request may be hedged, and a watch on its version's rollback in every case.
             let outcome = 'send: {
                 // Pinned where it is made: a named future moved into `pin!` keeps its first slot
                 // in the state too (twice its size per request).
                 let mut sent = std::pin::pin!(sender.send(request, head.as_deref(), backend));
                 let sent_at = tokio::time::Instant::now();
-                let first = hedge_after.map_or(config.response_timeout, |a| a.min(config.response_timeout));
+                let first = hedge_after
+                    .unwrap_or_else(|| {
+                        pool.head_latency
+                            .delay(safelb_config::HedgeAfter::Auto, config.response_timeout)
+                    })
+                    .min(config.response_timeout);
                 if let Ok(r) = tokio::time::timeout_at(sent_at + first, &mut sent).await {
                     break 'send Raced::from_send(r);
                 }
-                match (&head, hedge_after) {
-                    (Some(head), Some(_)) if first < config.response_timeout => {
-                        // The rare path, boxed so that it does not size every request.
-                        tried.push(idx);
-                        let hedge = HedgeRace {
-                            snapshot,
-                            pool,
-                            hash,
-                            tried: &tried,
-                            head,
-                            method: &method,
-                            sent_at,
-                        };
-                        let race = Box::pin(hedge.run(sent.as_mut()));
-                        let raced = race.await;
-                        tried.pop();
-                        raced
-                    }
-                    _ => Raced::TimedOut,
+                if first >= config.response_timeout {
+                    break 'send Raced::TimedOut;
                 }
+                tried.push(idx);
+                let hedge = HedgeRace {
+                    snapshot,
+                    pool,
+                    hash,
+                    tried: &tried,
+                    head: head.as_deref().filter(|_| hedge_after.is_some()),
+                    method: &method,
+                    sent_at,
+                };
+                let race = Box::pin(hedge.run(sent.as_mut()));
+                let raced = race.await;
+                tried.pop();
+                raced
             };
             let (idx, backend, in_flight, response, latency) = match outcome {
+                Raced::Retired => {
+                    // Not the backend's fault: nothing is counted against it.
+                    drop(in_flight);
+                    return Err((ProxyError::in_pool(ErrorKind::RolledBack, &pool.name), done));
+                }
                 Raced::TimedOut => {
                     drop(in_flight);
                     backend.observe_latency(config.response_timeout);
@@ -642,6 +689,8 @@ enum Raced<'a> {
     TimedOut,
     /// The hedge's response head came first.
     HedgeAnswered(Hedged<'a>),
+    /// The request's version was rolled back while it waited.
+    Retired,
 }
 
 struct Hedged<'a> {
@@ -668,7 +717,8 @@ struct HedgeRace<'r, 'a> {
     hash: u64,
     /// Backends not to hedge to (the primary's among them).
     tried: &'r [usize],
-    head: &'r [u8],
+    /// The encoded head of a request that may be hedged; `None`: only watch for a rollback.
+    head: Option<&'r [u8]>,
     method: &'r Method,
     sent_at: tokio::time::Instant,
 }
@@ -696,15 +746,18 @@ impl<'r, 'a> HedgeRace<'r, 'a> {
         // The response timeout counts from the primary's send, as without a hedge.
         let timer = tokio::time::sleep_until(sent_at + config.response_timeout);
         let mut timer = std::pin::pin!(timer);
+        let retired = snapshot.retired.cancelled();
+        let mut retired = std::pin::pin!(retired);
         let budget = pool.hedge.as_ref().map(|h| &h.budget);
-        let other = pool.select(hash, tried).ok();
-        let Some(j) = other.filter(|_| budget.is_some_and(|b| b.try_take())) else {
+        let other = head.and_then(|_| pool.select(hash, tried).ok());
+        let (Some(j), Some(head)) = (other.filter(|_| budget.is_some_and(|b| b.try_take())), head) else {
             if other.is_some() {
                 pool.hedging.hedges_denied.fetch_add(1, Relaxed);
             }
             return tokio::select! {
                 r = &mut primary => Raced::from_send(r),
                 _ = &mut timer => Raced::TimedOut,
+                _ = &mut retired => Raced::Retired,
             };
         };
         pool.hedging.hedges.fetch_add(1, Relaxed);
@@ -756,6 +809,7 @@ impl<'r, 'a> HedgeRace<'r, 'a> {
                     },
                 },
                 _ = &mut timer => return Raced::TimedOut,
+                _ = &mut retired => return Raced::Retired,
             }
         }
     }

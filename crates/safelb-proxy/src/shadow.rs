@@ -103,6 +103,7 @@ impl Shadow {
         if self.in_flight.fetch_add(1, Relaxed) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Relaxed);
             self.dropped.fetch_add(1, Relaxed);
+            self.candidate.metrics.shadow.dropped.fetch_add(1, Relaxed);
             return false;
         }
         true
@@ -216,12 +217,19 @@ impl Shadow {
             .entry(stable_route.clone().unwrap_or_else(|| "(no route)".into()))
             .or_default();
         r.compared += 1;
+        let bad = r.bad();
         if stable_ok && (c == 0 || c >= 500) {
             r.failed += 1;
         } else if candidate == Outcome::NoRoute && stable_route.is_some() && s != 404 {
             r.not_found += 1;
         } else if c != 0 && latency > bound(stable_latency) {
             r.slow += 1;
+        }
+        let totals = &self.candidate.metrics.shadow;
+        if r.bad() > bad {
+            totals.worse.fetch_add(1, Relaxed);
+        } else {
+            totals.same.fetch_add(1, Relaxed);
         }
         if s / 100 != c / 100 {
             *r.mismatches

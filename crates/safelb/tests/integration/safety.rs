@@ -245,3 +245,35 @@ async fn shadow_false_goes_straight_to_the_canary() {
     assert_eq!(report.failed(), 0, "{report:?}");
     assert_eq!(next.shadow_hits(), 0);
 }
+
+/// A promoted version whose only backend starts hanging, rolled back by hand: requests waiting
+/// on it (nothing to hedge to in a pool of one, 15 s response timeout) are sent again through the
+/// version put back the moment the rollback lands; none waits for its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_rollback_rescues_requests_waiting_on_the_rolled_back_version() {
+    let good = backends(2).await;
+    let single = TestBackend::start("single").await;
+    let d = Deployment::start_with(&addrs(&good), QUICK_ROLLOUT, "").await;
+    let file = d.write_pool("single.toml", &[single.addr.to_string()], "", "");
+    let (code, out, err, _) = d
+        .cli_async(&["apply", file.to_str().unwrap(), "-m", "one server"])
+        .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let load = SteadyLoad::start(d.addr(), 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    single.set(Behavior::Hang);
+    let hung_at = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (code, out, err, _) = d.cli_async(&["rollback", "-m", "the new server hangs"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let rolled_back_after = hung_at.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish().await;
+    println!("rolled back {rolled_back_after:?} after the backend hung: {report:?}");
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert!(
+        report.slowest < rolled_back_after + Duration::from_millis(500),
+        "a request waited {:?}, past the rollback at {rolled_back_after:?}",
+        report.slowest
+    );
+}
