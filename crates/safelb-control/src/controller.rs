@@ -466,10 +466,21 @@ impl Controller {
             fate: Fate::Pending,
         };
         let version = self.inner.store.call(move |s| s.append_version(new)).await?;
+        // Store first, then traffic: the history says what serves before it serves.
+        self.inner
+            .store
+            .call(move |s| {
+                s.set_fate(version, Fate::Promoted)?;
+                s.set_running(version)
+            })
+            .await?;
         if let Err(e) = self.inner.handle.roll_back_to(config, version) {
             self.inner
                 .store
-                .call(move |s| s.set_fate(version, Fate::Rejected))
+                .call(move |s| {
+                    s.set_fate(version, Fate::Rejected)?;
+                    s.set_running(running)
+                })
                 .await?;
             return Err(RollbackError::Unservable(target, e.to_string()));
         }
@@ -478,13 +489,6 @@ impl Controller {
             &self.inner.rollbacks,
             format!("manual rollback by {author} to the content of version {target}"),
         );
-        self.inner
-            .store
-            .call(move |s| {
-                s.set_fate(version, Fate::Promoted)?;
-                s.set_running(version)
-            })
-            .await?;
         self.event(
             "RollbackApplied",
             Some(version),

@@ -297,13 +297,33 @@ impl RolloutTask {
             .await;
         }
 
+        // Store first, then traffic: a promotion the store did not record must not serve. A
+        // crash between the two restarts on this version, which passed every step.
+        let recorded = self
+            .store
+            .call(move |s| {
+                s.set_fate(id, Fate::KnownGood)?;
+                s.set_running(id)
+            })
+            .await;
+        if let Err(e) = recorded {
+            self.handle.abort_canary();
+            let why = format!(
+                "not promoted: recording version {id} as running failed ({e}); traffic stays on version {}",
+                stable.version
+            );
+            self.event("RolloutRolledBack", why.clone(), json!({ "reason": why }))
+                .await;
+            return self.finish(Phase::RolledBack, Fate::RolledBack, why).await;
+        }
         if let Err(e) = self.handle.promote_canary() {
+            let back = stable.version;
+            if let Err(e) = self.store.call(move |s| s.set_running(back)).await {
+                tracing::error!(error = %e, version = back, "restoring the running version in the store failed");
+            }
             return self
                 .finish(Phase::RolledBack, Fate::RolledBack, format!("promotion failed: {e}"))
                 .await;
-        }
-        if let Err(e) = self.store.call(move |s| s.set_running(id)).await {
-            tracing::error!(error = %e, "recording the running version failed");
         }
         let took = started.elapsed();
         let rescues = candidate.canary.read();

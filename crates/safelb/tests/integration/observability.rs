@@ -510,10 +510,22 @@ fn safelb_demo_tells_the_whole_story() {
         "incident #1 opened",
         "incident #1 resolved",
         "Postmortem written by safelb",
-        "0 failed",
+        "rejected at the shadow stage",
     ] {
         assert!(stdout.contains(needle), "missing {needle:?} in\n{stdout}");
     }
+    // The totals line, "N client requests, M failed, in Ts.": M is a number, and it is zero.
+    let totals = stdout
+        .lines()
+        .find(|l| l.contains(" client requests, "))
+        .unwrap_or_else(|| panic!("no totals line in\n{stdout}"));
+    let failed: u64 = totals
+        .split(" client requests, ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no failure count in {totals:?}"));
+    assert_eq!(failed, 0, "{totals}");
     assert!(dir.join("store/postmortems/incident-1.md").exists());
     assert!(took < Duration::from_secs(60), "the demo took {took:?}");
 }
