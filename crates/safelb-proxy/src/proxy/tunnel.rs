@@ -1,0 +1,91 @@
+//! `Upgrade` requests (WebSocket): a fresh upstream connection, then a byte tunnel that holds
+//! only sockets, so config swaps leave it alone.
+
+use super::*;
+
+impl Proxy {
+    /// An Upgrade request (WebSocket): a fresh upstream connection; on `101 Switching Protocols`
+    /// both connections become one byte tunnel that lives until either side closes. The tunnel
+    /// holds sockets, not a snapshot, so config swaps leave it alone.
+    pub(super) async fn tunnel(
+        &self,
+        snapshot: &Snapshot,
+        request: Request<RequestBody>,
+        mut done: Box<Completion>,
+        on_client: hyper::upgrade::OnUpgrade,
+        conn: Arc<ConnState>,
+    ) -> Result<Response<ResponseBody>, (ProxyError, Box<Completion>)> {
+        let Some(route) = find_route(snapshot, request.method(), request.uri(), request.headers()) else {
+            return Err((ProxyError::new(ErrorKind::NoRoute), done));
+        };
+        let pool = &snapshot.pools[snapshot.config.routes[route].pool];
+        let config = snapshot.pool_config(pool);
+        done.route = Some(snapshot.route_names[route].clone());
+        done.route_idx = Some(route);
+        done.pool = Some(pool.name.clone());
+        done.pool_idx = Some(pool.index);
+        let idx = match pool.select(0, &[]) {
+            Ok(i) => i,
+            Err(kind) => return Err((ProxyError::in_pool(kind, &pool.name), done)),
+        };
+        let backend = &pool.backends[idx];
+        done.backend = Some(backend.clone());
+        done.backend_idx = Some(idx);
+        let mut sender = match upstream::connect_upgradable(backend, config.connect_timeout).await {
+            Ok(s) => s,
+            Err(kind) => {
+                pool.upstream[idx].connect_errors.fetch_add(1, Relaxed);
+                failure(pool, snapshot, backend, kind);
+                return Err((ProxyError::in_pool(kind, &pool.name), done));
+            }
+        };
+        let mut response = match tokio::time::timeout(config.response_timeout, sender.send_request(request)).await {
+            Err(_) => return Err((ProxyError::in_pool(ErrorKind::ResponseTimeout, &pool.name), done)),
+            Ok(Err(_)) => return Err((ProxyError::in_pool(ErrorKind::UpstreamProtocol, &pool.name), done)),
+            Ok(Ok(r)) => r,
+        };
+        done.status = response.status().as_u16();
+        if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            // Refused upgrade: relay the answer; the connection is not reused.
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            return Ok(Response::from_parts(
+                parts,
+                ResponseBody::upstream(UpstreamBody::Hyper(body), done),
+            ));
+        }
+        backend.record_success();
+        let on_upstream = hyper::upgrade::on(&mut response);
+        conn.upgraded.store(true, Relaxed);
+        let peer = backend.addr;
+        tokio::spawn(async move {
+            let (Ok(client), Ok(upstream)) = (on_client.await, on_upstream.await) else {
+                return;
+            };
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((up, down)) => tracing::debug!(backend = %peer, up, down, "upgraded connection closed"),
+                Err(e) => tracing::debug!(backend = %peer, error = %e, "upgraded connection ended with an error"),
+            }
+        });
+        let mut out = Response::new(ResponseBody::local(Bytes::new(), Some(done)));
+        *out.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        *out.headers_mut() = std::mem::take(response.headers_mut());
+        Ok(out)
+    }
+}
+
+/// The protocol asked for by an HTTP/1.1 `Upgrade` request (with `Connection: upgrade`).
+pub(super) fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let wants = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if wants {
+        headers.get(http::header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
