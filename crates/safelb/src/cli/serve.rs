@@ -102,7 +102,7 @@ async fn serve(
     let file_name = args.config.display().to_string();
     if file_differs {
         submit(
-            &running.controller,
+            &running,
             &file_name,
             file_source,
             "startup",
@@ -119,7 +119,7 @@ async fn serve(
                     let _ = certs.reload();
                 }
                 match std::fs::read_to_string(&args.config) {
-                    Ok(source) => submit(&running.controller, &file_name, source, "sighup", "SIGHUP: configuration file re-read"),
+                    Ok(source) => submit(&running, &file_name, source, "sighup", "SIGHUP: configuration file re-read"),
                     Err(e) => tracing::error!(file = %file_name, error = %e, "SIGHUP: cannot read the config file; nothing changes"),
                 }
             }
@@ -140,7 +140,58 @@ pub struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
+    control: ControlRuntime,
     _demo: Vec<Arc<TestBackend>>,
+}
+
+/// The control plane's own runtime thread: the admin API, the monitor and every rollout run
+/// there, so a data plane saturated with traffic cannot delay a rollback verdict, and a slow
+/// admin call cannot take a request's turn.
+struct ControlRuntime {
+    handle: tokio::runtime::Handle,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlRuntime {
+    fn start() -> anyhow::Result<ControlRuntime> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("safelb-control".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                match runtime {
+                    Ok(rt) => {
+                        let _ = tx.send(Ok(rt.handle().clone()));
+                        rt.block_on(until.cancelled());
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })
+            .context("starting the control-plane thread")?;
+        let handle = rx
+            .recv()
+            .context("the control-plane thread ended at start")?
+            .context("starting the control-plane runtime")?;
+        Ok(ControlRuntime {
+            handle,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlRuntime {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Binds everything for the version `startup` chose and starts serving.
@@ -190,6 +241,7 @@ pub async fn start(
     let token = admin_token(config.admin.as_ref().and_then(|a| a.token_file.as_deref()), store_dir)?;
     let drain_timeout = config.limits.drain_timeout;
 
+    let control = ControlRuntime::start()?;
     let handle = ProxyHandle::new(config, startup.version);
     // The listeners are bound (connections queue in the backlog) but accept nothing until every
     // checked backend has its first verdict: a cold start must not send traffic to a backend
@@ -224,7 +276,7 @@ pub async fn start(
         token: Arc::from(token),
     });
     let admin_shutdown = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
+    tasks.push(control.handle.spawn(async move {
         let served = axum::serve(admin_listener, app)
             .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
             .await;
@@ -233,7 +285,7 @@ pub async fn start(
         }
     }));
     let monitor = safelb_control::monitor::Monitor::new(controller.clone(), Some(store_dir.join("postmortems")));
-    tasks.push(tokio::spawn(monitor.run(shutdown.clone())));
+    tasks.push(control.handle.spawn(monitor.run(shutdown.clone())));
     tracing::info!(addr = %admin, store = %store_dir.display(), "admin API listening");
     Ok(Running {
         controller,
@@ -244,6 +296,7 @@ pub async fn start(
         tasks,
         tracker,
         drain_timeout,
+        control,
         _demo: demo,
     })
 }
@@ -272,8 +325,9 @@ impl Running {
     }
 }
 
-/// Submits a config through the pipeline in the background, logging the outcome.
-fn submit(controller: &Controller, file_name: &str, source: String, origin: &str, reason: &str) {
+/// Submits a config through the pipeline in the background (on the control runtime, where its
+/// rollout then runs), logging the outcome.
+fn submit(running: &Running, file_name: &str, source: String, origin: &str, reason: &str) {
     let req = ApplyRequest {
         source,
         file_name: file_name.to_owned(),
@@ -282,8 +336,8 @@ fn submit(controller: &Controller, file_name: &str, source: String, origin: &str
         origin: origin.to_owned(),
         ..ApplyRequest::default()
     };
-    let controller = controller.clone();
-    tokio::spawn(async move {
+    let controller = running.controller.clone();
+    running.control.handle.spawn(async move {
         match controller.apply(req).await {
             Ok(a) => tracing::info!(version = a.version, "configuration file submitted through the pipeline"),
             Err(e) => tracing::error!(error = %e, "configuration file refused; the running version keeps serving"),
