@@ -104,15 +104,12 @@ impl Monitor {
             self.open_incident(now, format!("Rollback: {rollback_note}")).await;
         }
         let rollback_age = last_rollback_ms.map(|t| Duration::from_millis((now - t).max(0) as u64));
-        let no_healthy: Vec<String> = {
-            let t = safelb_proxy::backend::now_ms();
-            stable
-                .pools
-                .iter()
-                .filter(|p| !p.backends.iter().any(|b| b.is_available(t)))
-                .map(|p| p.name.to_string())
-                .collect()
-        };
+        let no_healthy: Vec<String> = stable
+            .pools
+            .iter()
+            .filter(|p| p.available() == 0)
+            .map(|p| p.name.to_string())
+            .collect();
 
         let mut firing = Vec::new();
         for rule in &rules {

@@ -483,10 +483,9 @@ pub fn describe_rescues(r: &CanaryTotals) -> String {
 
 /// The first pool of the candidate with fewer available backends than its `min_healthy`.
 fn unhealthy_pool(candidate: &safelb_proxy::Snapshot) -> Option<String> {
-    let now = safelb_proxy::backend::now_ms();
     candidate.pools.iter().find_map(|p| {
         let min = candidate.pool_config(p).min_healthy;
-        let available = p.backends.iter().filter(|b| b.is_available(now)).count();
+        let available = p.available();
         (available < min).then(|| {
             format!(
                 "pool `{}` has {available} of {} backends available, below min_healthy {min}",

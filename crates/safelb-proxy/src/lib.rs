@@ -16,6 +16,7 @@ mod body;
 mod client_io;
 pub mod error;
 pub mod exposition;
+pub mod failures;
 mod h1;
 mod handle;
 pub mod headers;

@@ -10,13 +10,21 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::failures::FailedClients;
 use crate::handle::Role;
 use crate::hedge::{CanaryCounters, HeadLatency, HedgeCounters, ShadowCounters};
 
-/// Upper bounds of the request-duration histogram, in seconds.
-pub const DURATION_BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+/// Upper bounds of the request-duration histogram, in seconds: the same layout as the canary's
+/// windows (`stats.rs`), so an alert's p99 and a rollout's p99 agree on the same traffic.
+pub const DURATION_BUCKETS: [f64; crate::stats::BOUNDS_MS.len()] = {
+    let mut out = [0.0; crate::stats::BOUNDS_MS.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = crate::stats::BOUNDS_MS[i] as f64 / 1000.0;
+        i += 1;
+    }
+    out
+};
 
 pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -132,9 +140,6 @@ pub type PoolBackend = (Arc<str>, Arc<str>);
 /// `route`, `pool`, `backend` ("" when none applies, e.g. a 404 or a 503 with no backend).
 pub type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
 
-/// Failed requests (time, client) kept for incident reports (the failure path only).
-const FAILED_CLIENTS_KEPT: usize = 200_000;
-
 #[derive(Default)]
 pub struct Metrics {
     pub(crate) requests: RwLock<HashMap<RequestKey, Arc<ClassCounters>>>,
@@ -148,7 +153,7 @@ pub struct Metrics {
     pub canary: CanaryCounters,
     /// Every shadow stage's comparisons since start.
     pub shadow: ShadowCounters,
-    failed_clients: Mutex<VecDeque<(u64, IpAddr)>>,
+    failed_clients: FailedClients,
     events: Mutex<VecDeque<DataPlaneEvent>>,
 }
 
@@ -231,32 +236,17 @@ impl Metrics {
             .collect()
     }
 
-    /// Remembers the client of a failed (5xx) request.
+    /// Remembers the client of a failed (5xx) request (no lock: see `failures.rs`).
+    #[inline]
     pub fn record_failed_client(&self, ip: IpAddr) {
-        let now = crate::access_log::unix_ms();
-        let mut q = self.failed_clients.lock().expect("failed clients lock");
-        if q.len() >= FAILED_CLIENTS_KEPT {
-            q.pop_front();
-        }
-        q.push_back((now, ip));
+        self.failed_clients.record(crate::access_log::unix_ms(), ip);
     }
 
     /// Failed (5xx) requests between two Unix times in milliseconds (inclusive): how many, from
     /// how many distinct clients, and the times of the first and the last.
     pub fn failures_between(&self, from_ms: u64, to_ms: u64) -> (usize, usize, Option<u64>, Option<u64>) {
-        let q = self.failed_clients.lock().expect("failed clients lock");
-        let inside: Vec<&(u64, IpAddr)> = q.iter().filter(|(t, _)| *t >= from_ms && *t <= to_ms).collect();
-        let clients = inside
-            .iter()
-            .map(|(_, ip)| ip)
-            .collect::<std::collections::HashSet<_>>()
-            .len();
-        (
-            inside.len(),
-            clients,
-            inside.first().map(|(t, _)| *t),
-            inside.last().map(|(t, _)| *t),
-        )
+        let s = self.failed_clients.between(from_ms, to_ms);
+        (s.failed, s.clients, s.first_ms, s.last_ms)
     }
 
     /// (responses, 5xx responses) summed over routes matching `route` and pools matching `pool`
@@ -336,8 +326,8 @@ mod tests {
             h[0].observe(Duration::from_millis(2));
         }
         h[1].observe(Duration::from_secs(3));
-        assert_eq!(p99_seconds(&m.latency(None)), Some(0.0025));
+        assert_eq!(p99_seconds(&m.latency(None)), Some(0.002));
         h[1].observe(Duration::from_secs(3));
-        assert_eq!(p99_seconds(&m.latency(Some("pool"))), Some(5.0));
+        assert_eq!(p99_seconds(&m.latency(Some("pool"))), Some(3.0));
     }
 }

@@ -205,6 +205,12 @@ impl PoolRuntime {
         self.balancer.pick(&c, hash)
     }
 
+    /// Backends that may take a new request now (health, ejection, drain), whatever their weight.
+    pub fn available(&self) -> usize {
+        let now = now_ms();
+        self.backends.iter().filter(|b| b.is_available(now)).count()
+    }
+
     pub fn in_panic(&self) -> bool {
         self.in_panic.load(Relaxed)
     }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in milliseconds; the last bucket is unbounded.
-const BOUNDS_MS: [u64; 28] = [
+pub const BOUNDS_MS: [u64; 28] = [
     1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 7_500,
     10_000, 15_000, 20_000, 30_000, 60_000,
 ];
