@@ -248,16 +248,15 @@ impl Controller {
     }
 
     async fn event(&self, kind: &'static str, version: Option<u64>, message: String, data: serde_json::Value) {
-        tracing::info!(event = kind, version, "{message}");
-        let e = NewEvent {
-            kind,
-            version,
-            message,
-            data,
-        };
-        if let Err(err) = self.inner.store.call(move |s| s.append_event(e)).await {
-            tracing::error!(error = %err, "recording an event failed");
-        }
+        self.inner
+            .store
+            .record(NewEvent {
+                kind,
+                version,
+                message,
+                data,
+            })
+            .await;
     }
 
     /// Validates and records a candidate, then starts its rollout in the background.

@@ -54,6 +54,16 @@ impl StoreHandle {
         .map_err(|e| StoreError(format!("store task failed: {e}")))?
     }
 
+    /// Records an event and writes its log line: the one way the control plane records what it
+    /// did. A store failure is logged as such (the event's line is still in the log).
+    pub async fn record(&self, event: store::NewEvent) {
+        tracing::info!(event = event.kind, version = event.version, "{}", event.message);
+        let kind = event.kind;
+        if let Err(err) = self.call(move |s| s.append_event(event)).await {
+            tracing::error!(error = %err, event = kind, "recording an event in the store failed");
+        }
+    }
+
     /// For start-up, before the runtime serves traffic.
     pub fn blocking<T>(&self, f: impl FnOnce(&mut dyn VersionStore) -> T) -> T {
         let mut store = self.inner.lock().expect("store lock is not poisoned at start-up");

@@ -74,15 +74,15 @@ impl Monitor {
     }
 
     async fn event(&self, kind: &'static str, version: Option<u64>, message: String, data: serde_json::Value) {
-        let e = NewEvent {
-            kind,
-            version,
-            message,
-            data,
-        };
-        if let Err(err) = self.controller.store().call(move |s| s.append_event(e)).await {
-            tracing::error!(error = %err, "recording an event failed");
-        }
+        self.controller
+            .store()
+            .record(NewEvent {
+                kind,
+                version,
+                message,
+                data,
+            })
+            .await;
     }
 
     pub async fn tick(&mut self) {

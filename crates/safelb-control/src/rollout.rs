@@ -110,17 +110,15 @@ impl RolloutTask {
 
     async fn event(&self, kind: &'static str, message: String, data: serde_json::Value) {
         let id = self.id();
-        tracing::info!(event = kind, version = id, "{message}");
         self.update(|s| s.progress.push(message.clone()));
-        let e = NewEvent {
-            kind,
-            version: Some(id),
-            message,
-            data,
-        };
-        if let Err(err) = self.store.call(move |s| s.append_event(e)).await {
-            tracing::error!(error = %err, "recording a rollout event failed");
-        }
+        self.store
+            .record(NewEvent {
+                kind,
+                version: Some(id),
+                message,
+                data,
+            })
+            .await;
     }
 
     async fn finish(&self, phase: Phase, fate: Fate, verdict: String) -> Phase {

@@ -56,7 +56,7 @@ pub struct BackendState {
     /// Idle connections of hyper's client (requests with a body).
     pub(crate) idle: Mutex<Vec<IdleConn>>,
     /// Idle connections for bodiless requests, exchanged on the request's task (`h1.rs`).
-    pub(crate) raw_idle: Mutex<Vec<(crate::h1::Conn, std::time::Instant)>>,
+    pub(crate) inline_idle: Mutex<Vec<(crate::h1::Conn, std::time::Instant)>>,
     /// The one multiplexed connection of pools that speak HTTP/2 to this backend.
     pub(crate) h2: Mutex<Option<hyper::client::conn::http2::SendRequest<crate::body::RequestBody>>>,
     pub(crate) draining: AtomicBool,
@@ -83,7 +83,7 @@ impl BackendState {
             ewma_micros: AtomicU64::new(EWMA_DEFAULT_MICROS.to_bits()),
             ewma_stamp_ms: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
-            raw_idle: Mutex::new(Vec::new()),
+            inline_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             draining: AtomicBool::new(false),
             ejections_total: AtomicU64::new(0),

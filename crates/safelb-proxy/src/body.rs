@@ -127,7 +127,7 @@ impl Body for RequestBody {
 
 enum Source {
     Upstream(Incoming),
-    Raw(H1Body),
+    Inline(H1Body),
     Local(Option<Bytes>),
 }
 
@@ -146,7 +146,7 @@ impl ResponseBody {
         ResponseBody {
             source: match body {
                 UpstreamBody::Hyper(b) => Source::Upstream(b),
-                UpstreamBody::Raw(b) => Source::Raw(b),
+                UpstreamBody::Inline(b) => Source::Inline(b),
             },
             bytes: 0,
             completion: Some(completion),
@@ -177,7 +177,7 @@ impl Body for ResponseBody {
         let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut this.source {
             Source::Local(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
             Source::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
-            Source::Raw(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            Source::Inline(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
         };
         match ready!(polled) {
             Some(Ok(frame)) => {
@@ -201,7 +201,7 @@ impl Body for ResponseBody {
         match &self.source {
             Source::Local(text) => text.is_none(),
             Source::Upstream(body) => body.is_end_stream(),
-            Source::Raw(body) => body.is_end_stream(),
+            Source::Inline(body) => body.is_end_stream(),
         }
     }
 
@@ -210,7 +210,7 @@ impl Body for ResponseBody {
             Source::Local(Some(t)) => SizeHint::with_exact(t.len() as u64),
             Source::Local(None) => SizeHint::with_exact(0),
             Source::Upstream(body) => body.size_hint(),
-            Source::Raw(body) => body.size_hint(),
+            Source::Inline(body) => body.size_hint(),
         }
     }
 }

@@ -563,7 +563,7 @@ mod tests {
     }
 
     fn pooled(home: &BackendState) -> usize {
-        home.raw_idle.lock().unwrap().len()
+        home.inline_idle.lock().unwrap().len()
     }
 
     #[tokio::test]
@@ -584,7 +584,7 @@ mod tests {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"hello world");
         assert_eq!(pooled(&home), 1);
-        let (conn, _) = home.raw_idle.lock().unwrap().pop().expect("pooled");
+        let (conn, _) = home.inline_idle.lock().unwrap().pop().expect("pooled");
         assert!(!conn.closed_while_idle(), "an open connection is not closed");
     }
 
@@ -738,7 +738,7 @@ mod tests {
         let addr = backend(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]], true).await;
         let (response, home) = get(addr, Method::GET).await;
         response.unwrap().into_body().collect().await.unwrap();
-        let (conn, _) = home.raw_idle.lock().unwrap().pop().expect("pooled");
+        let (conn, _) = home.inline_idle.lock().unwrap().pop().expect("pooled");
         let mut closed = false;
         for _ in 0..100 {
             // The reactor sees the hang-up on its next turn.

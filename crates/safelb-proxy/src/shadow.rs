@@ -305,7 +305,7 @@ async fn exchange(
     };
     let status = response.status().as_u16();
     // Read and discard; a body read to its end puts the connection back in the pool.
-    let upstream::UpstreamBody::Raw(mut body) = response.into_body() else {
+    let upstream::UpstreamBody::Inline(mut body) = response.into_body() else {
         return (Outcome::Status(status), latency);
     };
     let mut read = 0usize;

@@ -44,13 +44,13 @@ pub(crate) enum Sender {
     H2(http2::SendRequest<RequestBody>),
     /// For a bodiless request: exchanged on the request's own task; the response body puts it
     /// back in the pool when it ends.
-    Raw(Option<h1::Conn>),
+    Inline(Option<h1::Conn>),
 }
 
 /// A response body as it comes from a backend.
 pub(crate) enum UpstreamBody {
     Hyper(Incoming),
-    Raw(h1::H1Body),
+    Inline(h1::H1Body),
 }
 
 /// A failed send.
@@ -96,7 +96,7 @@ impl Sender {
                     Err(e) => Err(hyper_error(e, slot)),
                 }
             }
-            Sender::Raw(_) => {
+            Sender::Inline(_) => {
                 let req = slot.as_ref().expect("send is given a request");
                 let encoded;
                 let head = match head {
@@ -124,12 +124,12 @@ impl Sender {
         method: &http::Method,
         backend: &Arc<BackendState>,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
-        let Sender::Raw(conn) = self else {
+        let Sender::Inline(conn) = self else {
             unreachable!("send_head is used with inline connections only");
         };
         let conn = conn.take().expect("a connection carries one request at a time");
         match h1::exchange(conn, head, method, backend.clone()).await {
-            Ok(response) => Ok(response.map(UpstreamBody::Raw)),
+            Ok(response) => Ok(response.map(UpstreamBody::Inline)),
             Err(e) => {
                 let again = matches!(e, h1::Error::ClosedBeforeResponse) && method.is_idempotent();
                 Err(SendError {
@@ -156,17 +156,21 @@ pub(crate) async fn checkout(
     }
     if bodiless {
         loop {
-            let idle = backend.raw_idle.lock().expect("idle list lock is never poisoned").pop();
+            let idle = backend
+                .inline_idle
+                .lock()
+                .expect("idle list lock is never poisoned")
+                .pop();
             match idle {
                 Some((conn, since)) if since.elapsed() <= IDLE_TIMEOUT && !conn.closed_while_idle() => {
-                    return Ok((Sender::Raw(Some(conn)), true))
+                    return Ok((Sender::Inline(Some(conn)), true))
                 }
                 Some(_) => continue,
                 None => break,
             }
         }
         let stream = connect_tcp(backend, connect_timeout).await?;
-        return Ok((Sender::Raw(Some(h1::Conn::new(stream))), false));
+        return Ok((Sender::Inline(Some(h1::Conn::new(stream))), false));
     }
     while let Some(mut idle) = pop_idle(backend) {
         if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
@@ -231,7 +235,7 @@ pub(crate) fn checkin(backend: &BackendState, sender: Sender) {
 
 /// A bodiless request's connection, back once its response ended cleanly.
 pub(crate) fn checkin_raw(backend: &BackendState, conn: h1::Conn) {
-    let mut idle = backend.raw_idle.lock().expect("idle list lock is never poisoned");
+    let mut idle = backend.inline_idle.lock().expect("idle list lock is never poisoned");
     if idle.len() < MAX_IDLE_PER_BACKEND {
         idle.push((conn, Instant::now()));
     }
@@ -288,7 +292,7 @@ pub(crate) async fn connect_upgradable(
 pub(crate) fn clear_idle(backend: &Arc<BackendState>) {
     backend.idle.lock().expect("idle list lock is never poisoned").clear();
     backend
-        .raw_idle
+        .inline_idle
         .lock()
         .expect("idle list lock is never poisoned")
         .clear();

@@ -348,7 +348,7 @@ mod tests {
         let forward_size = std::mem::size_of_val(&forwarded);
         drop(forwarded);
         let backend = snapshot.pools[0].backends[0].clone();
-        let mut sender = Sender::Raw(None);
+        let mut sender = Sender::Inline(None);
         let sent = sender.send(&mut request, None, &backend);
         let send_size = std::mem::size_of_val(&sent);
         drop(sent);
