@@ -124,7 +124,7 @@ impl Proxy {
             // Not replayable and the candidate was rolled back under it: answer now.
             drop(attempt);
             count(|h| &h.rescue_refused);
-            candidate.stats.record(true, started.elapsed());
+            // The answer's own completion counts it against the candidate.
             return local(
                 seed.start(candidate, Role::Candidate),
                 ProxyError::new(ErrorKind::RolledBack),
