@@ -5,7 +5,10 @@
 //! and the task itself takes candidate traffic to zero and records the outcome.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so that the rollout's timing runs under a paused clock in tests.
+use tokio::time::Instant;
 
 use safelb_config::ValidConfig;
 use safelb_proxy::hedge::CanaryTotals;
@@ -492,4 +495,138 @@ fn unhealthy_pool(candidate: &safelb_proxy::Snapshot) -> Option<String> {
             )
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Rollouts end to end on a paused clock: real snapshots and a real SQLite store, no
+    //! traffic and no sockets; default step bakes (10 s) pass in milliseconds of real time.
+
+    use super::*;
+    use crate::sqlite::SqliteStore;
+    use crate::store::NewVersion;
+
+    const RUNNING: &str = "[listener.public]\nbind = \"127.0.0.1:1\"\n[rollout]\nshadow = false\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:9\"]\n";
+
+    fn config(source: &str) -> ValidConfig {
+        safelb_config::check("t.toml", source)
+            .into_result()
+            .expect("a valid test config")
+    }
+
+    /// A temporary store directory, removed when dropped.
+    struct TempDir(std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A rollout task for a candidate pointing pool `p` at another address, preflight skipped.
+    fn task(handle: &ProxyHandle) -> (RolloutTask, Arc<Mutex<RolloutStatus>>, TempDir) {
+        let dir = std::env::temp_dir().join(format!(
+            "safelb-rollout-test-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let store = StoreHandle::new(SqliteStore::open(&dir).expect("a store in a temp dir"));
+        let candidate_source = RUNNING.replace("127.0.0.1:9\"", "127.0.0.1:10\"");
+        let id = store
+            .blocking(|s| {
+                s.append_version(NewVersion {
+                    parent: None,
+                    author: "test".into(),
+                    reason: "test".into(),
+                    source: candidate_source.clone(),
+                    origin: "apply".into(),
+                    skip_preflight: true,
+                    emergency: false,
+                    fate: Fate::Pending,
+                })
+            })
+            .expect("appending a version");
+        let running = config(RUNNING);
+        let status = Arc::new(Mutex::new(RolloutStatus {
+            id,
+            from_version: 1,
+            phase: Phase::Preflight,
+            steps: running.rollout.canary_steps.clone(),
+            step: 0,
+            percent: 0,
+            step_bake_ms: running.rollout.step_bake.as_millis() as u64,
+            skip_preflight: true,
+            skip_shadow: false,
+            shadow: None,
+            candidate: WindowView::default(),
+            stable: WindowView::default(),
+            verdict: None,
+            preflight: None,
+            started_ms: 0,
+            finished_ms: None,
+            progress: Vec::new(),
+        }));
+        let task = RolloutTask {
+            handle: handle.clone(),
+            store,
+            candidate: config(&candidate_source),
+            running,
+            status: status.clone(),
+            cancel: CancellationToken::new(),
+            abort_reason: Arc::new(Mutex::new(None)),
+            confirm: false,
+        };
+        (task, status, TempDir(dir))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_candidate_goes_through_every_step_and_is_promoted() {
+        let handle = ProxyHandle::new(config(RUNNING), 1);
+        let (task, status, _dir) = task(&handle);
+        let started = Instant::now();
+        assert_eq!(task.run().await, Phase::Promoted);
+        let s = status.lock().unwrap().clone();
+        // Three steps, each waiting 3 x step_bake for traffic that never comes.
+        assert!(started.elapsed() >= Duration::from_secs(90), "{:?}", started.elapsed());
+        assert_eq!(
+            s.progress.iter().filter(|l| l.contains("below min_requests")).count(),
+            3
+        );
+        assert!(s.progress.last().unwrap().contains("promoted"), "{:?}", s.progress);
+        assert_eq!(handle.snapshot().version, s.id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_candidate_is_rolled_back_mid_step() {
+        let handle = ProxyHandle::new(config(RUNNING), 1);
+        let (task, status, _dir) = task(&handle);
+        let run = tokio::spawn(task.run());
+        while handle.canary().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let started = Instant::now();
+        let candidate = handle.canary().expect("a canary").candidate;
+        for _ in 0..10 {
+            candidate.stats.record(true, Duration::from_millis(1));
+        }
+        assert_eq!(run.await.unwrap(), Phase::RolledBack);
+        // Judged every 200 ms: the breach is seen on the next judgement, not at the step's end.
+        assert!(
+            started.elapsed() <= Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
+        let s = status.lock().unwrap().clone();
+        assert!(
+            s.verdict.as_deref().unwrap().contains("10 of 10 requests"),
+            "{:?}",
+            s.verdict
+        );
+        assert_eq!(handle.snapshot().version, 1, "the stable version serves everything");
+        assert!(handle.canary().is_none());
+        assert!(
+            candidate.retired.is_cancelled(),
+            "requests still waiting on it are rescued"
+        );
+    }
 }
