@@ -127,4 +127,40 @@ mod tests {
         assert_eq!(judge(&window(1000, 4, 1), &window(1000, 1, 1), &p), Verdict::Pass);
         assert!(matches!(judge(&window(40, 0, 400), &window(100, 0, 1), &p), Verdict::Breach(m) if m.contains("p99")));
     }
+
+    fn route(compared: u64, failed: u64, not_found: u64, slow: u64) -> safelb_proxy::shadow::RouteShadow {
+        safelb_proxy::shadow::RouteShadow {
+            compared,
+            failed,
+            not_found,
+            slow,
+            mismatches: [("stable 200 / candidate 500".to_string(), failed)]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn shadow_verdicts_name_the_routes_that_got_worse() {
+        let p = Rollout::default();
+        let report = |routes: Vec<(&str, safelb_proxy::shadow::RouteShadow)>| ShadowReport {
+            compared: routes.iter().map(|(_, r)| r.compared).sum(),
+            routes: routes.into_iter().map(|(n, r)| (n.to_string(), r)).collect(),
+            dropped: 0,
+            in_flight: 0,
+        };
+        assert_eq!(judge_shadow(&report(vec![("api", route(100, 0, 0, 0))]), &p), None);
+        // Two bad copies are not a verdict, whatever the share.
+        assert_eq!(judge_shadow(&report(vec![("api", route(2, 2, 0, 0))]), &p), None);
+        // 3 of 200 (1.5%) is under max_error_rate (2%).
+        assert_eq!(judge_shadow(&report(vec![("api", route(200, 3, 0, 0))]), &p), None);
+        let why = judge_shadow(
+            &report(vec![("api", route(100, 0, 0, 0)), ("shop", route(40, 30, 5, 1))]),
+            &p,
+        )
+        .expect("a breach");
+        assert!(why.contains("route `shop`: 36 of 40 copies worse"), "{why}");
+        assert!(why.contains("stable 200 / candidate 500 x30"), "{why}");
+        assert!(!why.contains("`api`"), "{why}");
+    }
 }
