@@ -320,3 +320,61 @@ async fn exchange(
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
     (Outcome::Status(status), latency)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shadow() -> Shadow {
+        let source = "[listener.public]\nbind = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:9\"]\n";
+        let config = safelb_config::check("t.toml", source).into_result().expect("valid");
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let candidate = Arc::new(Snapshot::build(
+            config,
+            2,
+            &crate::backend::Registry::default(),
+            &metrics,
+        ));
+        Shadow::new(candidate, &ShadowPolicy::default())
+    }
+
+    #[test]
+    fn copies_are_judged_against_what_stable_answered() {
+        let s = shadow();
+        let ms = Duration::from_millis;
+        let route = || Some("r".to_string());
+        s.record(route(), Outcome::Status(200), ms(2), Outcome::Status(200), ms(3));
+        // A 5xx or no answer where stable was fine.
+        s.record(route(), Outcome::Status(200), ms(2), Outcome::Status(503), ms(3));
+        s.record(route(), Outcome::Status(404), ms(2), Outcome::Failed, ms(3));
+        // Both failing is not the candidate's doing.
+        s.record(route(), Outcome::Status(502), ms(2), Outcome::Status(502), ms(3));
+        // No route where stable had one.
+        s.record(route(), Outcome::Status(200), ms(2), Outcome::NoRoute, ms(3));
+        // Much slower: over 10 x stable and 1 s more.
+        s.record(route(), Outcome::Status(200), ms(2), Outcome::Status(200), ms(1_500));
+        s.record(route(), Outcome::Status(200), ms(2), Outcome::Status(200), ms(900));
+        let report = s.report();
+        let r = &report.routes["r"];
+        assert_eq!((r.compared, r.failed, r.not_found, r.slow), (7, 2, 1, 1));
+        assert_eq!(r.mismatches["stable 200 / candidate 503"], 1);
+        assert_eq!(r.mismatches["stable 404 / candidate no answer"], 1);
+        let m = &s.candidate.metrics.shadow;
+        assert_eq!((m.same.load(Relaxed), m.worse.load(Relaxed)), (3, 4));
+    }
+
+    #[test]
+    fn sampling_stops_at_the_concurrency_bound_and_counts_what_it_drops() {
+        let candidate = shadow().candidate;
+        let policy = ShadowPolicy {
+            share: 1.0,
+            concurrency: 2,
+            ..ShadowPolicy::default()
+        };
+        let s = Shadow::new(candidate, &policy);
+        let taken = (0..5).filter(|_| s.sample()).count();
+        assert_eq!(taken, 2);
+        assert_eq!(s.report().dropped, 3);
+        assert_eq!(s.report().in_flight, 2);
+    }
+}
