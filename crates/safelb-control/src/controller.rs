@@ -11,16 +11,14 @@ use std::sync::{Arc, Mutex};
 use safelb_config::ValidConfig;
 use safelb_proxy::ProxyHandle;
 use serde::Serialize;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::diff::unified;
+use crate::event::Event;
 use crate::impact::{preview, Impact};
 use crate::preflight::{self, PreflightReport};
 use crate::rollout::{Phase, RolloutStatus, RolloutTask, WindowView};
-use crate::store::{
-    content_hash, now_ms, EventRecord, Fate, NewEvent, NewVersion, StoreError, VersionRecord, VersionStore,
-};
+use crate::store::{content_hash, now_ms, EventRecord, Fate, NewVersion, StoreError, VersionRecord, VersionStore};
 use crate::StoreHandle;
 
 /// A change submitted by an operator (or SIGHUP, or start-up).
@@ -163,15 +161,7 @@ pub fn recover(store: &mut dyn VersionStore, file_name: &str, file_source: &str)
         if v.fate == Fate::Pending {
             store.set_fate(v.id, Fate::RolledBack).map_err(|e| e.to_string())?;
             store
-                .append_event(NewEvent {
-                    kind: "RolloutInterrupted",
-                    version: Some(v.id),
-                    message: format!(
-                        "rollout of version {} was interrupted by a restart; the running version serves",
-                        v.id
-                    ),
-                    data: json!({}),
-                })
+                .append_event(Event::RolloutInterrupted { version: v.id }.record())
                 .map_err(|e| e.to_string())?;
         }
     }
@@ -204,12 +194,7 @@ pub fn recover(store: &mut dyn VersionStore, file_name: &str, file_source: &str)
         .into_result()
         .map_err(|d| format!("running version {version} no longer passes check:\n{}", d.render()))?;
     store
-        .append_event(NewEvent {
-            kind: "VersionStarted",
-            version: Some(version),
-            message: format!("safelb started serving version {version}"),
-            data: json!({}),
-        })
+        .append_event(Event::VersionStarted { version }.record())
         .map_err(|e| e.to_string())?;
     Ok(Startup {
         config,
@@ -247,16 +232,8 @@ impl Controller {
         current.as_ref().filter(|c| !*c.done.borrow()).map(|c| c.id)
     }
 
-    async fn event(&self, kind: &'static str, version: Option<u64>, message: String, data: serde_json::Value) {
-        self.inner
-            .store
-            .record(NewEvent {
-                kind,
-                version,
-                message,
-                data,
-            })
-            .await;
+    async fn event(&self, event: Event) {
+        self.inner.store.record(&event).await;
     }
 
     /// Validates and records a candidate, then starts its rollout in the background.
@@ -270,12 +247,12 @@ impl Controller {
             let now = now_ms() / 1000;
             if let Some(f) = stable.config.change_freezes.iter().find(|f| f.covers(now)) {
                 let until = safelb_proxy::access_log::rfc3339(f.end, 0);
-                self.event(
-                    "ChangeRefused",
-                    None,
-                    format!("change by {} refused: freeze `{}` until {until}", req.author, f.reason),
-                    json!({ "reason": req.reason }),
-                )
+                self.event(Event::ChangeRefused {
+                    author: req.author.clone(),
+                    reason: req.reason.clone(),
+                    freeze: f.reason.clone(),
+                    until: until.clone(),
+                })
                 .await;
                 return Err(ApplyError::Frozen {
                     reason: f.reason.clone(),
@@ -300,12 +277,12 @@ impl Controller {
         let Some(candidate) = checked.config else {
             let rendered = checked.diagnostics.render();
             let diagnostics = serde_json::to_value(checked.diagnostics.located()).unwrap_or_default();
-            self.event(
-                "ChangeRejected",
-                Some(version),
-                format!("version {version} by {} rejected: it does not pass check", req.author),
-                json!({ "diagnostics": diagnostics.clone() }),
-            )
+            self.event(Event::ChangeRejected {
+                version,
+                author: req.author.clone(),
+                why: "it does not pass check".into(),
+                diagnostics: Some(diagnostics.clone()),
+            })
             .await;
             return Err(ApplyError::Invalid {
                 version,
@@ -319,27 +296,24 @@ impl Controller {
                 .store
                 .call(move |s| s.set_fate(version, Fate::Rejected))
                 .await?;
-            self.event(
-                "ChangeRejected",
-                Some(version),
-                format!("version {version} rejected: {message}"),
-                json!({}),
-            )
+            self.event(Event::ChangeRejected {
+                version,
+                author: req.author.clone(),
+                why: message.clone(),
+                diagnostics: None,
+            })
             .await;
             return Err(ApplyError::NotSwappable { version, message });
         }
-        self.event(
-            "ChangeSubmitted",
-            Some(version),
-            format!(
-                "version {version} submitted by {}: {}{}{}",
-                req.author,
-                req.reason,
-                if req.skip_preflight { " (preflight SKIPPED)" } else { "" },
-                if req.skip_shadow { " (shadow SKIPPED)" } else { "" }
-            ),
-            json!({ "author": req.author, "reason": req.reason, "skip_preflight": req.skip_preflight, "skip_shadow": req.skip_shadow, "emergency": req.emergency, "origin": req.origin }),
-        )
+        self.event(Event::ChangeSubmitted {
+            version,
+            author: req.author.clone(),
+            reason: req.reason.clone(),
+            origin: req.origin.clone(),
+            skip_preflight: req.skip_preflight,
+            skip_shadow: req.skip_shadow,
+            emergency: req.emergency,
+        })
         .await;
 
         let policy = &stable.config.rollout;
@@ -488,12 +462,14 @@ impl Controller {
             &self.inner.rollbacks,
             format!("manual rollback by {author} to the content of version {target}"),
         );
-        self.event(
-            "RollbackApplied",
-            Some(version),
-            format!("manual rollback by {author} from version {running} to the content of version {target} (as version {version}): {reason}"),
-            json!({ "from": running, "target": target, "author": author, "reason": reason, "took_ms": took.as_millis() as u64 }),
-        )
+        self.event(Event::RollbackApplied {
+            version,
+            from: running,
+            target,
+            author: author.to_owned(),
+            reason: reason.to_owned(),
+            took_ms: took.as_millis() as u64,
+        })
         .await;
         Ok(RollbackDone {
             version: Some(version),
@@ -664,6 +640,14 @@ impl Controller {
                 }
             }),
         );
+        e.family(
+            "safelb_events_total",
+            "counter",
+            "Control-plane events recorded since start, by kind (see the event log for each).",
+        );
+        for (kind, n) in crate::event::EVENTS.read() {
+            e.sample("safelb_events_total", &[("kind", kind)], n as f64);
+        }
     }
 
     /// Stops new requests to a backend (requests in flight finish), or lets them in again.
@@ -672,17 +656,12 @@ impl Controller {
             return false;
         };
         backend.set_draining(draining);
-        let (kind, verb) = if draining {
-            ("BackendDrained", "drained")
+        let (backend, author) = (addr.to_string(), author.to_owned());
+        self.event(if draining {
+            Event::BackendDrained { backend, author }
         } else {
-            ("BackendUndrained", "undrained")
-        };
-        self.event(
-            kind,
-            None,
-            format!("backend {addr} {verb} by {author}"),
-            json!({ "backend": addr.to_string() }),
-        )
+            Event::BackendUndrained { backend, author }
+        })
         .await;
         true
     }

@@ -12,6 +12,7 @@
 pub mod alerts;
 pub mod controller;
 pub mod diff;
+pub mod event;
 pub mod impact;
 pub mod judge;
 pub mod monitor;
@@ -56,10 +57,11 @@ impl StoreHandle {
 
     /// Records an event and writes its log line: the one way the control plane records what it
     /// did. A store failure is logged as such (the event's line is still in the log).
-    pub async fn record(&self, event: store::NewEvent) {
-        tracing::info!(event = event.kind, version = event.version, "{}", event.message);
-        let kind = event.kind;
-        if let Err(err) = self.call(move |s| s.append_event(event)).await {
+    pub async fn record(&self, event: &event::Event) {
+        let row = event.record();
+        tracing::info!(event = row.kind, version = row.version, "{}", row.message);
+        let kind = row.kind;
+        if let Err(err) = self.call(move |s| s.append_event(row)).await {
             tracing::error!(error = %err, event = kind, "recording an event in the store failed");
         }
     }

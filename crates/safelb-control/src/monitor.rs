@@ -10,14 +10,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use safelb_config::{AlertKind, AlertRule};
-use safelb_proxy::metrics::DataPlaneEvent;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::{condition, step, Sample, Series, State, Transition};
+use crate::event::Event;
 use crate::notify::{Notice, Notifier};
 use crate::postmortem::{self, RouteCounts};
-use crate::store::{now_ms, NewEvent};
+use crate::store::now_ms;
 use crate::Controller;
 
 pub const TICK: Duration = Duration::from_secs(1);
@@ -73,25 +72,15 @@ impl Monitor {
         }
     }
 
-    async fn event(&self, kind: &'static str, version: Option<u64>, message: String, data: serde_json::Value) {
-        self.controller
-            .store()
-            .record(NewEvent {
-                kind,
-                version,
-                message,
-                data,
-            })
-            .await;
+    async fn event(&self, event: Event) {
+        self.controller.store().record(&event).await;
     }
 
     pub async fn tick(&mut self) {
         let now = now_ms();
         self.ticks += 1;
         for e in self.controller.handle().metrics().drain_events() {
-            let (kind, message) = describe(&e);
-            tracing::info!(event = kind, "{message}");
-            self.event(kind, None, message, json!({})).await;
+            self.event(Event::from(e)).await;
         }
         let stable = self.controller.handle().snapshot();
         let rules = stable.config.alerts.clone();
@@ -211,31 +200,26 @@ impl Monitor {
         match t {
             Transition::None => {}
             Transition::BecamePending => {
-                self.event(
-                    "AlertPending",
-                    None,
-                    format!("alert {name} pending: {text}"),
-                    json!({ "alert": name, "value": text }),
-                )
+                self.event(Event::AlertPending {
+                    alert: name.clone(),
+                    value: text.to_owned(),
+                })
                 .await;
             }
             Transition::Cleared => {
-                self.event(
-                    "AlertCleared",
-                    None,
-                    format!("alert {name} cleared before firing: {text}"),
-                    json!({ "alert": name }),
-                )
+                self.event(Event::AlertCleared {
+                    alert: name.clone(),
+                    value: text.to_owned(),
+                })
                 .await;
             }
             Transition::Fired => {
-                tracing::warn!(alert = %name, severity = %rule.severity, "alert firing: {text}");
-                self.event(
-                    "AlertFired",
-                    None,
-                    format!("alert {name} ({}) firing: {text}", rule.severity),
-                    json!({ "alert": name, "severity": rule.severity, "kind": rule.kind.name(), "value": text }),
-                )
+                self.event(Event::AlertFired {
+                    alert: name.clone(),
+                    severity: rule.severity.clone(),
+                    rule: rule.kind.name().to_owned(),
+                    value: text.to_owned(),
+                })
                 .await;
                 self.notifier.send(targets, notice(rule, true, text, now, None));
                 if self.open.is_none() {
@@ -246,16 +230,11 @@ impl Monitor {
                 }
             }
             Transition::Resolved { fired_ms } => {
-                tracing::info!(alert = %name, "alert resolved: {text}");
-                self.event(
-                    "AlertResolved",
-                    None,
-                    format!(
-                        "alert {name} resolved after {:.0}s: {text}",
-                        (now - fired_ms) as f64 / 1000.0
-                    ),
-                    json!({ "alert": name, "fired_ms": fired_ms }),
-                )
+                self.event(Event::AlertResolved {
+                    alert: name.clone(),
+                    after_ms: now - fired_ms,
+                    value: text.to_owned(),
+                })
                 .await;
                 self.notifier
                     .send(targets, notice(rule, false, text, fired_ms, Some(now)));
@@ -270,13 +249,10 @@ impl Monitor {
         let t = title.clone();
         match self.controller.store().call(move |s| s.open_incident(now, &t)).await {
             Ok(id) => {
-                tracing::warn!(incident = id, "incident opened: {title}");
-                self.event(
-                    "IncidentOpened",
-                    None,
-                    format!("incident #{id} opened: {title}"),
-                    json!({ "incident": id }),
-                )
+                self.event(Event::IncidentOpened {
+                    incident: id,
+                    title: title.clone(),
+                })
                 .await;
                 self.open = Some(Open {
                     id,
@@ -290,13 +266,7 @@ impl Monitor {
 
     async fn resolve(&mut self, now: i64) {
         let Some(open) = self.open.take() else { return };
-        self.event(
-            "IncidentResolved",
-            None,
-            format!("incident #{} resolved", open.id),
-            json!({ "incident": open.id }),
-        )
-        .await;
+        self.event(Event::IncidentResolved { incident: open.id }).await;
         let global = self.series.get(&(None, None));
         let empty = Series::default();
         let report = postmortem::gather(
@@ -356,48 +326,5 @@ fn notice(rule: &AlertRule, firing: bool, text: &str, starts_ms: i64, ends_ms: O
         summary: text.to_string(),
         starts_at: ts(starts_ms),
         ends_at: ends_ms.map(ts),
-    }
-}
-
-fn describe(e: &DataPlaneEvent) -> (&'static str, String) {
-    match e {
-        DataPlaneEvent::BackendDown { backend, reason } => (
-            "BackendFailedHealthCheck",
-            format!("backend {backend} failed its health check ({reason}): no new requests"),
-        ),
-        DataPlaneEvent::BackendUp { backend } => (
-            "BackendPassedHealthCheck",
-            format!("backend {backend} passed its health check"),
-        ),
-        DataPlaneEvent::BackendEjected {
-            backend,
-            pool,
-            cause,
-            for_ms,
-        } => (
-            "BackendEjected",
-            format!(
-                "backend {backend} of pool {pool} ejected for {:.0}s after consecutive failures ({cause})",
-                *for_ms as f64 / 1000.0
-            ),
-        ),
-        DataPlaneEvent::PoolPanic {
-            pool,
-            entered: true,
-            available,
-            total,
-        } => (
-            "PoolPanicEntered",
-            format!("pool {pool} entered panic mode: {available} of {total} backends available"),
-        ),
-        DataPlaneEvent::PoolPanic {
-            pool,
-            entered: false,
-            available,
-            total,
-        } => (
-            "PoolPanicLeft",
-            format!("pool {pool} left panic mode: {available} of {total} backends available"),
-        ),
     }
 }

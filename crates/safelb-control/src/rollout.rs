@@ -16,12 +16,12 @@ use safelb_proxy::shadow::ShadowReport;
 use safelb_proxy::stats::StatsSnapshot;
 use safelb_proxy::ProxyHandle;
 use serde::Serialize;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::event::Event;
 use crate::judge::{judge, Verdict};
 use crate::preflight::{self, PreflightReport};
-use crate::store::{now_ms, Fate, NewEvent};
+use crate::store::{now_ms, Fate};
 use crate::StoreHandle;
 
 /// How often a step's window is judged; a clear breach rolls back within this much.
@@ -111,17 +111,9 @@ impl RolloutTask {
         self.status.lock().expect("status lock is never poisoned").id
     }
 
-    async fn event(&self, kind: &'static str, message: String, data: serde_json::Value) {
-        let id = self.id();
-        self.update(|s| s.progress.push(message.clone()));
-        self.store
-            .record(NewEvent {
-                kind,
-                version: Some(id),
-                message,
-                data,
-            })
-            .await;
+    async fn event(&self, event: Event) {
+        self.update(|s| s.progress.push(event.message()));
+        self.store.record(&event).await;
     }
 
     async fn finish(&self, phase: Phase, fate: Fate, verdict: String) -> Phase {
@@ -145,12 +137,7 @@ impl RolloutTask {
 
         let mut probed = Vec::new();
         if skip {
-            self.event(
-                "PreflightSkipped",
-                format!("preflight skipped for version {id} (--skip-preflight)"),
-                json!({}),
-            )
-            .await;
+            self.event(Event::PreflightSkipped { version: id }).await;
         } else {
             let samples = self.handle.samples().collect();
             let report = tokio::select! {
@@ -163,25 +150,21 @@ impl RolloutTask {
             self.update(|s| s.preflight = Some(report.clone()));
             if !report.passed {
                 let why = report.problems.join("; ");
-                self.event(
-                    "PreflightFailed",
-                    format!("preflight failed: {why}"),
-                    json!({ "problems": report.problems }),
-                )
+                self.event(Event::PreflightFailed {
+                    version: id,
+                    problems: report.problems.clone(),
+                })
                 .await;
                 return self
                     .finish(Phase::Rejected, Fate::Rejected, format!("rejected at preflight: {why}"))
                     .await;
             }
-            self.event(
-                "PreflightPassed",
-                format!(
-                    "preflight passed: {}; {:.1}% of recent traffic moves",
-                    report.summary(),
-                    report.impact.shift_percent
-                ),
-                json!({ "shift_percent": report.impact.shift_percent, "pools": report.pool_counts() }),
-            )
+            self.event(Event::PreflightPassed {
+                version: id,
+                summary: report.summary(),
+                shift_percent: report.impact.shift_percent,
+                pools: report.pool_counts(),
+            })
             .await;
             probed = report.probed();
         }
@@ -214,11 +197,12 @@ impl RolloutTask {
                 s.step = i;
                 s.percent = percent;
             });
-            self.event(
-                "CanaryStepStarted",
-                format!("step {}/{}: {percent}% of requests on version {id}", i + 1, steps.len()),
-                json!({ "step": i + 1, "percent": percent }),
-            )
+            self.event(Event::CanaryStepStarted {
+                version: id,
+                step: i + 1,
+                steps: steps.len(),
+                percent,
+            })
             .await;
             let (c0, s0) = (candidate.stats.read(), stable.stats.read());
             let step_start = Instant::now();
@@ -228,8 +212,8 @@ impl RolloutTask {
                     _ = self.cancel.cancelled() => {
                         self.handle.abort_canary();
                         let reason = self.abort_reason();
-                        let (rescues, saved) = settled_rescues(&candidate).await;
-                        self.event("RolloutAborted", format!("rollout of version {id} aborted at {percent}%: {reason}; {saved}"), json!({ "reason": reason, "percent": percent, "rescues": rescues })).await;
+                        let rescues = settled_rescues(&candidate).await;
+                        self.event(Event::RolloutAborted { version: id, percent, reason: reason.clone(), rescues }).await;
                         return self.finish(Phase::RolledBack, Fate::RolledBack, format!("aborted by a manual rollback: {reason}")).await;
                     }
                     _ = tokio::time::sleep(JUDGE_EVERY) => {}
@@ -249,23 +233,16 @@ impl RolloutTask {
                     Verdict::Breach(why) => {
                         self.handle.abort_canary();
                         let took = started.elapsed();
-                        let (rescues, saved) = settled_rescues(&candidate).await;
-                        self.event(
-                            "RolloutRolledBack",
-                            format!(
-                                "version {id} rolled back at {percent}% after {:.1}s: {why}; {saved}",
-                                took.as_secs_f64()
-                            ),
-                            json!({
-                                "reason": why,
-                                "percent": percent,
-                                "step": i + 1,
-                                "candidate": WindowView::from(&wc),
-                                "stable": WindowView::from(&ws),
-                                "elapsed_ms": took.as_millis() as u64,
-                                "rescues": rescues,
-                            }),
-                        )
+                        let rescues = settled_rescues(&candidate).await;
+                        self.event(Event::RolloutRolledBack {
+                            version: id,
+                            reason: why.clone(),
+                            at: Some((percent, i + 1)),
+                            candidate: Some(WindowView::from(&wc)),
+                            stable: Some(WindowView::from(&ws)),
+                            elapsed_ms: took.as_millis() as u64,
+                            rescues,
+                        })
                         .await;
                         return self
                             .finish(Phase::RolledBack, Fate::RolledBack, format!("rolled back: {why}"))
@@ -273,28 +250,26 @@ impl RolloutTask {
                     }
                     Verdict::Pass if elapsed >= policy.step_bake => break,
                     Verdict::Wait if elapsed >= low_traffic_limit => {
-                        self.event(
-                            "CanaryStepLowTraffic",
-                            format!(
-                                "step {}: only {} requests in {:.0}s, below min_requests {}; no errors, going on",
-                                i + 1,
-                                wc.requests,
-                                elapsed.as_secs_f64(),
-                                policy.min_requests
-                            ),
-                            json!({ "requests": wc.requests }),
-                        )
+                        self.event(Event::CanaryStepLowTraffic {
+                            version: id,
+                            step: i + 1,
+                            requests: wc.requests,
+                            elapsed_ms: elapsed.as_millis() as u64,
+                            min_requests: policy.min_requests,
+                        })
                         .await;
                         break;
                     }
                     _ => {}
                 }
             }
-            self.event(
-                "CanaryStepPassed",
-                format!("step {}/{} passed at {percent}%", i + 1, steps.len()),
-                json!({ "step": i + 1, "percent": percent, "candidate": WindowView::from(&candidate.stats.read().since(&c0)) }),
-            )
+            self.event(Event::CanaryStepPassed {
+                version: id,
+                step: i + 1,
+                steps: steps.len(),
+                percent,
+                candidate: WindowView::from(&candidate.stats.read().since(&c0)),
+            })
             .await;
         }
 
@@ -313,8 +288,16 @@ impl RolloutTask {
                 "not promoted: recording version {id} as running failed ({e}); traffic stays on version {}",
                 stable.version
             );
-            self.event("RolloutRolledBack", why.clone(), json!({ "reason": why }))
-                .await;
+            self.event(Event::RolloutRolledBack {
+                version: id,
+                reason: why.clone(),
+                at: None,
+                candidate: None,
+                stable: None,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+                rescues: candidate.canary.read(),
+            })
+            .await;
             return self.finish(Phase::RolledBack, Fate::RolledBack, why).await;
         }
         if let Err(e) = self.handle.promote_canary() {
@@ -328,15 +311,11 @@ impl RolloutTask {
         }
         let took = started.elapsed();
         let rescues = candidate.canary.read();
-        self.event(
-            "RolloutPromoted",
-            format!(
-                "version {id} promoted after {:.1}s: now running and known-good; {}",
-                took.as_secs_f64(),
-                describe_rescues(&rescues)
-            ),
-            json!({ "elapsed_ms": took.as_millis() as u64, "rescues": rescues }),
-        )
+        self.event(Event::RolloutPromoted {
+            version: id,
+            elapsed_ms: took.as_millis() as u64,
+            rescues,
+        })
         .await;
         self.finish(
             Phase::Promoted,
@@ -353,12 +332,7 @@ impl RolloutTask {
         let id = self.id();
         let skip = self.status.lock().expect("status lock").skip_shadow;
         if skip {
-            self.event(
-                "ShadowSkipped",
-                format!("shadow stage skipped for version {id} (--skip-shadow)"),
-                json!({}),
-            )
-            .await;
+            self.event(Event::ShadowSkipped { version: id }).await;
             return None;
         }
         let sp = policy.shadow.clone()?;
@@ -372,15 +346,11 @@ impl RolloutTask {
                 )
             }
         };
-        self.event(
-            "ShadowStarted",
-            format!(
-                "shadow: {:.0}% of safe requests (GET, HEAD) copied to version {id} for {:.1}s; no client is served by it",
-                sp.share * 100.0,
-                sp.duration.as_secs_f64()
-            ),
-            json!({ "share": sp.share, "duration_ms": sp.duration.as_millis() as u64 }),
-        )
+        self.event(Event::ShadowStarted {
+            version: id,
+            share: sp.share,
+            duration_ms: sp.duration.as_millis() as u64,
+        })
         .await;
         let stage = async {
             tokio::time::sleep(sp.duration).await;
@@ -411,11 +381,11 @@ impl RolloutTask {
         match crate::judge::judge_shadow(&report, policy) {
             Some(why) => {
                 self.handle.end_shadow();
-                self.event(
-                    "ShadowFailed",
-                    format!("shadow stage failed, no client was served by version {id}: {why}"),
-                    json!({ "report": report }),
-                )
+                self.event(Event::ShadowFailed {
+                    version: id,
+                    why: why.clone(),
+                    report: report.clone(),
+                })
                 .await;
                 Some(
                     self.finish(
@@ -427,16 +397,10 @@ impl RolloutTask {
                 )
             }
             None => {
-                self.event(
-                    "ShadowPassed",
-                    format!(
-                        "shadow passed: {} comparisons on {} route(s), none worse than stable ({} copies dropped over the concurrency bound)",
-                        report.compared,
-                        report.routes.len(),
-                        report.dropped
-                    ),
-                    json!({ "report": report }),
-                )
+                self.event(Event::ShadowPassed {
+                    version: id,
+                    report: report.clone(),
+                })
                 .await;
                 None
             }
@@ -454,7 +418,7 @@ impl RolloutTask {
 
 /// What the stable version did for the candidate's requests, read once the requests that were
 /// waiting at the rollback have been rescued (each does so on its own task, at once).
-async fn settled_rescues(candidate: &safelb_proxy::Snapshot) -> (CanaryTotals, String) {
+async fn settled_rescues(candidate: &safelb_proxy::Snapshot) -> CanaryTotals {
     let mut last = candidate.canary.read();
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -464,22 +428,7 @@ async fn settled_rescues(candidate: &safelb_proxy::Snapshot) -> (CanaryTotals, S
         }
         last = now;
     }
-    (last, describe_rescues(&last))
-}
-
-/// "stable answered N candidate requests: ..." for events and `apply`'s progress.
-pub fn describe_rescues(r: &CanaryTotals) -> String {
-    if r.hedges + r.fallbacks + r.rescued + r.rescue_refused == 0 {
-        return "no candidate request needed the stable version".into();
-    }
-    format!(
-        "the stable version answered {} candidate request(s): {} hedged after the hedge delay, {} after a candidate failure, {} rescued at the rollback; {} not replayable answered 503",
-        r.hedges + r.fallbacks + r.rescued,
-        r.hedges,
-        r.fallbacks,
-        r.rescued,
-        r.rescue_refused
-    )
+    last
 }
 
 /// The first pool of the candidate with fewer available backends than its `min_healthy`.

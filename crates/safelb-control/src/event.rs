@@ -1,0 +1,564 @@
+//! [`Event`]: everything the control plane records, one typed value per occurrence.
+//!
+//! An event is the single source of its log line, its stored row (kind, version, message and the
+//! event itself as JSON data), its count in `safelb_events_total` and its line in a rollout's
+//! progress and a postmortem's timeline: renaming a kind or a field is a compile error, not a
+//! silently degraded postmortem. Kinds are `<Noun><PastVerb>`.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use safelb_proxy::hedge::CanaryTotals;
+use safelb_proxy::metrics::DataPlaneEvent;
+use safelb_proxy::shadow::ShadowReport;
+use serde::Serialize;
+
+use crate::rollout::WindowView;
+use crate::store::NewEvent;
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind")]
+pub enum Event {
+    // Versions and changes.
+    VersionStarted {
+        version: u64,
+    },
+    RolloutInterrupted {
+        version: u64,
+    },
+    ChangeRefused {
+        author: String,
+        reason: String,
+        freeze: String,
+        until: String,
+    },
+    ChangeRejected {
+        version: u64,
+        author: String,
+        why: String,
+        diagnostics: Option<serde_json::Value>,
+    },
+    ChangeSubmitted {
+        version: u64,
+        author: String,
+        reason: String,
+        origin: String,
+        skip_preflight: bool,
+        skip_shadow: bool,
+        emergency: bool,
+    },
+    RollbackApplied {
+        version: u64,
+        from: u64,
+        target: u64,
+        author: String,
+        reason: String,
+        took_ms: u64,
+    },
+    // A rollout's steps.
+    PreflightSkipped {
+        version: u64,
+    },
+    PreflightFailed {
+        version: u64,
+        problems: Vec<String>,
+    },
+    PreflightPassed {
+        version: u64,
+        summary: String,
+        shift_percent: f64,
+        pools: Vec<(String, usize, usize)>,
+    },
+    ShadowSkipped {
+        version: u64,
+    },
+    ShadowStarted {
+        version: u64,
+        share: f64,
+        duration_ms: u64,
+    },
+    ShadowFailed {
+        version: u64,
+        why: String,
+        report: ShadowReport,
+    },
+    ShadowPassed {
+        version: u64,
+        report: ShadowReport,
+    },
+    CanaryStepStarted {
+        version: u64,
+        step: usize,
+        steps: usize,
+        percent: u8,
+    },
+    CanaryStepLowTraffic {
+        version: u64,
+        step: usize,
+        requests: u64,
+        elapsed_ms: u64,
+        min_requests: u64,
+    },
+    CanaryStepPassed {
+        version: u64,
+        step: usize,
+        steps: usize,
+        percent: u8,
+        candidate: WindowView,
+    },
+    RolloutAborted {
+        version: u64,
+        percent: u8,
+        reason: String,
+        rescues: CanaryTotals,
+    },
+    RolloutRolledBack {
+        version: u64,
+        reason: String,
+        /// Where the canary was (percent, step); `None` when it never took a share of traffic.
+        at: Option<(u8, usize)>,
+        candidate: Option<WindowView>,
+        stable: Option<WindowView>,
+        elapsed_ms: u64,
+        rescues: CanaryTotals,
+    },
+    RolloutPromoted {
+        version: u64,
+        elapsed_ms: u64,
+        rescues: CanaryTotals,
+    },
+    // Backends and pools (operators, and what the data plane saw).
+    BackendDrained {
+        backend: String,
+        author: String,
+    },
+    BackendUndrained {
+        backend: String,
+        author: String,
+    },
+    BackendFailedHealthCheck {
+        backend: String,
+        reason: String,
+    },
+    BackendPassedHealthCheck {
+        backend: String,
+    },
+    BackendEjected {
+        backend: String,
+        pool: String,
+        cause: String,
+        for_ms: u64,
+    },
+    PoolPanicEntered {
+        pool: String,
+        available: usize,
+        total: usize,
+    },
+    PoolPanicLeft {
+        pool: String,
+        available: usize,
+        total: usize,
+    },
+    // Alerts and incidents.
+    AlertPending {
+        alert: String,
+        value: String,
+    },
+    AlertCleared {
+        alert: String,
+        value: String,
+    },
+    AlertFired {
+        alert: String,
+        severity: String,
+        rule: String,
+        value: String,
+    },
+    AlertResolved {
+        alert: String,
+        after_ms: i64,
+        value: String,
+    },
+    IncidentOpened {
+        incident: u64,
+        title: String,
+    },
+    IncidentResolved {
+        incident: u64,
+    },
+}
+
+impl Event {
+    /// Every kind, for the metric's series (each is shown from start, at 0).
+    pub const KINDS: [&'static str; 32] = [
+        "VersionStarted",
+        "RolloutInterrupted",
+        "ChangeRefused",
+        "ChangeRejected",
+        "ChangeSubmitted",
+        "RollbackApplied",
+        "PreflightSkipped",
+        "PreflightFailed",
+        "PreflightPassed",
+        "ShadowSkipped",
+        "ShadowStarted",
+        "ShadowFailed",
+        "ShadowPassed",
+        "CanaryStepStarted",
+        "CanaryStepLowTraffic",
+        "CanaryStepPassed",
+        "RolloutAborted",
+        "RolloutRolledBack",
+        "RolloutPromoted",
+        "BackendDrained",
+        "BackendUndrained",
+        "BackendFailedHealthCheck",
+        "BackendPassedHealthCheck",
+        "BackendEjected",
+        "PoolPanicEntered",
+        "PoolPanicLeft",
+        "AlertPending",
+        "AlertCleared",
+        "AlertFired",
+        "AlertResolved",
+        "IncidentOpened",
+        "IncidentResolved",
+    ];
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::VersionStarted { .. } => "VersionStarted",
+            Event::RolloutInterrupted { .. } => "RolloutInterrupted",
+            Event::ChangeRefused { .. } => "ChangeRefused",
+            Event::ChangeRejected { .. } => "ChangeRejected",
+            Event::ChangeSubmitted { .. } => "ChangeSubmitted",
+            Event::RollbackApplied { .. } => "RollbackApplied",
+            Event::PreflightSkipped { .. } => "PreflightSkipped",
+            Event::PreflightFailed { .. } => "PreflightFailed",
+            Event::PreflightPassed { .. } => "PreflightPassed",
+            Event::ShadowSkipped { .. } => "ShadowSkipped",
+            Event::ShadowStarted { .. } => "ShadowStarted",
+            Event::ShadowFailed { .. } => "ShadowFailed",
+            Event::ShadowPassed { .. } => "ShadowPassed",
+            Event::CanaryStepStarted { .. } => "CanaryStepStarted",
+            Event::CanaryStepLowTraffic { .. } => "CanaryStepLowTraffic",
+            Event::CanaryStepPassed { .. } => "CanaryStepPassed",
+            Event::RolloutAborted { .. } => "RolloutAborted",
+            Event::RolloutRolledBack { .. } => "RolloutRolledBack",
+            Event::RolloutPromoted { .. } => "RolloutPromoted",
+            Event::BackendDrained { .. } => "BackendDrained",
+            Event::BackendUndrained { .. } => "BackendUndrained",
+            Event::BackendFailedHealthCheck { .. } => "BackendFailedHealthCheck",
+            Event::BackendPassedHealthCheck { .. } => "BackendPassedHealthCheck",
+            Event::BackendEjected { .. } => "BackendEjected",
+            Event::PoolPanicEntered { .. } => "PoolPanicEntered",
+            Event::PoolPanicLeft { .. } => "PoolPanicLeft",
+            Event::AlertPending { .. } => "AlertPending",
+            Event::AlertCleared { .. } => "AlertCleared",
+            Event::AlertFired { .. } => "AlertFired",
+            Event::AlertResolved { .. } => "AlertResolved",
+            Event::IncidentOpened { .. } => "IncidentOpened",
+            Event::IncidentResolved { .. } => "IncidentResolved",
+        }
+    }
+
+    /// The config version the event concerns, if one.
+    pub fn version(&self) -> Option<u64> {
+        match self {
+            Event::VersionStarted { version }
+            | Event::RolloutInterrupted { version }
+            | Event::ChangeRejected { version, .. }
+            | Event::ChangeSubmitted { version, .. }
+            | Event::RollbackApplied { version, .. }
+            | Event::PreflightSkipped { version }
+            | Event::PreflightFailed { version, .. }
+            | Event::PreflightPassed { version, .. }
+            | Event::ShadowSkipped { version }
+            | Event::ShadowStarted { version, .. }
+            | Event::ShadowFailed { version, .. }
+            | Event::ShadowPassed { version, .. }
+            | Event::CanaryStepStarted { version, .. }
+            | Event::CanaryStepLowTraffic { version, .. }
+            | Event::CanaryStepPassed { version, .. }
+            | Event::RolloutAborted { version, .. }
+            | Event::RolloutRolledBack { version, .. }
+            | Event::RolloutPromoted { version, .. } => Some(*version),
+            _ => None,
+        }
+    }
+
+    /// The line for people: the log, a rollout's progress, the timeline.
+    pub fn message(&self) -> String {
+        let secs = |ms: u64| ms as f64 / 1000.0;
+        match self {
+            Event::VersionStarted { version } => format!("safelb started serving version {version}"),
+            Event::RolloutInterrupted { version } => {
+                format!("rollout of version {version} was interrupted by a restart; the running version serves")
+            }
+            Event::ChangeRefused { author, freeze, until, .. } => {
+                format!("change by {author} refused: freeze `{freeze}` until {until}")
+            }
+            Event::ChangeRejected { version, author, why, .. } => {
+                format!("version {version} by {author} rejected: {why}")
+            }
+            Event::ChangeSubmitted {
+                version,
+                author,
+                reason,
+                skip_preflight,
+                skip_shadow,
+                ..
+            } => format!(
+                "version {version} submitted by {author}: {reason}{}{}",
+                if *skip_preflight { " (preflight SKIPPED)" } else { "" },
+                if *skip_shadow { " (shadow SKIPPED)" } else { "" }
+            ),
+            Event::RollbackApplied {
+                version,
+                from,
+                target,
+                author,
+                reason,
+                ..
+            } => format!(
+                "manual rollback by {author} from version {from} to the content of version {target} (as version {version}): {reason}"
+            ),
+            Event::PreflightSkipped { version } => format!("preflight skipped for version {version} (--skip-preflight)"),
+            Event::PreflightFailed { problems, .. } => format!("preflight failed: {}", problems.join("; ")),
+            Event::PreflightPassed {
+                summary, shift_percent, ..
+            } => format!("preflight passed: {summary}; {shift_percent:.1}% of recent traffic moves"),
+            Event::ShadowSkipped { version } => format!("shadow stage skipped for version {version} (--skip-shadow)"),
+            Event::ShadowStarted {
+                version,
+                share,
+                duration_ms,
+            } => format!(
+                "shadow: {:.0}% of safe requests (GET, HEAD) copied to version {version} for {:.1}s; no client is served by it",
+                share * 100.0,
+                secs(*duration_ms)
+            ),
+            Event::ShadowFailed { version, why, .. } => {
+                format!("shadow stage failed, no client was served by version {version}: {why}")
+            }
+            Event::ShadowPassed { report, .. } => format!(
+                "shadow passed: {} comparisons on {} route(s), none worse than stable ({} copies dropped over the concurrency bound)",
+                report.compared,
+                report.routes.len(),
+                report.dropped
+            ),
+            Event::CanaryStepStarted {
+                version,
+                step,
+                steps,
+                percent,
+            } => format!("step {step}/{steps}: {percent}% of requests on version {version}"),
+            Event::CanaryStepLowTraffic {
+                step,
+                requests,
+                elapsed_ms,
+                min_requests,
+                ..
+            } => format!(
+                "step {step}: only {requests} requests in {:.0}s, below min_requests {min_requests}; no errors, going on",
+                secs(*elapsed_ms)
+            ),
+            Event::CanaryStepPassed {
+                step, steps, percent, ..
+            } => format!("step {step}/{steps} passed at {percent}%"),
+            Event::RolloutAborted {
+                version,
+                percent,
+                reason,
+                rescues,
+            } => format!(
+                "rollout of version {version} aborted at {percent}%: {reason}; {}",
+                describe_rescues(rescues)
+            ),
+            Event::RolloutRolledBack {
+                version,
+                reason,
+                at: Some((percent, _)),
+                elapsed_ms,
+                rescues,
+                ..
+            } => format!(
+                "version {version} rolled back at {percent}% after {:.1}s: {reason}; {}",
+                secs(*elapsed_ms),
+                describe_rescues(rescues)
+            ),
+            Event::RolloutRolledBack { reason, .. } => reason.clone(),
+            Event::RolloutPromoted {
+                version,
+                elapsed_ms,
+                rescues,
+            } => format!(
+                "version {version} promoted after {:.1}s: now running and known-good; {}",
+                secs(*elapsed_ms),
+                describe_rescues(rescues)
+            ),
+            Event::BackendDrained { backend, author } => format!("backend {backend} drained by {author}"),
+            Event::BackendUndrained { backend, author } => format!("backend {backend} undrained by {author}"),
+            Event::BackendFailedHealthCheck { backend, reason } => {
+                format!("backend {backend} failed its health check ({reason}): no new requests")
+            }
+            Event::BackendPassedHealthCheck { backend } => format!("backend {backend} passed its health check"),
+            Event::BackendEjected {
+                backend,
+                pool,
+                cause,
+                for_ms,
+            } => format!(
+                "backend {backend} of pool {pool} ejected for {:.0}s after consecutive failures ({cause})",
+                secs(*for_ms)
+            ),
+            Event::PoolPanicEntered { pool, available, total } => {
+                format!("pool {pool} entered panic mode: {available} of {total} backends available")
+            }
+            Event::PoolPanicLeft { pool, available, total } => {
+                format!("pool {pool} left panic mode: {available} of {total} backends available")
+            }
+            Event::AlertPending { alert, value } => format!("alert {alert} pending: {value}"),
+            Event::AlertCleared { alert, value } => format!("alert {alert} cleared before firing: {value}"),
+            Event::AlertFired {
+                alert, severity, value, ..
+            } => format!("alert {alert} ({severity}) firing: {value}"),
+            Event::AlertResolved { alert, after_ms, value } => {
+                format!("alert {alert} resolved after {:.0}s: {value}", *after_ms as f64 / 1000.0)
+            }
+            Event::IncidentOpened { incident, title } => format!("incident #{incident} opened: {title}"),
+            Event::IncidentResolved { incident } => format!("incident #{incident} resolved"),
+        }
+    }
+
+    /// The stored row: kind, version, message, and the event itself as data.
+    pub fn record(&self) -> NewEvent {
+        EVENTS.count(self.kind());
+        NewEvent {
+            kind: self.kind(),
+            version: self.version(),
+            message: self.message(),
+            data: serde_json::to_value(self).unwrap_or_default(),
+        }
+    }
+}
+
+impl From<DataPlaneEvent> for Event {
+    fn from(e: DataPlaneEvent) -> Event {
+        match e {
+            DataPlaneEvent::BackendDown { backend, reason } => Event::BackendFailedHealthCheck { backend, reason },
+            DataPlaneEvent::BackendUp { backend } => Event::BackendPassedHealthCheck { backend },
+            DataPlaneEvent::BackendEjected {
+                backend,
+                pool,
+                cause,
+                for_ms,
+            } => Event::BackendEjected {
+                backend,
+                pool,
+                cause: cause.to_string(),
+                for_ms,
+            },
+            DataPlaneEvent::PoolPanic {
+                pool,
+                entered,
+                available,
+                total,
+            } => {
+                if entered {
+                    Event::PoolPanicEntered { pool, available, total }
+                } else {
+                    Event::PoolPanicLeft { pool, available, total }
+                }
+            }
+        }
+    }
+}
+
+/// "the stable version answered N candidate requests: ..." for rollout events.
+pub fn describe_rescues(r: &CanaryTotals) -> String {
+    if r.hedges + r.fallbacks + r.rescued + r.rescue_refused == 0 {
+        return "no candidate request needed the stable version".into();
+    }
+    format!(
+        "the stable version answered {} candidate request(s): {} hedged after the hedge delay, {} after a candidate failure, {} rescued at the rollback; {} not replayable answered 503",
+        r.hedges + r.fallbacks + r.rescued,
+        r.hedges,
+        r.fallbacks,
+        r.rescued,
+        r.rescue_refused
+    )
+}
+
+/// Events recorded since start, by kind (`safelb_events_total`).
+pub struct EventCounts([AtomicU64; Event::KINDS.len()]);
+
+pub static EVENTS: EventCounts = EventCounts([const { AtomicU64::new(0) }; Event::KINDS.len()]);
+
+impl EventCounts {
+    fn count(&self, kind: &str) {
+        if let Some(i) = Event::KINDS.iter().position(|k| *k == kind) {
+            self.0[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// (kind, count) for every kind.
+    pub fn read(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Event::KINDS.iter().zip(&self.0).map(|(k, n)| (*k, n.load(Relaxed)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_row_is_the_event_itself() {
+        let events = [
+            Event::VersionStarted { version: 3 },
+            Event::ChangeSubmitted {
+                version: 4,
+                author: "ana".into(),
+                reason: "more capacity".into(),
+                origin: "apply".into(),
+                skip_preflight: true,
+                skip_shadow: false,
+                emergency: false,
+            },
+            Event::RolloutRolledBack {
+                version: 4,
+                reason: "candidate error rate 100.0%".into(),
+                at: Some((10, 1)),
+                candidate: None,
+                stable: None,
+                elapsed_ms: 420,
+                rescues: CanaryTotals {
+                    hedges: 4,
+                    rescued: 2,
+                    ..CanaryTotals::default()
+                },
+            },
+            Event::BackendEjected {
+                backend: "127.0.0.1:9001".into(),
+                pool: "web".into(),
+                cause: "response_timeout".into(),
+                for_ms: 10_000,
+            },
+        ];
+        for e in &events {
+            let row = e.record();
+            assert_eq!(row.kind, e.kind());
+            assert_eq!(row.data["kind"], e.kind(), "the data names its kind");
+            assert!(Event::KINDS.contains(&e.kind()), "{} is counted", e.kind());
+            assert_eq!(row.version, e.version());
+        }
+        assert_eq!(
+            events[1].message(),
+            "version 4 submitted by ana: more capacity (preflight SKIPPED)"
+        );
+        assert_eq!(
+            events[2].message(),
+            "version 4 rolled back at 10% after 0.4s: candidate error rate 100.0%; the stable version answered 6 candidate request(s): 4 hedged after the hedge delay, 0 after a candidate failure, 2 rescued at the rollback; 0 not replayable answered 503"
+        );
+        assert_eq!(events[2].record().data["rescues"]["rescued"], 2);
+    }
+}
