@@ -132,6 +132,15 @@ struct Current {
     cancel: CancellationToken,
     abort_reason: Arc<Mutex<Option<String>>>,
     done: tokio::sync::watch::Receiver<bool>,
+    status: Arc<Mutex<RolloutStatus>>,
+}
+
+impl Current {
+    /// Still deciding? A rollout whose final phase is published (fate recorded) is over, even
+    /// while its task does its last bookkeeping: a client that saw it end may apply again.
+    fn running(&self) -> bool {
+        !*self.done.borrow() && !self.status.lock().expect("status lock").phase.is_final()
+    }
 }
 
 #[derive(Clone)]
@@ -229,7 +238,7 @@ impl Controller {
 
     fn running_rollout(&self) -> Option<u64> {
         let current = self.inner.current.lock().expect("current lock");
-        current.as_ref().filter(|c| !*c.done.borrow()).map(|c| c.id)
+        current.as_ref().filter(|c| c.running()).map(|c| c.id)
     }
 
     async fn event(&self, event: Event) {
@@ -353,12 +362,13 @@ impl Controller {
             .rollouts
             .lock()
             .expect("rollouts lock")
-            .insert(version, status);
+            .insert(version, status.clone());
         *self.inner.current.lock().expect("current lock") = Some(Current {
             id: version,
             cancel,
             abort_reason,
             done: done_rx,
+            status,
         });
         let inner = self.inner.clone();
         tokio::spawn(async move {
@@ -389,7 +399,7 @@ impl Controller {
             let current = self.inner.current.lock().expect("current lock");
             current
                 .as_ref()
-                .filter(|c| !*c.done.borrow())
+                .filter(|c| c.running())
                 .map(|c| (c.id, c.cancel.clone(), c.abort_reason.clone(), c.done.clone()))
         };
         if let Some((id, cancel, why, mut done)) = running_rollout {
@@ -672,4 +682,55 @@ fn note_rollback(rollbacks: &Mutex<(u64, Option<i64>, String)>, what: String) {
     r.0 += 1;
     r.1 = Some(now_ms());
     r.2 = what;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::SqliteStore;
+
+    /// A client that saw a rollout end may apply the next change at once: the end is published
+    /// only after the fate is recorded, and a finished rollout never answers `Busy`.
+    #[tokio::test]
+    async fn the_next_apply_is_accepted_as_soon_as_a_rollout_is_seen_to_end() {
+        let dir = std::env::temp_dir().join(format!("safelb-controller-test-{}", std::process::id()));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let config = |backend: &str| {
+            format!("[listener.public]\nbind = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"{backend}\"]\n")
+        };
+        let running = safelb_config::check("t.toml", &config("127.0.0.1:9"))
+            .into_result()
+            .unwrap();
+        let store = StoreHandle::new(SqliteStore::open(&dir).unwrap());
+        let controller = Controller::new(ProxyHandle::new(running, 1), store.clone());
+        // The listener is dropped: its port refuses connections, so preflight rejects fast.
+        let bad = config(&closed.to_string());
+        for round in 0..5 {
+            let accepted = controller
+                .apply(ApplyRequest {
+                    source: bad.clone(),
+                    file_name: "bad.toml".into(),
+                    author: "test".into(),
+                    reason: format!("round {round}"),
+                    origin: "apply".into(),
+                    ..ApplyRequest::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            loop {
+                let status = controller.rollout(accepted.rollout).expect("the rollout");
+                if status.phase.is_final() {
+                    let v = accepted.version;
+                    let fate = store.call(move |s| s.version(v)).await.unwrap().unwrap().fate;
+                    assert_eq!(fate, Fate::Rejected, "the fate is recorded before the end is shown");
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

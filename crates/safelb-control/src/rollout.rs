@@ -116,16 +116,18 @@ impl RolloutTask {
         self.store.record(&event).await;
     }
 
+    /// Records the version's fate, then publishes the final phase: whoever sees the rollout end
+    /// finds its fate in the history and may apply the next change at once.
     async fn finish(&self, phase: Phase, fate: Fate, verdict: String) -> Phase {
         let id = self.id();
+        if let Err(e) = self.store.call(move |s| s.set_fate(id, fate)).await {
+            tracing::error!(error = %e, "recording a version's fate failed");
+        }
         self.update(|s| {
             s.phase = phase;
             s.verdict = Some(verdict);
             s.finished_ms = Some(now_ms());
         });
-        if let Err(e) = self.store.call(move |s| s.set_fate(id, fate)).await {
-            tracing::error!(error = %e, "recording a version's fate failed");
-        }
         phase
     }
 
