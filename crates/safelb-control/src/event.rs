@@ -10,179 +10,278 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use safelb_proxy::hedge::CanaryTotals;
 use safelb_proxy::metrics::DataPlaneEvent;
 use safelb_proxy::shadow::ShadowReport;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::rollout::WindowView;
 use crate::store::NewEvent;
 
-#[derive(Clone, Debug, Serialize)]
+/// Fields absent from rows written by older versions read as their defaults.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum Event {
     // Versions and changes.
     VersionStarted {
+        #[serde(default)]
         version: u64,
     },
     RolloutInterrupted {
+        #[serde(default)]
         version: u64,
     },
     ChangeRefused {
+        #[serde(default)]
         author: String,
+        #[serde(default)]
         reason: String,
+        #[serde(default)]
         freeze: String,
+        #[serde(default)]
         until: String,
     },
     ChangeRejected {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         author: String,
+        #[serde(default)]
         why: String,
+        #[serde(default)]
         diagnostics: Option<serde_json::Value>,
     },
     ChangeSubmitted {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         author: String,
+        #[serde(default)]
         reason: String,
+        #[serde(default)]
         origin: String,
+        #[serde(default)]
         skip_preflight: bool,
+        #[serde(default)]
         skip_shadow: bool,
+        #[serde(default)]
         emergency: bool,
     },
     RollbackApplied {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         from: u64,
+        #[serde(default)]
         target: u64,
+        #[serde(default)]
         author: String,
+        #[serde(default)]
         reason: String,
+        #[serde(default)]
         took_ms: u64,
     },
     // A rollout's steps.
     PreflightSkipped {
+        #[serde(default)]
         version: u64,
     },
     PreflightFailed {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         problems: Vec<String>,
     },
     PreflightPassed {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         summary: String,
+        #[serde(default)]
         shift_percent: f64,
+        #[serde(default)]
         pools: Vec<(String, usize, usize)>,
     },
     ShadowSkipped {
+        #[serde(default)]
         version: u64,
     },
     ShadowStarted {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         share: f64,
+        #[serde(default)]
         duration_ms: u64,
     },
     ShadowFailed {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         why: String,
+        #[serde(default)]
         report: ShadowReport,
     },
     ShadowPassed {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         report: ShadowReport,
     },
     CanaryStepStarted {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         step: usize,
+        #[serde(default)]
         steps: usize,
+        #[serde(default)]
         percent: u8,
     },
     CanaryStepLowTraffic {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         step: usize,
+        #[serde(default)]
         requests: u64,
+        #[serde(default)]
         elapsed_ms: u64,
+        #[serde(default)]
         min_requests: u64,
     },
     CanaryStepPassed {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         step: usize,
+        #[serde(default)]
         steps: usize,
+        #[serde(default)]
         percent: u8,
+        #[serde(default)]
         candidate: WindowView,
     },
     RolloutAborted {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         percent: u8,
+        #[serde(default)]
         reason: String,
+        #[serde(default)]
         rescues: CanaryTotals,
     },
     RolloutRolledBack {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         reason: String,
         /// Where the canary was (percent, step); `None` when it never took a share of traffic.
+        #[serde(default)]
         at: Option<(u8, usize)>,
+        #[serde(default)]
         candidate: Option<WindowView>,
+        #[serde(default)]
         stable: Option<WindowView>,
+        #[serde(default)]
         elapsed_ms: u64,
+        #[serde(default)]
         rescues: CanaryTotals,
     },
     RolloutPromoted {
+        #[serde(default)]
         version: u64,
+        #[serde(default)]
         elapsed_ms: u64,
+        #[serde(default)]
         rescues: CanaryTotals,
     },
     // Backends and pools (operators, and what the data plane saw).
     BackendDrained {
+        #[serde(default)]
         backend: String,
+        #[serde(default)]
         author: String,
     },
     BackendUndrained {
+        #[serde(default)]
         backend: String,
+        #[serde(default)]
         author: String,
     },
     BackendFailedHealthCheck {
+        #[serde(default)]
         backend: String,
+        #[serde(default)]
         reason: String,
     },
     BackendPassedHealthCheck {
+        #[serde(default)]
         backend: String,
     },
     BackendEjected {
+        #[serde(default)]
         backend: String,
+        #[serde(default)]
         pool: String,
+        #[serde(default)]
         cause: String,
+        #[serde(default)]
         for_ms: u64,
     },
     PoolPanicEntered {
+        #[serde(default)]
         pool: String,
+        #[serde(default)]
         available: usize,
+        #[serde(default)]
         total: usize,
     },
     PoolPanicLeft {
+        #[serde(default)]
         pool: String,
+        #[serde(default)]
         available: usize,
+        #[serde(default)]
         total: usize,
     },
     // Alerts and incidents.
     AlertPending {
+        #[serde(default)]
         alert: String,
+        #[serde(default)]
         value: String,
     },
     AlertCleared {
+        #[serde(default)]
         alert: String,
+        #[serde(default)]
         value: String,
     },
     AlertFired {
+        #[serde(default)]
         alert: String,
+        #[serde(default)]
         severity: String,
+        #[serde(default)]
         rule: String,
+        #[serde(default)]
         value: String,
     },
     AlertResolved {
+        #[serde(default)]
         alert: String,
+        #[serde(default)]
         after_ms: i64,
+        #[serde(default)]
         value: String,
     },
     IncidentOpened {
+        #[serde(default)]
         incident: u64,
+        #[serde(default)]
         title: String,
     },
     IncidentResolved {
+        #[serde(default)]
         incident: u64,
     },
 }
@@ -507,6 +606,24 @@ impl EventCounts {
     }
 }
 
+impl crate::store::EventRecord {
+    /// The typed event of a stored row. Rows written by older versions lack fields their kind
+    /// has now: the row's kind and version columns fill in, the rest read as defaults. `None` for
+    /// a kind this version does not know.
+    pub fn event(&self) -> Option<Event> {
+        let mut data = match &self.data {
+            serde_json::Value::Object(m) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        data.entry("kind")
+            .or_insert_with(|| serde_json::Value::String(self.kind.clone()));
+        if let Some(v) = self.version {
+            data.entry("version").or_insert_with(|| v.into());
+        }
+        serde_json::from_value(serde_json::Value::Object(data)).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,5 +677,47 @@ mod tests {
             "version 4 rolled back at 10% after 0.4s: candidate error rate 100.0%; the stable version answered 6 candidate request(s): 4 hedged after the hedge delay, 0 after a candidate failure, 2 rescued at the rollback; 0 not replayable answered 503"
         );
         assert_eq!(events[2].record().data["rescues"]["rescued"], 2);
+    }
+
+    #[test]
+    fn stored_rows_read_back_as_events_old_shapes_included() {
+        let row = |kind: &str, version: Option<u64>, data: serde_json::Value| crate::store::EventRecord {
+            id: 1,
+            time_ms: 0,
+            kind: kind.into(),
+            version,
+            message: String::new(),
+            data,
+        };
+        let e = Event::RolloutPromoted {
+            version: 7,
+            elapsed_ms: 1200,
+            rescues: CanaryTotals::default(),
+        };
+        let r = e.record();
+        let back = row(r.kind, r.version, r.data).event().expect("a known kind");
+        assert!(matches!(
+            back,
+            Event::RolloutPromoted {
+                version: 7,
+                elapsed_ms: 1200,
+                ..
+            }
+        ));
+        // A row from before events were typed: data without its kind, fields renamed or absent.
+        let old = row(
+            "RolloutRolledBack",
+            Some(3),
+            serde_json::json!({ "reason": "too many errors", "percent": 10, "step": 1 }),
+        );
+        match old.event() {
+            Some(Event::RolloutRolledBack {
+                version, reason, at, ..
+            }) => {
+                assert_eq!((version, reason.as_str(), at), (3, "too many errors", None));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(row("SomethingNew", None, serde_json::json!({})).event().is_none());
     }
 }

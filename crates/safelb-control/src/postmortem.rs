@@ -7,11 +7,13 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 
+use safelb_proxy::hedge::CanaryTotals;
 use safelb_proxy::metrics::Metrics;
 use serde_json::{json, Value};
 
 use crate::alerts::Series;
 use crate::diff::unified;
+use crate::event::Event;
 use crate::impact::preview;
 use crate::store::{EventRecord, IncidentRecord};
 use crate::Controller;
@@ -37,8 +39,21 @@ fn ts(ms: i64) -> String {
     safelb_proxy::access_log::rfc3339(ms.div_euclid(1000), ms.rem_euclid(1000) as u32)
 }
 
-const CHANGE_KINDS: [&str; 3] = ["ChangeSubmitted", "RollbackApplied", "VersionStarted"];
-const MITIGATION_KINDS: [&str; 3] = ["RolloutRolledBack", "RolloutAborted", "RollbackApplied"];
+/// A change that may have caused what followed.
+fn is_change(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::ChangeSubmitted { .. } | Event::RollbackApplied { .. } | Event::VersionStarted { .. }
+    )
+}
+
+/// What ended the harm: a rollback, automatic or by hand.
+fn is_mitigation(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::RolloutRolledBack { .. } | Event::RolloutAborted { .. } | Event::RollbackApplied { .. }
+    )
+}
 
 /// The facts of an incident, as stored with it.
 pub async fn gather(
@@ -51,17 +66,25 @@ pub async fn gather(
     alerts: Vec<String>,
 ) -> Value {
     let store = controller.store();
-    let events: Vec<EventRecord> = store
+    // A history that cannot be read is said to be so, not shown as an empty one.
+    let (events, history_error) = match store
         .call(move |s| s.events_between(opened_ms - TRIGGER_LOOKBACK_MS, resolved_ms))
         .await
-        .unwrap_or_default();
+    {
+        Ok(events) => (events, None),
+        Err(e) => {
+            tracing::error!(error = %e, incident = id, "reading the event history for a postmortem failed");
+            (Vec::new(), Some(e.to_string()))
+        }
+    };
+    let typed: Vec<(&EventRecord, Option<Event>)> = events.iter().map(|e| (e, e.event())).collect();
 
     // The suspected trigger: the last change before the incident opened.
-    let trigger_event = events
+    let trigger_event = typed
         .iter()
         .rev()
-        .find(|e| e.time_ms <= opened_ms && CHANGE_KINDS.contains(&e.kind.as_str()))
-        .cloned();
+        .find(|(e, t)| e.time_ms <= opened_ms && t.as_ref().is_some_and(is_change))
+        .map(|(e, _)| (*e).clone());
     let mut trigger = Value::Null;
     if let Some(ev) = &trigger_event {
         if let Some(version) = ev.version {
@@ -153,17 +176,19 @@ pub async fn gather(
         let allowed = month * (1.0 - slo);
         json!({ "slo": slo, "allowed_failures_30d": allowed.round(), "burned_percent": if allowed > 0.0 { failed as f64 * 100.0 / allowed } else { 0.0 } })
     });
-    let detection = events
+    let detection = typed
         .iter()
-        .find(|e| e.time_ms >= start_ms && (e.kind == "AlertFired" || e.kind == "RolloutRolledBack"))
+        .find(|(e, t)| {
+            e.time_ms >= start_ms && matches!(t, Some(Event::AlertFired { .. } | Event::RolloutRolledBack { .. }))
+        })
         .map(
-            |e| json!({ "signal": e.message, "kind": e.kind, "time_ms": e.time_ms, "after_ms": e.time_ms - start_ms }),
+            |(e, _)| json!({ "signal": e.message, "kind": e.kind, "time_ms": e.time_ms, "after_ms": e.time_ms - start_ms }),
         );
-    let mitigation = events
+    let mitigation = typed
         .iter()
-        .find(|e| e.time_ms >= start_ms && MITIGATION_KINDS.contains(&e.kind.as_str()))
-        .map(|e| {
-            let how = if e.kind == "RollbackApplied" {
+        .find(|(e, t)| e.time_ms >= start_ms && t.as_ref().is_some_and(is_mitigation))
+        .map(|(e, t)| {
+            let how = if matches!(t, Some(Event::RollbackApplied { .. })) {
                 "manual rollback"
             } else {
                 "automatic rollback"
@@ -176,16 +201,21 @@ pub async fn gather(
         .map(|e| json!({ "time_ms": e.time_ms, "kind": e.kind, "message": e.message }))
         .collect();
     // What the stable version answered for candidates during the incident: failures avoided.
-    let mut protected = [0u64; 4];
-    for e in events.iter().filter(|e| e.time_ms >= start_ms.min(opened_ms) - 1000) {
-        if let Some(r) = e.data.get("rescues") {
-            for (slot, key) in protected
-                .iter_mut()
-                .zip(["hedges", "fallbacks", "rescued", "rescue_refused"])
-            {
-                *slot += r[key].as_u64().unwrap_or(0);
-            }
-        }
+    let mut protected = CanaryTotals::default();
+    for (_, t) in typed
+        .iter()
+        .filter(|(e, _)| e.time_ms >= start_ms.min(opened_ms) - 1000)
+    {
+        let rescues = match t {
+            Some(Event::RolloutRolledBack { rescues, .. })
+            | Some(Event::RolloutAborted { rescues, .. })
+            | Some(Event::RolloutPromoted { rescues, .. }) => rescues,
+            _ => continue,
+        };
+        protected.hedges += rescues.hedges;
+        protected.fallbacks += rescues.fallbacks;
+        protected.rescued += rescues.rescued;
+        protected.rescue_refused += rescues.rescue_refused;
     }
     let mut report = json!({
         "incident": id,
@@ -199,7 +229,7 @@ pub async fn gather(
             "error_rate": if requests > 0 { failed as f64 / requests as f64 } else { 0.0 },
             "distinct_clients": clients, "affected": affected, "budget": budget,
             "candidate_requests_answered_by_stable": {
-                "hedged": protected[0], "fell_back": protected[1], "rescued": protected[2], "refused": protected[3],
+                "hedged": protected.hedges, "fell_back": protected.fallbacks, "rescued": protected.rescued, "refused": protected.rescue_refused,
             },
         },
         "alerts": alerts,
@@ -207,6 +237,7 @@ pub async fn gather(
         "detection": detection,
         "mitigation": mitigation,
         "timeline": timeline,
+        "history_error": history_error,
     });
     report["lessons"] = json!(lessons(&report));
     report
@@ -223,7 +254,9 @@ fn lessons(r: &Value) -> Vec<String> {
             t["reason"].as_str().unwrap_or("")
         ));
     }
-    if t.is_null() {
+    if let Some(e) = r["history_error"].as_str() {
+        out.push(format!("The event history could not be read ({e}), so whether a change caused this is unknown: check the store (`safelb history`) before concluding anything."));
+    } else if t.is_null() {
         out.push("No configuration change preceded the incident: look at the backends and their dependencies, not at safelb's config.".into());
     }
     match r["mitigation"]["how"].as_str() {
@@ -290,7 +323,9 @@ pub fn markdown(incident: &IncidentRecord) -> String {
     });
     let _ = writeln!(md, "- **Duration:** {duration}; incident open for {open_for}");
     let t = &r["trigger"];
-    let root = if t.is_null() {
+    let root = if let Some(e) = r["history_error"].as_str() {
+        format!("unknown: the event history could not be read ({e})")
+    } else if t.is_null() {
         "unknown (no configuration change in the 10 minutes before the incident)".to_string()
     } else {
         format!(

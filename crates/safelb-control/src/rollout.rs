@@ -44,7 +44,8 @@ impl Phase {
     }
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct WindowView {
     pub requests: u64,
     pub errors: u64,

@@ -173,7 +173,8 @@ pub struct ShadowCounters {
 }
 
 /// [`CanaryCounters`] at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct CanaryTotals {
     pub hedges: u64,
     pub fallbacks: u64,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Method, Request};
 use http_body_util::BodyExt;
 use safelb_config::{Protocol, ShadowPolicy};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::h1;
 use crate::snapshot::Snapshot;
@@ -44,7 +44,8 @@ pub struct Shadow {
 }
 
 /// What one route's shadow copies found, against stable's answers to the same requests.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct RouteShadow {
     pub compared: u64,
     /// A 5xx, an error or no answer from the candidate where stable answered below 500.
@@ -64,7 +65,8 @@ impl RouteShadow {
 }
 
 /// Everything the stage found, for the verdict and the events.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ShadowReport {
     pub routes: BTreeMap<String, RouteShadow>,
     pub compared: u64,
