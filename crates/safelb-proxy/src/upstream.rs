@@ -234,7 +234,7 @@ pub(crate) fn checkin(backend: &BackendState, sender: Sender) {
 }
 
 /// A bodiless request's connection, back once its response ended cleanly.
-pub(crate) fn checkin_raw(backend: &BackendState, conn: h1::Conn) {
+pub(crate) fn checkin_inline(backend: &BackendState, conn: h1::Conn) {
     let mut idle = backend.inline_idle.lock().expect("idle list lock is never poisoned");
     if idle.len() < MAX_IDLE_PER_BACKEND {
         idle.push((conn, Instant::now()));
