@@ -55,7 +55,7 @@ pub struct BackendState {
     ewma_stamp_ms: AtomicU64,
     /// Idle connections of hyper's client (requests with a body).
     pub(crate) idle: Mutex<Vec<IdleConn>>,
-    /// Idle connections for bodiless requests, exchanged on the request's task (`h1.rs`).
+    /// Idle connections for bodiless requests, exchanged on the request's task (`h1/`).
     pub(crate) inline_idle: Mutex<Vec<(crate::h1::Conn, std::time::Instant)>>,
     /// The one multiplexed connection of pools that speak HTTP/2 to this backend.
     pub(crate) h2: Mutex<Option<hyper::client::conn::http2::SendRequest<crate::body::RequestBody>>>,

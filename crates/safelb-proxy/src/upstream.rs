@@ -1,6 +1,6 @@
 //! Upstream connections: connect with a timeout, keep idle connections per backend, hand them
 //! out again. Three kinds: plain HTTP/1.1 connections for bodiless requests (exchanged inline,
-//! `h1.rs`), hyper HTTP/1.1 connections for requests with a body, and one multiplexed hyper
+//! `h1/`), hyper HTTP/1.1 connections for requests with a body, and one multiplexed hyper
 //! HTTP/2 connection per backend for `protocol = "h2"` pools.
 //!
 //! The pools are ours rather than hyper-util's client because a retry must happen *before* the
@@ -142,7 +142,7 @@ impl Sender {
 }
 
 /// A ready connection to `backend` in the pool's protocol: reused when possible, else new.
-/// Bodiless HTTP/1.1 requests get a connection of their own kind (see `h1.rs`).
+/// Bodiless HTTP/1.1 requests get a connection of their own kind (see `h1/`).
 pub(crate) async fn checkout(
     backend: &BackendState,
     connect_timeout: Duration,

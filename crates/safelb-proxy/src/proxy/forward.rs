@@ -21,7 +21,7 @@ impl Proxy {
         if config.protocol == Protocol::H2 {
             to_h2(req);
         }
-        // Bodiless HTTP/1.1 requests are exchanged on this task (h1.rs), their head encoded once
+        // Bodiless HTTP/1.1 requests are exchanged on this task (h1/), their head encoded once
         // for every attempt; others go through hyper.
         let bodiless = config.protocol == Protocol::Http1 && http_body::Body::is_end_stream(req.body());
         let head = bodiless.then(|| h1::encode_head(req.method(), req.uri(), req.headers()));
