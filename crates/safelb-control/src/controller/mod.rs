@@ -1,0 +1,264 @@
+//! The controller: every change to what serves traffic goes through here, one at a time.
+//!
+//! `apply` validates a candidate, records it as a new version and starts its rollout (see
+//! `rollout.rs`); `rollback` aborts a running rollout or swaps back to a known-good version at
+//! once; `recover` decides at start which version to serve. Mutating calls are serialized by one
+//! async mutex, so two changes can never interleave; reads go straight to the store.
+//!
+//! This file holds the controller's state and the types of its answers; `change.rs` the
+//! changes (apply, rollback, plan), `recover.rs` the start-up decision, `queries.rs` the reads.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use safelb_config::ValidConfig;
+use safelb_proxy::ProxyHandle;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::diff::unified;
+use crate::event::Event;
+use crate::impact::{preview, Impact};
+use crate::preflight::{self, PreflightReport};
+use crate::rollout::{Phase, RolloutStatus, RolloutTask, WindowView};
+use crate::store::{content_hash, now_ms, EventRecord, Fate, NewVersion, StoreError, VersionRecord, VersionStore};
+use crate::StoreHandle;
+
+mod change;
+mod queries;
+mod recover;
+
+pub use recover::recover;
+
+/// A change submitted by an operator (or SIGHUP, or start-up).
+#[derive(Clone, Debug, Default)]
+pub struct ApplyRequest {
+    pub source: String,
+    /// Named in diagnostics.
+    pub file_name: String,
+    pub author: String,
+    pub reason: String,
+    pub origin: String,
+    pub skip_preflight: bool,
+    /// Skip the shadow stage (recorded as an event, like a skipped preflight).
+    pub skip_shadow: bool,
+    pub confirm: bool,
+    pub emergency: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Accepted {
+    pub version: u64,
+    pub rollout: u64,
+}
+
+/// Why an apply did not start a rollout. Each maps to one HTTP status in the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("rollout of version {0} is still running: wait for it, or abort it with `safelb rollback`")]
+    Busy(u64),
+    #[error("change freeze `{reason}` is in force until {until}: changes are refused unless marked --emergency")]
+    Frozen { reason: String, until: String },
+    #[error("version {version} is not a valid config:\n{rendered}")]
+    Invalid {
+        version: u64,
+        rendered: String,
+        diagnostics: serde_json::Value,
+    },
+    #[error("version {version} cannot replace the running one: {message}")]
+    NotSwappable { version: u64, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RollbackDone {
+    /// The new version recorded for the rollback (absent when a rollout was aborted instead).
+    pub version: Option<u64>,
+    /// The version whose content now serves.
+    pub target: u64,
+    /// The rollout that was aborted, if one was running.
+    pub aborted_rollout: Option<u64>,
+    pub took_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error("no known-good version before version {0} to roll back to; name one with --to")]
+    NoTarget(u64),
+    #[error("version {0} does not exist")]
+    UnknownVersion(u64),
+    #[error("version {0} can no longer be served: {1}")]
+    Unservable(u64, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanReport {
+    pub valid: bool,
+    pub diagnostics: serde_json::Value,
+    pub rendered: String,
+    pub running_version: u64,
+    pub diff: String,
+    pub impact: Option<Impact>,
+    pub preflight: Option<PreflightReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub running: Option<VersionRecord>,
+    pub rollout: Option<RolloutStatus>,
+    pub pools: Vec<PoolStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub in_panic: bool,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendStatus {
+    pub addr: String,
+    pub available: bool,
+    pub state: String,
+    pub in_flight: u32,
+    pub draining: bool,
+}
+
+/// What to serve at start.
+pub struct Startup {
+    pub config: ValidConfig,
+    pub version: u64,
+    /// The config file differs from the running version and should be submitted.
+    pub file_differs: bool,
+}
+
+struct Current {
+    id: u64,
+    cancel: CancellationToken,
+    abort_reason: Arc<Mutex<Option<String>>>,
+    done: tokio::sync::watch::Receiver<bool>,
+    status: Arc<Mutex<RolloutStatus>>,
+}
+
+impl Current {
+    /// Still deciding? A rollout whose final phase is published (fate recorded) is over, even
+    /// while its task does its last bookkeeping: a client that saw it end may apply again.
+    fn running(&self) -> bool {
+        !*self.done.borrow() && !self.status.lock().expect("status lock").phase.is_final()
+    }
+}
+
+#[derive(Clone)]
+pub struct Controller {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    handle: ProxyHandle,
+    store: StoreHandle,
+    serial: tokio::sync::Mutex<()>,
+    current: Mutex<Option<Current>>,
+    rollouts: Mutex<BTreeMap<u64, Arc<Mutex<RolloutStatus>>>>,
+    /// Finished rollouts by outcome, for metrics.
+    verdicts: Mutex<BTreeMap<&'static str, u64>>,
+    /// Rollbacks (automatic or manual) so far, the time of the last one and what it was.
+    rollbacks: Mutex<(u64, Option<i64>, String)>,
+    /// Alert rules and their state, as the monitor last saw them.
+    alert_states: Mutex<Vec<(String, String, crate::alerts::State)>>,
+}
+
+impl Controller {
+    pub fn new(handle: ProxyHandle, store: StoreHandle) -> Controller {
+        Controller {
+            inner: Arc::new(Inner {
+                handle,
+                store,
+                serial: tokio::sync::Mutex::new(()),
+                current: Mutex::new(None),
+                rollouts: Mutex::new(BTreeMap::new()),
+                verdicts: Mutex::new(BTreeMap::new()),
+                rollbacks: Mutex::new((0, None, String::new())),
+                alert_states: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub fn handle(&self) -> &ProxyHandle {
+        &self.inner.handle
+    }
+
+    pub fn store(&self) -> &StoreHandle {
+        &self.inner.store
+    }
+
+    fn running_rollout(&self) -> Option<u64> {
+        let current = self.inner.current.lock().expect("current lock");
+        current.as_ref().filter(|c| c.running()).map(|c| c.id)
+    }
+
+    async fn event(&self, event: Event) {
+        self.inner.store.record(&event).await;
+    }
+}
+
+fn note_rollback(rollbacks: &Mutex<(u64, Option<i64>, String)>, what: String) {
+    let mut r = rollbacks.lock().expect("rollbacks lock");
+    r.0 += 1;
+    r.1 = Some(now_ms());
+    r.2 = what;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::SqliteStore;
+
+    /// A client that saw a rollout end may apply the next change at once: the end is published
+    /// only after the fate is recorded, and a finished rollout never answers `Busy`.
+    #[tokio::test]
+    async fn the_next_apply_is_accepted_as_soon_as_a_rollout_is_seen_to_end() {
+        let dir = std::env::temp_dir().join(format!("safelb-controller-test-{}", std::process::id()));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let config = |backend: &str| {
+            format!("[listener.public]\nbind = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"{backend}\"]\n")
+        };
+        let running = safelb_config::check("t.toml", &config("127.0.0.1:9"))
+            .into_result()
+            .unwrap();
+        let store = StoreHandle::new(SqliteStore::open(&dir).unwrap());
+        let controller = Controller::new(ProxyHandle::new(running, 1), store.clone());
+        // The listener is dropped: its port refuses connections, so preflight rejects fast.
+        let bad = config(&closed.to_string());
+        for round in 0..5 {
+            let accepted = controller
+                .apply(ApplyRequest {
+                    source: bad.clone(),
+                    file_name: "bad.toml".into(),
+                    author: "test".into(),
+                    reason: format!("round {round}"),
+                    origin: "apply".into(),
+                    ..ApplyRequest::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            loop {
+                let status = controller.rollout(accepted.rollout).expect("the rollout");
+                if status.phase.is_final() {
+                    let v = accepted.version;
+                    let fate = store.call(move |s| s.version(v)).await.unwrap().unwrap().fate;
+                    assert_eq!(fate, Fate::Rejected, "the fate is recorded before the end is shown");
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
