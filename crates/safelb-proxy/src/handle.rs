@@ -228,7 +228,7 @@ impl ProxyHandle {
         let candidate = match shadowed {
             Some(c) => c,
             None => {
-                self.apply_probes(probed);
+                self.apply_probes(probed, &config);
                 Arc::new(Snapshot::build(
                     config,
                     version,
@@ -262,7 +262,7 @@ impl ProxyHandle {
     ) -> Result<Arc<Shadow>, SwapError> {
         let current = self.routing();
         check_swappable(&current.stable.config, &config)?;
-        self.apply_probes(probed);
+        self.apply_probes(probed, &config);
         let candidate = Arc::new(Snapshot::build(
             config,
             version,
@@ -335,17 +335,29 @@ impl ProxyHandle {
         }
     }
 
-    /// Applies probe results taken outside the checkers (preflight, the start-up round): a failed
-    /// probe marks the backend down at once; a passed one makes it up only where no checker has
-    /// a verdict of its own (a backend never seen before, or one no pool checks), so a backend a
-    /// checker holds down still needs its `healthy` streak to come back.
-    pub fn apply_probes(&self, probed: &[Probed]) {
+    /// Applies probe results taken outside the checkers (preflight) for a candidate `config`.
+    /// A failed probe marks the backend down at once, if a checker will watch it (the running
+    /// version or the candidate checks it) and so can bring it back; a backend no pool checks is
+    /// left to passive detection and hedging, since nothing would ever lift its verdict. A passed
+    /// probe makes a backend up only where no checker has a verdict of its own (one never seen
+    /// before, or one no pool checks), so a backend a checker holds down still needs its
+    /// `healthy` streak to come back.
+    pub fn apply_probes(&self, probed: &[Probed], config: &ValidConfig) {
         let checked = self.inner.checkers.checked();
+        let will_check = |addr: &SocketAddr| {
+            checked.contains(addr)
+                || config
+                    .pools
+                    .iter()
+                    .any(|p| p.health.is_some() && p.backends.iter().any(|b| b.addr == *addr))
+        };
         for p in probed {
             let backend = self.inner.registry.get_or_insert(p.addr);
             let current = backend.active();
             if !p.passed {
-                crate::health::transition(&backend, Active::Down, Some(&p.detail), &self.inner.metrics);
+                if will_check(&p.addr) {
+                    crate::health::transition(&backend, Active::Down, Some(&p.detail), &self.inner.metrics);
+                }
             } else if current == Active::Unknown || !checked.contains(&p.addr) {
                 crate::health::transition(&backend, Active::Up, None, &self.inner.metrics);
             }
@@ -447,4 +459,50 @@ fn describe(listeners: &BTreeMap<String, Listener>) -> String {
         .map(|l| format!("{}={}", l.name, l.bind))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(health: &str) -> ValidConfig {
+        let source = format!(
+            "[listener.public]\nbind = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:9\", \"127.0.0.1:10\"]\n{health}\n"
+        );
+        safelb_config::check("t.toml", &source).into_result().expect("valid")
+    }
+
+    fn probed(addr: &str, passed: bool) -> Probed {
+        Probed {
+            addr: addr.parse().unwrap(),
+            passed,
+            detail: "test".into(),
+        }
+    }
+
+    /// A failed preflight probe is a verdict only where a checker will watch the backend; a
+    /// passed one brings up a backend that no checker holds a verdict for.
+    #[tokio::test]
+    async fn preflight_verdicts_stick_only_where_a_checker_can_lift_them() {
+        let handle = ProxyHandle::new(config(""), 1);
+        let unchecked = config("");
+        handle.apply_probes(
+            &[probed("127.0.0.1:9", false), probed("127.0.0.1:10", true)],
+            &unchecked,
+        );
+        let state = |a: &str| handle.backend(&a.parse().unwrap()).unwrap().active();
+        assert_eq!(
+            state("127.0.0.1:9"),
+            Active::Unknown,
+            "nothing would ever bring it back"
+        );
+        assert_eq!(state("127.0.0.1:10"), Active::Up);
+        let checked = config("health = { path = \"/healthz\", interval = \"1h\" }");
+        handle.apply_probes(&[probed("127.0.0.1:9", false)], &checked);
+        assert_eq!(
+            state("127.0.0.1:9"),
+            Active::Down,
+            "its checker will decide when it is back"
+        );
+    }
 }
