@@ -3,7 +3,7 @@
 //! read on the request path with relaxed atomics: the delay (from the stable version's observed
 //! response-head latency of the pool) and the budget (hedges as a share of requests).
 //!
-//! It does not send anything; `proxy.rs` races the attempts.
+//! It does not send anything; `proxy/forward.rs` races the attempts.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;

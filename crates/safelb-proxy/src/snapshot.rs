@@ -31,7 +31,7 @@ pub struct Snapshot {
     pub no_route: Arc<ClassCounters>,
     pub metrics: Arc<Metrics>,
     /// Cancelled when this version is rolled back: requests still waiting on it for a response
-    /// head are rescued at once (see `proxy.rs`).
+    /// head are rescued at once (see `proxy/candidate.rs`).
     pub retired: CancellationToken,
     /// What the stable version did for this version's requests while it was a candidate.
     pub canary: CanaryCounters,
