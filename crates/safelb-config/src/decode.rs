@@ -16,6 +16,14 @@ use crate::duration::parse_duration;
 
 pub(crate) type Value<'i> = Spanned<DeValue<'i>>;
 
+/// A feature that is on by default: absent or `true` keeps its defaults, `false` turns it off,
+/// a table tunes it.
+pub(crate) enum Switch<'t, 'i> {
+    Default,
+    Off,
+    Table(Section<'t, 'i>),
+}
+
 /// A table being read, with the words that name it in messages ("pool `api`").
 pub(crate) struct Section<'t, 'i> {
     pub table: &'t DeTable<'i>,
@@ -173,6 +181,23 @@ impl<'t, 'i> Section<'t, 'i> {
     pub fn addr(&self, d: &mut Diagnostics, key: &str) -> Option<Spanned<SocketAddr>> {
         let s = self.str(d, key)?;
         parse_addr(d, &s, &format!("`{key}` in {}", self.what))
+    }
+
+    /// A feature written `key = false` or `key = { ... }` (see [`Switch`]).
+    pub fn switch(&self, d: &mut Diagnostics, key: &str) -> Switch<'t, 'i> {
+        let Some(v) = self.get(key) else {
+            return Switch::Default;
+        };
+        let what = format!("`{key}` of {}", self.what);
+        match v.get_ref() {
+            DeValue::Boolean(true) => Switch::Default,
+            DeValue::Boolean(false) => Switch::Off,
+            DeValue::Table(t) => Switch::Table(Section::new(t, v.span(), what)),
+            other => {
+                wrong_type(d, v.span(), &what, "`false` or a table", other);
+                Switch::Default
+            }
+        }
     }
 
     /// A sub-table, written either as `[a.b]` or inline `b = { ... }`.

@@ -274,3 +274,27 @@ fn rollout_policy_and_freeze_windows() {
         ],
     );
 }
+
+#[test]
+fn features_on_by_default_take_false_or_a_table() {
+    let hedge = BASE.replace("backends = [", "hedge = \"off\"\nbackends = [");
+    expect(
+        &hedge,
+        &[(Rule::WrongType, 6, 9, "must be `false` or a table, not string")],
+    );
+    let shadow = format!("{BASE}\n[rollout]\nshadow = 3\n");
+    expect(&shadow, &[(Rule::WrongType, 13, 10, "must be `false` or a table")]);
+    let off = format!(
+        "{}\n[rollout]\nshadow = false\n",
+        BASE.replace("backends = [", "hedge = false\nbackends = [")
+    );
+    let config = check("f.toml", &off).config.expect("valid");
+    assert!(config.pools[0].hedge.is_none() && config.rollout.shadow.is_none());
+    let tuned = BASE.replace("backends = [", "hedge = { budget = 0.25 }\nbackends = [");
+    let config = check("f.toml", &tuned).config.expect("valid");
+    assert_eq!(config.pools[0].hedge.map(|h| h.budget_permille), Some(250));
+    assert!(
+        check("f.toml", BASE).config.unwrap().pools[0].hedge.is_some(),
+        "on by default"
+    );
+}

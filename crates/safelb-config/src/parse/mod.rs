@@ -10,7 +10,7 @@ use std::time::Duration;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::decode::{as_array, as_section, as_str, as_uint, parse_addr, Section, Value};
+use crate::decode::{as_array, as_section, as_str, as_uint, parse_addr, Section, Switch, Value};
 use crate::diagnostic::{did_you_mean, Diagnostics, Rule};
 use crate::model::*;
 use crate::routing::RouteTable;

@@ -297,20 +297,17 @@ pub(super) fn health(d: &mut Diagnostics, h: &Section<'_, '_>, pool: &str) -> Op
 /// `hedge = false`, or `hedge = { after = "auto" | DURATION, budget = 0.1 }`; on by default.
 pub(super) fn hedge(d: &mut Diagnostics, s: &Section<'_, '_>, pool: &str) -> Option<Hedge> {
     let def = Hedge::default();
-    let Some(v) = s.get("hedge") else {
-        return Some(def);
+    let h = match s.switch(d, "hedge") {
+        Switch::Default => return Some(def),
+        Switch::Off => return None,
+        Switch::Table(h) => h,
     };
-    if let DeValue::Boolean(on) = v.get_ref() {
-        return on.then_some(def);
-    }
-    let h = s.section(d, "hedge")?;
     h.deny_unknown(d, &["after", "budget"]);
     let after = hedge_after(d, &h, "after", &format!("pool `{pool}`: hedge `after`")).unwrap_or(def.after);
-    let budget = h.float(d, "budget", 0.0, 1.0).unwrap_or(0.1);
-    Some(Hedge {
-        after,
-        budget_permille: (budget * 1000.0).round() as u32,
-    })
+    let budget_permille = h
+        .float(d, "budget", 0.0, 1.0)
+        .map_or(def.budget_permille, |b| (b * 1000.0).round() as u32);
+    Some(Hedge { after, budget_permille })
 }
 
 pub(super) fn outlier(d: &mut Diagnostics, o: &Section<'_, '_>) -> Outlier {

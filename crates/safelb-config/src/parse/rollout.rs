@@ -79,13 +79,11 @@ pub(super) fn rollout(d: &mut Diagnostics, s: &Section<'_, '_>) -> Rollout {
 /// `shadow = false`, or `shadow = { duration, share, min_requests, concurrency }`; on by default.
 pub(super) fn shadow(d: &mut Diagnostics, s: &Section<'_, '_>) -> Option<ShadowPolicy> {
     let def = ShadowPolicy::default();
-    let Some(v) = s.get("shadow") else {
-        return Some(def);
+    let sh = match s.switch(d, "shadow") {
+        Switch::Default => return Some(def),
+        Switch::Off => return None,
+        Switch::Table(sh) => sh,
     };
-    if let DeValue::Boolean(on) = v.get_ref() {
-        return on.then_some(def);
-    }
-    let sh = s.section(d, "shadow")?;
     sh.deny_unknown(d, &["duration", "share", "min_requests", "concurrency"]);
     let duration = sh.duration(d, "duration").unwrap_or(def.duration);
     if duration.is_zero() {
