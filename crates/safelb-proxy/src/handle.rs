@@ -227,15 +227,7 @@ impl ProxyHandle {
             .map(|s| s.candidate.clone());
         let candidate = match shadowed {
             Some(c) => c,
-            None => {
-                self.apply_probes(probed, &config);
-                Arc::new(Snapshot::build(
-                    config,
-                    version,
-                    &self.inner.registry,
-                    &self.inner.metrics,
-                ))
-            }
+            None => self.build_candidate(config, version, probed),
         };
         let canary = Canary {
             candidate: candidate.clone(),
@@ -262,13 +254,7 @@ impl ProxyHandle {
     ) -> Result<Arc<Shadow>, SwapError> {
         let current = self.routing();
         check_swappable(&current.stable.config, &config)?;
-        self.apply_probes(probed, &config);
-        let candidate = Arc::new(Snapshot::build(
-            config,
-            version,
-            &self.inner.registry,
-            &self.inner.metrics,
-        ));
+        let candidate = self.build_candidate(config, version, probed);
         let shadow = Arc::new(Shadow::new(candidate, policy));
         self.inner.current.store(Arc::new(Routing {
             stable: current.stable.clone(),
@@ -277,6 +263,18 @@ impl ProxyHandle {
         }));
         self.reconcile();
         Ok(shadow)
+    }
+
+    /// A candidate's snapshot, preflight's verdicts applied first so that it never routes to a
+    /// backend preflight found down.
+    fn build_candidate(&self, config: ValidConfig, version: u64, probed: &[Probed]) -> Arc<Snapshot> {
+        self.apply_probes(probed, &config);
+        Arc::new(Snapshot::build(
+            config,
+            version,
+            &self.inner.registry,
+            &self.inner.metrics,
+        ))
     }
 
     /// Ends a shadow stage without a canary (the candidate was rejected or the change aborted).

@@ -77,6 +77,12 @@ impl Snapshot {
         }
     }
 
+    /// Counts what the stable version did for this version's requests, here and in the totals.
+    pub(crate) fn count_canary(&self, counter: fn(&CanaryCounters) -> &AtomicU64) {
+        counter(&self.canary).fetch_add(1, Relaxed);
+        counter(&self.metrics.canary).fetch_add(1, Relaxed);
+    }
+
     pub fn pool_config(&self, pool: &PoolRuntime) -> &Pool {
         &self.config.pools[pool.index]
     }

@@ -19,10 +19,7 @@ impl Proxy {
         let replayable = request
             .as_ref()
             .is_some_and(|r| is_idempotent(r.method()) && http_body::Body::is_end_stream(r.body()));
-        let count = |f: fn(&CanaryCounters) -> &AtomicU64| {
-            f(&retired.canary).fetch_add(1, Relaxed);
-            f(&retired.metrics.canary).fetch_add(1, Relaxed);
-        };
+        let count = |f: fn(&CanaryCounters) -> &AtomicU64| retired.count_canary(f);
         if !replayable {
             count(|c| &c.rescue_refused);
             return local(done, ProxyError::new(ErrorKind::RolledBack));
@@ -46,13 +43,9 @@ impl Proxy {
         client: SocketAddr,
         done: Box<Completion>,
     ) -> Response<ResponseBody> {
-        let copy = request.as_ref().map(|r| {
-            let mut c = Request::new(());
-            *c.method_mut() = r.method().clone();
-            *c.uri_mut() = r.uri().clone();
-            *c.headers_mut() = r.headers().clone();
-            c.into_parts().0
-        });
+        let copy = request
+            .as_ref()
+            .map(|r| copy_head(r.method(), r.uri(), r.version(), r.headers()));
         let started = Instant::now();
         let response = finish(self.route_and_forward(snapshot, request, client, done).await);
         if let Some(parts) = copy {
@@ -115,10 +108,7 @@ impl Proxy {
             _ = candidate.retired.cancelled() => Lost::RolledBack,
             _ = &mut timer, if hedge_after.is_some() => Lost::Slow,
         };
-        let count = |f: fn(&CanaryCounters) -> &AtomicU64| {
-            f(&candidate.canary).fetch_add(1, Relaxed);
-            f(&candidate.metrics.canary).fetch_add(1, Relaxed);
-        };
+        let count = |f: fn(&CanaryCounters) -> &AtomicU64| candidate.count_canary(f);
         quiet.store(true, Relaxed);
         let Some(copy) = copy else {
             // Not replayable and the candidate was rolled back under it: answer now.

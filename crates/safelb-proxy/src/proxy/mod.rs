@@ -175,7 +175,7 @@ impl Proxy {
                 }
             };
             let copy = Replay {
-                parts: copy_parts(&parts),
+                parts: copy_head(&parts.method, &parts.uri, parts.version, &parts.headers),
                 body: bytes.clone(),
             };
             (RequestBody::buffered(bytes), Some(copy))
@@ -282,13 +282,13 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// A copy of a request's head (`Parts` is not `Clone`: extensions are dropped).
-fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
+/// A request head rebuilt from its pieces (`Parts` is not `Clone`: extensions are dropped).
+fn copy_head(method: &Method, uri: &Uri, version: Version, headers: &http::HeaderMap) -> http::request::Parts {
     let mut copy = Request::new(());
-    *copy.method_mut() = parts.method.clone();
-    *copy.uri_mut() = parts.uri.clone();
-    *copy.version_mut() = parts.version;
-    *copy.headers_mut() = parts.headers.clone();
+    *copy.method_mut() = method.clone();
+    *copy.uri_mut() = uri.clone();
+    *copy.version_mut() = version;
+    *copy.headers_mut() = headers.clone();
     copy.into_parts().0
 }
 
