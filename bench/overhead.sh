@@ -13,57 +13,18 @@ cargo build --release -q -p safelb -p safelb-proxy --examples --bins
 echo "== micro-benchmark"
 cargo run --release -q -p safelb-proxy --example record_cost
 
-work=$(mktemp -d)
-backend_pids=()
-cleanup() {
-    [ -n "${lb_pid:-}" ] && kill "$lb_pid" 2>/dev/null || true
-    for p in "${backend_pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-# Two backends in a process of their own (safelb's demo backends), so the proxy's one thread is measured alone.
-cat > "$work/backends.toml" <<CFG
-[listener.b]
-bind = "127.0.0.1:18181"
-[admin]
-bind = "127.0.0.1:18199"
-[access_log]
-enabled = false
-[[route]]
-name = "r"
-pool = "p"
-[pool.p]
-backends = ["127.0.0.1:18101", "127.0.0.1:18102"]
-CFG
-./target/release/safelb serve --config "$work/backends.toml" --store "$work/b-store" --demo-backends --threads 1 >/dev/null 2>&1 &
-backend_pids+=($!)
-sleep 1
-
-config() { # $1 = access log table
-    cat <<CFG
-[listener.public]
-bind = "127.0.0.1:18080"
-[admin]
-bind = "127.0.0.1:18090"
-$1
-[[route]]
-name = "r"
-pool = "p"
-[pool.p]
-balance = "round_robin"
-backends = ["127.0.0.1:18101", "127.0.0.1:18102"]
-CFG
-}
+source bench/two-backends.sh
+start_demo_backends ./target/release/safelb
 
 run_round() { # $1 = label, $2 = access log table
-    config "$2" > "$work/lb.toml"
+    proxy_config "$2" "" > "$work/lb.toml"
     rm -rf "$work/store"
     ./target/release/safelb serve --config "$work/lb.toml" --store "$work/store" --threads 1 >/dev/null 2>&1 &
     lb_pid=$!
+    pids+=("$lb_pid")
     for _ in $(seq 1 50); do curl -s -o /dev/null http://127.0.0.1:18080/ && break; sleep 0.1; done
     rps=$(wrk -t1 -c50 -d"${secs}s" http://127.0.0.1:18080/ | awk '/Requests\/sec/ {print $2}')
-    kill "$lb_pid"; wait "$lb_pid" 2>/dev/null || true; lb_pid=""
+    kill "$lb_pid"; wait "$lb_pid" 2>/dev/null || true
     echo "$1 $rps"
 }
 
