@@ -30,6 +30,8 @@ pub const SHADOW_HEADER: &str = "x-safelb-shadow";
 /// A candidate answer slower than this multiple of stable's (and [`SLOW_MARGIN`] more) is slow.
 const SLOW_FACTOR: u32 = 10;
 const SLOW_MARGIN: Duration = Duration::from_secs(1);
+/// How long a replayed sample waits for stable's answer (the pool's response timeout if shorter).
+const STABLE_REPLAY_LIMIT: Duration = Duration::from_secs(5);
 /// Shadow response bodies are read up to this much, then the connection is dropped.
 const MAX_BODY: usize = 1 << 20;
 
@@ -175,8 +177,7 @@ impl Shadow {
             tasks.spawn(async move {
                 let _slot = Slot(&shadow.in_flight);
                 let stable_route = route_name(&stable, &parts);
-                let (stable_outcome, stable_latency) =
-                    exchange(&stable, &parts, client, shadow.candidate_timeout(&stable)).await;
+                let (stable_outcome, stable_latency) = exchange(&stable, &parts, client, STABLE_REPLAY_LIMIT).await;
                 if stable_outcome == Outcome::Failed {
                     // Nothing to compare against.
                     return;
@@ -186,17 +187,6 @@ impl Shadow {
             });
         }
         while tasks.join_next().await.is_some() {}
-    }
-
-    fn candidate_timeout(&self, stable: &Snapshot) -> Duration {
-        stable
-            .config
-            .pools
-            .iter()
-            .map(|p| p.response_timeout)
-            .min()
-            .unwrap_or(Duration::from_secs(15))
-            .min(Duration::from_secs(5))
     }
 
     fn record(
