@@ -20,3 +20,4 @@ mod validate;
 pub use diagnostic::{Diagnostic, Diagnostics, Rule, Severity};
 pub use model::*;
 pub use parse::{check, Checked};
+pub use routing::{HostMatch, RouteMatch};

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::routing::RouteTable;
+use crate::routing::{RouteMatch, RouteTable};
 
 /// A configuration that passed every check. Cheap to clone (shared inside).
 #[derive(Clone, Debug)]
@@ -140,32 +140,10 @@ impl Default for AccessLog {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub name: String,
-    pub host: Option<HostMatch>,
-    /// Always starts with `/`; `/` when the config gives none.
-    pub path_prefix: String,
-    /// Upper-case method names; empty matches every method.
-    pub methods: Vec<String>,
-    /// Lower-cased header name and exact value.
-    pub headers: Vec<(String, String)>,
+    /// Which requests take this route.
+    pub matches: RouteMatch,
     /// Index into `Config::pools`.
     pub pool: usize,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum HostMatch {
-    /// Lower-case host without port.
-    Exact(String),
-    /// `*.example.com` stored as `.example.com`: matches any host ending with it.
-    Wildcard(String),
-}
-
-impl std::fmt::Display for HostMatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HostMatch::Exact(h) => f.write_str(h),
-            HostMatch::Wildcard(suffix) => write!(f, "*{suffix}"),
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -12,11 +12,39 @@
 
 use std::collections::HashMap;
 
-use crate::model::{HostMatch, Route};
+/// Which requests a route takes: its conditions, apart from what it does with them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteMatch {
+    pub host: Option<HostMatch>,
+    /// Always starts with `/`; `/` when the config gives none.
+    pub path_prefix: String,
+    /// Upper-case method names; empty matches every method.
+    pub methods: Vec<String>,
+    /// Lower-cased header name and exact value.
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HostMatch {
+    /// Lower-case host without port.
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`: matches any host ending with it.
+    Wildcard(String),
+}
+
+impl std::fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostMatch::Exact(h) => f.write_str(h),
+            HostMatch::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
-    routes: Vec<Route>,
+    /// Each route's conditions, in declaration order.
+    routes: Vec<RouteMatch>,
     exact: HashMap<String, Vec<usize>>,
     /// `(suffix, routes)`, longest suffix first.
     wildcard: Vec<(String, Vec<usize>)>,
@@ -35,11 +63,9 @@ pub struct RequestView<'a, H: Fn(&str) -> Option<&'a str>> {
 }
 
 impl RouteTable {
-    pub fn build(routes: &[Route]) -> RouteTable {
-        let mut table = RouteTable {
-            routes: routes.to_vec(),
-            ..RouteTable::default()
-        };
+    /// The table for routes in declaration order; [`find`](Self::find) answers indexes into it.
+    pub fn build(routes: Vec<RouteMatch>) -> RouteTable {
+        let mut table = RouteTable::default();
         for (i, route) in routes.iter().enumerate() {
             match &route.host {
                 Some(HostMatch::Exact(h)) => table.exact.entry(h.clone()).or_default().push(i),
@@ -58,11 +84,8 @@ impl RouteTable {
         table.wildcard.iter_mut().for_each(|(_, list)| by_prefix(list));
         by_prefix(&mut table.any_host);
         table.wildcard.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        table.routes = routes;
         table
-    }
-
-    pub fn routes(&self) -> &[Route] {
-        &self.routes
     }
 
     /// The index of the route the request takes, if any.
@@ -155,9 +178,11 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn route(name: &str, host: Option<&str>, prefix: &str) -> Route {
-        Route {
-            name: name.into(),
+    /// A table of named routes, for tests that read the chosen route's name.
+    struct Named(RouteTable, Vec<&'static str>);
+
+    fn route(name: &'static str, host: Option<&str>, prefix: &str) -> (&'static str, RouteMatch) {
+        let matches = RouteMatch {
             host: host.map(|h| match h.strip_prefix('*') {
                 Some(s) => HostMatch::Wildcard(s.into()),
                 None => HostMatch::Exact(h.into()),
@@ -165,27 +190,32 @@ mod tests {
             path_prefix: prefix.into(),
             methods: vec![],
             headers: vec![],
-            pool: 0,
-        }
+        };
+        (name, matches)
     }
 
-    fn find(t: &RouteTable, host: &str, path: &str) -> Option<String> {
+    fn table(routes: Vec<(&'static str, RouteMatch)>) -> Named {
+        let (names, matches) = routes.into_iter().unzip();
+        Named(RouteTable::build(matches), names)
+    }
+
+    fn find(t: &Named, host: &str, path: &str) -> Option<String> {
         find_with(t, "GET", host, path, &[])
     }
 
-    fn find_with(t: &RouteTable, method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {
+    fn find_with(t: &Named, method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {
         let view = RequestView {
             method,
             host,
             path,
             header: |name: &str| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v),
         };
-        t.find(&view).map(|i| t.routes()[i].name.clone())
+        t.0.find(&view).map(|i| t.1[i].to_string())
     }
 
     #[test]
     fn exact_host_beats_wildcard_beats_any_then_longest_prefix() {
-        let t = RouteTable::build(&[
+        let t = table(vec![
             route("default", None, "/"),
             route("wild", Some("*.shop.example"), "/"),
             route("shop", Some("shop.example"), "/"),
@@ -202,7 +232,7 @@ mod tests {
 
     #[test]
     fn wildcard_does_not_match_the_bare_domain() {
-        let t = RouteTable::build(&[route("wild", Some("*.shop.example"), "/")]);
+        let t = table(vec![route("wild", Some("*.shop.example"), "/")]);
         assert_eq!(find(&t, "shop.example", "/"), None);
         assert_eq!(find(&t, "evilshop.example", "/"), None);
     }
@@ -210,10 +240,10 @@ mod tests {
     #[test]
     fn conditions_fall_through_to_the_next_candidate() {
         let mut canary = route("canary", Some("shop.example"), "/api");
-        canary.headers = vec![("x-canary".into(), "1".into())];
+        canary.1.headers = vec![("x-canary".into(), "1".into())];
         let mut writes = route("writes", Some("shop.example"), "/api");
-        writes.methods = vec!["POST".into()];
-        let t = RouteTable::build(&[
+        writes.1.methods = vec!["POST".into()];
+        let t = table(vec![
             canary,
             writes,
             route("api", Some("shop.example"), "/api"),
@@ -239,22 +269,22 @@ mod tests {
 
     #[test]
     fn no_route_is_none() {
-        let t = RouteTable::build(&[route("api", Some("shop.example"), "/api")]);
+        let t = table(vec![route("api", Some("shop.example"), "/api")]);
         assert_eq!(find(&t, "shop.example", "/"), None);
     }
 
     #[test]
     fn shadowing_is_detected_only_when_certain() {
         let mut post_only = route("post", None, "/api");
-        post_only.methods = vec!["POST".into()];
-        let t = RouteTable::build(&[
+        post_only.1.methods = vec!["POST".into()];
+        let t = table(vec![
             route("a", None, "/api"),
             route("b", None, "/api"),
             post_only,
             route("c", Some("x.example"), "/api"),
             route("d", None, "/api/v2"),
         ]);
-        assert_eq!(t.shadowed(), vec![(1, 0), (2, 0)]);
+        assert_eq!(t.0.shadowed(), vec![(1, 0), (2, 0)]);
     }
 
     #[test]

@@ -3,9 +3,14 @@
 use std::ops::Range;
 
 use crate::diagnostic::{Diagnostics, Rule};
-use crate::model::{Admin, Pool, TestExpectation};
-use crate::parse::{SpannedRoute, SpannedTest};
+use crate::model::{Admin, Pool, Route, RouteTest, TestExpectation};
 use crate::routing::{RequestView, RouteTable};
+
+/// Routes with the span of their `name` (or table), for diagnostics.
+pub(crate) type SpannedRoute = (Route, Range<usize>);
+
+/// `[[test]]` cases with the span of their table.
+pub(crate) type SpannedTest = (RouteTest, Range<usize>);
 
 pub(crate) fn cross_check(
     d: &mut Diagnostics,
@@ -58,7 +63,7 @@ pub(crate) fn cross_check(
             path: &test.path,
             header: |name: &str| test.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()),
         };
-        let found = table.find(&view).map(|i| &table.routes()[i]);
+        let found = table.find(&view).map(|i| &routes[i].0);
         let request = format!("{} http://{}{}", test.method, test.host, test.path);
         let got = match found {
             Some(r) => format!("route `{}` (pool `{}`)", r.name, pools[r.pool].0.name),

@@ -13,7 +13,7 @@ use safelb_proxy::metrics::DataPlaneEvent;
 use safelb_proxy::shadow::ShadowReport;
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::WindowView;
+use crate::judge::WindowView;
 use crate::store::NewEvent;
 
 /// Fields absent from rows written by older versions read as their defaults.

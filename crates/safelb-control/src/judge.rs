@@ -4,6 +4,27 @@ use safelb_config::Rollout;
 use safelb_proxy::shadow::ShadowReport;
 use safelb_proxy::stats::StatsSnapshot;
 
+/// One side of a verdict, as events, the API and the postmortem show it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct WindowView {
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub p99_ms: Option<u64>,
+}
+
+impl From<&StatsSnapshot> for WindowView {
+    fn from(s: &StatsSnapshot) -> Self {
+        WindowView {
+            requests: s.requests,
+            errors: s.errors,
+            error_rate: s.error_rate(),
+            p99_ms: s.p99().map(|d| d.as_millis() as u64),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
     /// Within every limit, with enough requests to say so.

@@ -309,7 +309,7 @@ impl Monitor {
 }
 
 fn notice(rule: &AlertRule, firing: bool, text: &str, starts_ms: i64, ends_ms: Option<i64>) -> Notice {
-    let ts = |ms: i64| safelb_proxy::access_log::rfc3339(ms.div_euclid(1000), (ms.rem_euclid(1000)) as u32);
+    let ts = safelb_proxy::clock::rfc3339_ms;
     let mut labels = rule.labels.clone();
     labels.push(("kind".into(), rule.kind.name().into()));
     if let Some(p) = &rule.pool {

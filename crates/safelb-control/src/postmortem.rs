@@ -36,7 +36,7 @@ pub fn route_counts(metrics: &Metrics) -> RouteCounts {
 }
 
 fn ts(ms: i64) -> String {
-    safelb_proxy::access_log::rfc3339(ms.div_euclid(1000), ms.rem_euclid(1000) as u32)
+    safelb_proxy::clock::rfc3339_ms(ms)
 }
 
 /// A change that may have caused what followed.

@@ -13,13 +13,12 @@ use tokio::time::Instant;
 use safelb_config::ValidConfig;
 use safelb_proxy::hedge::CanaryTotals;
 use safelb_proxy::shadow::ShadowReport;
-use safelb_proxy::stats::StatsSnapshot;
 use safelb_proxy::ProxyHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
-use crate::judge::{judge, Verdict};
+use crate::judge::{judge, Verdict, WindowView};
 use crate::preflight::{self, PreflightReport};
 use crate::store::{now_ms, Fate};
 use crate::StoreHandle;
@@ -41,26 +40,6 @@ pub enum Phase {
 impl Phase {
     pub fn is_final(self) -> bool {
         matches!(self, Phase::Promoted | Phase::RolledBack | Phase::Rejected)
-    }
-}
-
-#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct WindowView {
-    pub requests: u64,
-    pub errors: u64,
-    pub error_rate: f64,
-    pub p99_ms: Option<u64>,
-}
-
-impl From<&StatsSnapshot> for WindowView {
-    fn from(s: &StatsSnapshot) -> Self {
-        WindowView {
-            requests: s.requests,
-            errors: s.errors,
-            error_rate: s.error_rate(),
-            p99_ms: s.p99().map(|d| d.as_millis() as u64),
-        }
     }
 }
 

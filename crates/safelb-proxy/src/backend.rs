@@ -1,27 +1,21 @@
-//! Backend state that outlives config versions: health, ejection, load, idle connections.
+//! What is known about a backend address, outliving config versions: health, ejection, load.
 //!
-//! Health belongs to the backend *address*, not to a snapshot: the [`Registry`] hands the same
-//! `Arc<BackendState>` to every snapshot that names the address, so a swap keeps what is known
-//! about a backend (a weight change does not forget that it is down).
+//! Health belongs to the backend *address*, not to a snapshot: the
+//! [`Registry`](crate::registry::Registry) hands the same `Arc<BackendState>` to every snapshot
+//! that names the address, so a swap keeps what is known about a backend (a weight change does
+//! not forget that it is down).
 //!
-//! Everything read on the request path is an atomic; the only lock is the per-backend idle
-//! connection list, held for a push or a pop.
+//! Atomics only: the request path reads and updates it without a lock. Its connections are
+//! elsewhere ([`crate::upstream::Conns`]).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use safelb_config::Outlier;
 
-use crate::upstream::IdleConn;
-
-/// Milliseconds since the process started; cheap, monotonic, fits an atomic.
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
+use crate::clock::now_ms;
 
 /// What the active health check last concluded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,12 +47,6 @@ pub struct BackendState {
     /// Peak-EWMA of response latency in microseconds, as f64 bits.
     ewma_micros: AtomicU64,
     ewma_stamp_ms: AtomicU64,
-    /// Idle connections of hyper's client (requests with a body).
-    pub(crate) idle: Mutex<Vec<IdleConn>>,
-    /// Idle connections for bodiless requests, exchanged on the request's task (`h1/`).
-    pub(crate) inline_idle: Mutex<Vec<(crate::h1::Conn, std::time::Instant)>>,
-    /// The one multiplexed connection of pools that speak HTTP/2 to this backend.
-    pub(crate) h2: Mutex<Option<hyper::client::conn::http2::SendRequest<crate::body::RequestBody>>>,
     pub(crate) draining: AtomicBool,
     /// Ejections since start, for metrics.
     pub ejections_total: AtomicU64,
@@ -82,9 +70,6 @@ impl BackendState {
             in_flight: AtomicU32::new(0),
             ewma_micros: AtomicU64::new(EWMA_DEFAULT_MICROS.to_bits()),
             ewma_stamp_ms: AtomicU64::new(0),
-            idle: Mutex::new(Vec::new()),
-            inline_idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
             draining: AtomicBool::new(false),
             ejections_total: AtomicU64::new(0),
         }
@@ -222,52 +207,6 @@ impl std::fmt::Debug for BackendState {
             .field("active", &self.active())
             .field("in_flight", &self.in_flight())
             .finish_non_exhaustive()
-    }
-}
-
-/// The long-lived map from address to backend state that snapshots attach to.
-#[derive(Default)]
-pub struct Registry {
-    backends: Mutex<HashMap<SocketAddr, Arc<BackendState>>>,
-}
-
-impl Registry {
-    pub fn get_or_insert(&self, addr: SocketAddr) -> Arc<BackendState> {
-        let mut map = self
-            .backends
-            .lock()
-            .expect("registry lock is never poisoned: no panics under it");
-        map.entry(addr)
-            .or_insert_with(|| Arc::new(BackendState::new(addr)))
-            .clone()
-    }
-
-    pub fn get(&self, addr: &SocketAddr) -> Option<Arc<BackendState>> {
-        self.backends
-            .lock()
-            .expect("registry lock is never poisoned")
-            .get(addr)
-            .cloned()
-    }
-
-    /// Forgets addresses no live snapshot names any more.
-    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
-        self.backends
-            .lock()
-            .expect("registry lock is never poisoned")
-            .retain(|a, _| keep(a));
-    }
-
-    pub fn all(&self) -> Vec<Arc<BackendState>> {
-        let mut v: Vec<_> = self
-            .backends
-            .lock()
-            .expect("registry lock is never poisoned")
-            .values()
-            .cloned()
-            .collect();
-        v.sort_by_key(|b| b.addr);
-        v
     }
 }
 

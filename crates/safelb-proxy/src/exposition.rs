@@ -6,9 +6,10 @@
 
 use std::fmt::Write as _;
 
-use crate::backend::now_ms;
-use crate::handle::{ProxyHandle, Role};
+use crate::clock::now_ms;
+use crate::handle::ProxyHandle;
 use crate::metrics::{CLASSES, DURATION_BUCKETS};
+use crate::role::Role;
 
 /// Writes families of the text format: HELP and TYPE once, then samples.
 pub struct Exposition {

@@ -15,9 +15,11 @@ use safelb_config::{Listener, ValidConfig};
 use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::backend::{Active, BackendState, Registry};
+use crate::backend::{Active, BackendState};
 use crate::health::{desired_checks, HealthCheckers};
 use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::role::Role;
 use crate::samples::Samples;
 use crate::shadow::Shadow;
 use crate::snapshot::Snapshot;
@@ -40,22 +42,6 @@ pub struct Probed {
     pub passed: bool,
     /// Why it failed, for the health event.
     pub detail: String,
-}
-
-/// Which version serves a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Stable = 0,
-    Candidate = 1,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Stable => "stable",
-            Role::Candidate => "candidate",
-        }
-    }
 }
 
 /// What requests read: the stable snapshot, an optional canary, and an optional shadow stage
@@ -350,7 +336,7 @@ impl ProxyHandle {
                     .any(|p| p.health.is_some() && p.backends.iter().any(|b| b.addr == *addr))
         };
         for p in probed {
-            let backend = self.inner.registry.get_or_insert(p.addr);
+            let (backend, _) = self.inner.registry.get_or_insert(p.addr);
             let current = backend.active();
             if !p.passed {
                 if will_check(&p.addr) {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use safelb_config::HedgeAfter;
 
-use crate::backend::now_ms;
+use crate::clock::now_ms;
 use crate::stats::{Stats, StatsSnapshot};
 
 /// The floor of an automatic hedge delay: below it a hedge would fire on ordinary jitter.

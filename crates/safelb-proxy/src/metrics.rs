@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::failures::FailedClients;
-use crate::handle::Role;
 use crate::hedge::{CanaryCounters, HeadLatency, HedgeCounters, ShadowCounters};
+use crate::role::Role;
 
 /// Upper bounds of the request-duration histogram, in seconds: the same layout as the canary's
 /// windows (`stats.rs`), so an alert's p99 and a rollout's p99 agree on the same traffic.
@@ -239,7 +239,7 @@ impl Metrics {
     /// Remembers the client of a failed (5xx) request (no lock: see `failures.rs`).
     #[inline]
     pub fn record_failed_client(&self, ip: IpAddr) {
-        self.failed_clients.record(crate::access_log::unix_ms(), ip);
+        self.failed_clients.record(crate::clock::unix_ms(), ip);
     }
 
     /// Failed (5xx) requests between two Unix times in milliseconds (inclusive): how many, from

@@ -249,7 +249,8 @@ impl Drop for Slot<'_> {
 }
 
 fn route_name(snapshot: &Snapshot, parts: &http::request::Parts) -> Option<String> {
-    crate::proxy::find_route(snapshot, &parts.method, &parts.uri, &parts.headers)
+    snapshot
+        .find_route(&parts.method, &parts.uri, &parts.headers)
         .map(|r| snapshot.route_names[r].to_string())
 }
 
@@ -262,7 +263,7 @@ async fn exchange(
     limit: Duration,
 ) -> (Outcome, Duration) {
     let started = Instant::now();
-    let Some(route) = crate::proxy::find_route(snapshot, &parts.method, &parts.uri, &parts.headers) else {
+    let Some(route) = snapshot.find_route(&parts.method, &parts.uri, &parts.headers) else {
         return (Outcome::NoRoute, started.elapsed());
     };
     let pool = &snapshot.pools[snapshot.config.routes[route].pool];
@@ -272,23 +273,24 @@ async fn exchange(
         return (Outcome::Status(200), started.elapsed());
     }
     let hash = if pool.balancer.needs_hash() {
-        crate::proxy::request_hash(snapshot, pool, &parts.headers, client)
+        snapshot.request_hash(pool, &parts.headers, client)
     } else {
         0
     };
     let Ok(idx) = pool.select(hash, &[]) else {
         return (Outcome::Failed, started.elapsed());
     };
-    let backend = &pool.backends[idx];
+    let conns = &pool.conns[idx];
     let mut headers = parts.headers.clone();
     headers.insert(SHADOW_HEADER, HeaderValue::from_static("1"));
     let head = h1::encode_head(&parts.method, &parts.uri, &headers);
     let method: Method = parts.method.clone();
     let attempt = async {
-        let (mut sender, _) = upstream::checkout(backend, config.connect_timeout, Protocol::Http1, true)
+        let (mut sender, _) = conns
+            .checkout(config.connect_timeout, Protocol::Http1, true)
             .await
             .ok()?;
-        let response = sender.send_head(&head, &method, backend).await.ok()?;
+        let response = sender.send_head(&head, &method).await.ok()?;
         Some((response, started.elapsed()))
     };
     let limit = limit.min(config.response_timeout);
@@ -324,7 +326,7 @@ mod tests {
         let candidate = Arc::new(Snapshot::build(
             config,
             2,
-            &crate::backend::Registry::default(),
+            &crate::registry::Registry::default(),
             &metrics,
         ));
         Shadow::new(candidate, &ShadowPolicy::default())

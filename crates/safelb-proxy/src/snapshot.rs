@@ -4,17 +4,25 @@
 //! published behind one `ArcSwap` by [`crate::ProxyHandle`], and a request holds the `Arc` it
 //! loaded for its whole life, so a swap never changes the rules under a request in flight.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use safelb_config::{HedgeAfter, PanicPolicy, Pool, ValidConfig};
+use http::header::HOST;
+use http::{HeaderMap, Method, Uri};
+use safelb_config::routing::RequestView;
+use safelb_config::{HashKey, HedgeAfter, PanicPolicy, Pool, ValidConfig};
 use tokio_util::sync::CancellationToken;
+use xxhash_rust::xxh3::xxh3_64;
 
-use crate::backend::{now_ms, BackendState, Registry};
+use crate::backend::BackendState;
 use crate::balance::{Balancer, Candidates};
+use crate::clock::now_ms;
 use crate::error::ErrorKind;
 use crate::hedge::{CanaryCounters, HeadLatency, HedgeBudget, HedgeCounters};
 use crate::metrics::{ClassCounters, Histogram, Metrics, UpstreamCounters};
+use crate::registry::Registry;
+use crate::upstream::Conns;
 
 pub struct Snapshot {
     pub version: u64,
@@ -38,7 +46,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn build(config: ValidConfig, version: u64, registry: &Registry, metrics: &Arc<Metrics>) -> Snapshot {
+    pub(crate) fn build(config: ValidConfig, version: u64, registry: &Registry, metrics: &Arc<Metrics>) -> Snapshot {
         let pools: Vec<PoolRuntime> = config
             .pools
             .iter()
@@ -103,6 +111,8 @@ pub struct PoolRuntime {
     pub index: usize,
     pub name: Arc<str>,
     pub backends: Vec<Arc<BackendState>>,
+    /// The connections of each backend, in the order of `backends`.
+    pub(crate) conns: Vec<Arc<Conns>>,
     pub weights: Vec<u32>,
     pub balancer: Balancer,
     pub retry_budget: RetryBudget,
@@ -132,7 +142,7 @@ pub struct PoolHedge {
 
 impl PoolRuntime {
     fn new(index: usize, pool: &Pool, registry: &Registry, metrics: &Arc<Metrics>) -> PoolRuntime {
-        let backends: Vec<_> = pool.backends.iter().map(|b| registry.get_or_insert(b.addr)).collect();
+        let (backends, conns): (Vec<_>, Vec<_>) = pool.backends.iter().map(|b| registry.get_or_insert(b.addr)).unzip();
         let weights: Vec<u32> = pool.backends.iter().map(|b| b.weight).collect();
         let name: Arc<str> = Arc::from(pool.name.as_str());
         PoolRuntime {
@@ -150,6 +160,7 @@ impl PoolRuntime {
             name,
             balancer: Balancer::new(pool.balance, &backends, &weights),
             backends,
+            conns,
             weights,
             retry_budget: RetryBudget::new(pool.retry.budget_percent, pool.retry.min_per_second),
             in_panic: AtomicBool::new(false),
@@ -278,6 +289,46 @@ impl RetryBudget {
             false
         }
     }
+}
+
+impl Snapshot {
+    /// The route a request head matches, if any.
+    pub(crate) fn find_route(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
+        let view = RequestView {
+            method: method.as_str(),
+            host: headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
+            path: uri.path(),
+            header: |name: &str| headers.get(name).and_then(|v| v.to_str().ok()),
+        };
+        self.config.route_table.find(&view)
+    }
+
+    /// The request's key for `consistent_hash` in `pool`: the pool's `hash_key`, else the
+    /// client address.
+    pub(crate) fn request_hash(&self, pool: &PoolRuntime, headers: &HeaderMap, client: SocketAddr) -> u64 {
+        let by_client = || match client.ip() {
+            std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
+            std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),
+        };
+        match &self.pool_config(pool).hash_key {
+            HashKey::ClientAddress => by_client(),
+            HashKey::Header(name) => headers
+                .get(name.as_str())
+                .map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
+            HashKey::Cookie(name) => cookie(headers, name).map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
+        }
+    }
+}
+
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 #[cfg(test)]

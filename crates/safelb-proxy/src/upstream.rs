@@ -3,13 +3,18 @@
 //! `h1/`), hyper HTTP/1.1 connections for requests with a body, and one multiplexed hyper
 //! HTTP/2 connection per backend for `protocol = "h2"` pools.
 //!
+//! [`Conns`] holds one backend address's connections; the [`crate::registry::Registry`] keeps
+//! it beside the address's [`BackendState`](crate::backend::BackendState), which knows nothing
+//! of connections.
+//!
 //! The pools are ours rather than hyper-util's client because a retry must happen *before* the
 //! request body is consumed: we obtain a connection first, and only then give the request away.
 //! A stale keep-alive connection that the backend closed is recognised without losing the
 //! request (the reactor's hang-up readiness for inline connections; `try_send_request` handing
 //! it back for hyper's), and the request goes out on a fresh one.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -20,7 +25,6 @@ use hyper_util::rt::TokioIo;
 use safelb_config::Protocol;
 use tokio::net::TcpStream;
 
-use crate::backend::BackendState;
 use crate::body::RequestBody;
 use crate::error::ErrorKind;
 use crate::h1;
@@ -31,20 +35,39 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections kept per backend; more are closed when returned.
 const MAX_IDLE_PER_BACKEND: usize = 512;
 
-pub(crate) struct IdleConn {
+/// The connections to one backend address, shared by every snapshot that names it.
+pub(crate) struct Conns {
+    addr: SocketAddr,
+    /// Idle connections of hyper's client (requests with a body).
+    idle: Mutex<Vec<IdleConn>>,
+    /// Idle connections for bodiless requests, exchanged on the request's task (`h1/`).
+    inline: Arc<h1::IdleConns>,
+    /// The one multiplexed connection of pools that speak HTTP/2 to this backend.
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+}
+
+impl std::fmt::Debug for Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conns")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+struct IdleConn {
     sender: SendRequest<RequestBody>,
     since: Instant,
 }
 
 /// A connection to send one request on.
 pub(crate) enum Sender {
-    /// Owned for this request; back to the idle list once the response body ends.
-    H1(SendRequest<RequestBody>),
+    /// Owned for this request; back to its home's idle list once the response body ends.
+    H1(SendRequest<RequestBody>, Arc<Conns>),
     /// A clone of the backend's one multiplexed connection.
     H2(http2::SendRequest<RequestBody>),
     /// For a bodiless request: exchanged on the request's own task; the response body puts it
     /// back in the pool when it ends.
-    Inline(Option<h1::Conn>),
+    Inline(Option<(h1::Conn, Arc<h1::IdleConns>)>),
 }
 
 /// A response body as it comes from a backend.
@@ -69,7 +92,6 @@ impl Sender {
         &mut self,
         slot: &mut Option<http::Request<RequestBody>>,
         head: Option<&[u8]>,
-        backend: &Arc<BackendState>,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
         let hyper_error = |mut e: hyper::client::conn::TrySendError<http::Request<RequestBody>>,
                            slot: &mut Option<http::Request<RequestBody>>| {
@@ -82,7 +104,7 @@ impl Sender {
         match self {
             // hyper's send futures are boxed: requests with a body and h2 pools pay one
             // allocation, so that bodiless HTTP/1.1 requests (most) do not carry their size.
-            Sender::H1(s) => {
+            Sender::H1(s, _) => {
                 let req = slot.take().expect("send is given a request");
                 match Box::pin(s.try_send_request(req)).await {
                     Ok(r) => Ok(r.map(UpstreamBody::Hyper)),
@@ -107,7 +129,7 @@ impl Sender {
                     }
                 };
                 let method = req.method().clone();
-                let sent = self.send_head(head, &method, backend).await;
+                let sent = self.send_head(head, &method).await;
                 if !matches!(&sent, Err(e) if e.unsent) {
                     slot.take();
                 }
@@ -122,13 +144,12 @@ impl Sender {
         &mut self,
         head: &[u8],
         method: &http::Method,
-        backend: &Arc<BackendState>,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
         let Sender::Inline(conn) = self else {
             unreachable!("send_head is used with inline connections only");
         };
-        let conn = conn.take().expect("a connection carries one request at a time");
-        match h1::exchange(conn, head, method, backend.clone()).await {
+        let (conn, home) = conn.take().expect("a connection carries one request at a time");
+        match h1::exchange(conn, head, method, home).await {
             Ok(response) => Ok(response.map(UpstreamBody::Inline)),
             Err(e) => {
                 let again = matches!(e, h1::Error::ClosedBeforeResponse) && method.is_idempotent();
@@ -141,113 +162,118 @@ impl Sender {
     }
 }
 
-/// A ready connection to `backend` in the pool's protocol: reused when possible, else new.
-/// Bodiless HTTP/1.1 requests get a connection of their own kind (see `h1/`).
-pub(crate) async fn checkout(
-    backend: &BackendState,
-    connect_timeout: Duration,
-    protocol: Protocol,
-    bodiless: bool,
-) -> Result<(Sender, bool), ErrorKind> {
-    if protocol == Protocol::H2 {
-        // Boxed, like the handshakes below: a future's size is paid (copied) on every request
-        // that awaits it, taken or not, and these are the rare paths.
-        return Box::pin(checkout_h2(backend, connect_timeout)).await;
+impl Conns {
+    pub(crate) fn new(addr: SocketAddr) -> Conns {
+        Conns {
+            addr,
+            idle: Mutex::new(Vec::new()),
+            inline: Arc::default(),
+            h2: Mutex::new(None),
+        }
     }
-    if bodiless {
-        loop {
-            let idle = backend
-                .inline_idle
-                .lock()
-                .expect("idle list lock is never poisoned")
-                .pop();
-            match idle {
-                Some((conn, since)) if since.elapsed() <= IDLE_TIMEOUT && !conn.closed_while_idle() => {
-                    return Ok((Sender::Inline(Some(conn)), true))
-                }
-                Some(_) => continue,
-                None => break,
+
+    /// A ready connection in the pool's protocol: reused when possible, else new. Bodiless
+    /// HTTP/1.1 requests get a connection of their own kind (see `h1/`).
+    pub(crate) async fn checkout(
+        self: &Arc<Self>,
+        connect_timeout: Duration,
+        protocol: Protocol,
+        bodiless: bool,
+    ) -> Result<(Sender, bool), ErrorKind> {
+        if protocol == Protocol::H2 {
+            // Boxed, like the handshakes below: a future's size is paid (copied) on every
+            // request that awaits it, taken or not, and these are the rare paths.
+            return Box::pin(self.checkout_h2(connect_timeout)).await;
+        }
+        if bodiless {
+            if let Some(conn) = self.inline.take(IDLE_TIMEOUT) {
+                return Ok((Sender::Inline(Some((conn, self.inline.clone()))), true));
+            }
+            let stream = connect_tcp(self.addr, connect_timeout).await?;
+            return Ok((
+                Sender::Inline(Some((h1::Conn::new(stream), self.inline.clone()))),
+                false,
+            ));
+        }
+        while let Some(mut idle) = self.pop_idle() {
+            if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            if idle.sender.is_ready() {
+                return Ok((Sender::H1(idle.sender, self.clone()), true));
+            }
+            // Returned right at end of body: the connection task may not have marked it idle.
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), idle.sender.ready()).await {
+                return Ok((Sender::H1(idle.sender, self.clone()), true));
             }
         }
-        let stream = connect_tcp(backend, connect_timeout).await?;
-        return Ok((Sender::Inline(Some(h1::Conn::new(stream))), false));
+        Box::pin(connect(self.addr, connect_timeout))
+            .await
+            .map(|s| (Sender::H1(s, self.clone()), false))
     }
-    while let Some(mut idle) = pop_idle(backend) {
-        if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
-            continue;
-        }
-        if idle.sender.is_ready() {
-            return Ok((Sender::H1(idle.sender), true));
-        }
-        // Returned right at end of body: the connection task may not have marked it idle yet.
-        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), idle.sender.ready()).await {
-            return Ok((Sender::H1(idle.sender), true));
-        }
-    }
-    Box::pin(connect(backend, connect_timeout))
-        .await
-        .map(|s| (Sender::H1(s), false))
-}
 
-async fn checkout_h2(backend: &BackendState, timeout: Duration) -> Result<(Sender, bool), ErrorKind> {
-    if let Some(s) = backend
-        .h2
-        .lock()
-        .expect("h2 lock is never poisoned")
-        .as_ref()
-        .filter(|s| !s.is_closed())
-    {
-        return Ok((Sender::H2(s.clone()), true));
-    }
-    let stream = connect_tcp(backend, timeout).await?;
-    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|_| ErrorKind::ConnectRefused)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::trace!(error = %e, "upstream h2 connection ended with an error");
+    async fn checkout_h2(&self, timeout: Duration) -> Result<(Sender, bool), ErrorKind> {
+        if let Some(s) = self
+            .h2
+            .lock()
+            .expect("h2 lock is never poisoned")
+            .as_ref()
+            .filter(|s| !s.is_closed())
+        {
+            return Ok((Sender::H2(s.clone()), true));
         }
-    });
-    *backend.h2.lock().expect("h2 lock is never poisoned") = Some(sender.clone());
-    Ok((Sender::H2(sender), false))
-}
-
-fn pop_idle(backend: &BackendState) -> Option<IdleConn> {
-    backend.idle.lock().expect("idle list lock is never poisoned").pop()
-}
-
-/// Returns a connection whose last response was read to the end (HTTP/2 connections are shared
-/// and never leave the backend).
-pub(crate) fn checkin(backend: &BackendState, sender: Sender) {
-    let Sender::H1(sender) = sender else { return };
-    if sender.is_closed() {
-        return;
-    }
-    let mut idle = backend.idle.lock().expect("idle list lock is never poisoned");
-    if idle.len() < MAX_IDLE_PER_BACKEND {
-        idle.push(IdleConn {
-            sender,
-            since: Instant::now(),
+        let stream = connect_tcp(self.addr, timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| ErrorKind::ConnectRefused)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "upstream h2 connection ended with an error");
+            }
         });
+        *self.h2.lock().expect("h2 lock is never poisoned") = Some(sender.clone());
+        Ok((Sender::H2(sender), false))
+    }
+
+    fn pop_idle(&self) -> Option<IdleConn> {
+        self.idle.lock().expect("idle list lock is never poisoned").pop()
+    }
+
+    /// Drops every idle connection (the backend was ejected).
+    pub(crate) fn clear(&self) {
+        self.idle.lock().expect("idle list lock is never poisoned").clear();
+        self.inline.clear();
+        self.h2.lock().expect("h2 lock is never poisoned").take();
     }
 }
 
-/// A bodiless request's connection, back once its response ended cleanly.
-pub(crate) fn checkin_inline(backend: &BackendState, conn: h1::Conn) {
-    let mut idle = backend.inline_idle.lock().expect("idle list lock is never poisoned");
-    if idle.len() < MAX_IDLE_PER_BACKEND {
-        idle.push((conn, Instant::now()));
+impl Sender {
+    /// Returns a hyper connection whose last response was read to the end to its idle list.
+    /// Inline connections go back from their response body; HTTP/2 ones are shared and never
+    /// leave.
+    pub(crate) fn checkin(self) {
+        let Sender::H1(sender, home) = self else { return };
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = home.idle.lock().expect("idle list lock is never poisoned");
+        if idle.len() < MAX_IDLE_PER_BACKEND {
+            idle.push(IdleConn {
+                sender,
+                since: Instant::now(),
+            });
+        }
     }
 }
 
-/// A TCP connection to the backend. Connect errors are classified for retries and outlier
+/// A TCP connection to a backend. Connect errors are classified for retries and outlier
 /// detection.
-async fn connect_tcp(backend: &BackendState, timeout: Duration) -> Result<TcpStream, ErrorKind> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
+async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ErrorKind> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(ErrorKind::ConnectTimeout),
         Ok(Err(e)) => {
-            tracing::debug!(backend = %backend.addr, error = %e, "upstream connect failed");
+            tracing::debug!(backend = %addr, error = %e, "upstream connect failed");
             return Err(ErrorKind::ConnectRefused);
         }
         Ok(Ok(s)) => s,
@@ -257,8 +283,8 @@ async fn connect_tcp(backend: &BackendState, timeout: Duration) -> Result<TcpStr
 }
 
 /// Opens a new connection for hyper's client.
-pub(crate) async fn connect(backend: &BackendState, timeout: Duration) -> Result<SendRequest<RequestBody>, ErrorKind> {
-    let stream = connect_tcp(backend, timeout).await?;
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<RequestBody>, ErrorKind> {
+    let stream = connect_tcp(addr, timeout).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -274,10 +300,10 @@ pub(crate) async fn connect(backend: &BackendState, timeout: Duration) -> Result
 
 /// A new connection for an Upgrade request: never pooled, since a 101 hands it to the tunnel.
 pub(crate) async fn connect_upgradable(
-    backend: &BackendState,
+    addr: SocketAddr,
     timeout: Duration,
 ) -> Result<SendRequest<RequestBody>, ErrorKind> {
-    let stream = connect_tcp(backend, timeout).await?;
+    let stream = connect_tcp(addr, timeout).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -286,15 +312,4 @@ pub(crate) async fn connect_upgradable(
         let _ = conn.with_upgrades().await;
     });
     Ok(sender)
-}
-
-/// Drops every idle connection of a backend (it was removed or ejected).
-pub(crate) fn clear_idle(backend: &Arc<BackendState>) {
-    backend.idle.lock().expect("idle list lock is never poisoned").clear();
-    backend
-        .inline_idle
-        .lock()
-        .expect("idle list lock is never poisoned")
-        .clear();
-    backend.h2.lock().expect("h2 lock is never poisoned").take();
 }

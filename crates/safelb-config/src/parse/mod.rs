@@ -13,8 +13,8 @@ use toml::Spanned;
 use crate::decode::{as_array, as_section, as_str, as_uint, parse_addr, Section, Switch, Value};
 use crate::diagnostic::{did_you_mean, Diagnostics, Rule};
 use crate::model::*;
-use crate::routing::RouteTable;
-use crate::validate;
+use crate::routing::{HostMatch, RouteMatch, RouteTable};
+use crate::validate::{self, SpannedRoute, SpannedTest};
 
 mod alerts;
 mod listeners;
@@ -99,8 +99,7 @@ pub fn check(file: &str, source: &str) -> Checked {
     let alerts = alerts(&mut d, &top, &routes, &pools);
     let notify = notify(&mut d, &top);
 
-    let route_list: Vec<Route> = routes.iter().map(|(r, _)| r.clone()).collect();
-    let route_table = RouteTable::build(&route_list);
+    let route_table = RouteTable::build(routes.iter().map(|(r, _)| r.matches.clone()).collect());
     validate::cross_check(&mut d, &routes, &pools, &route_table, &tests, admin.as_ref());
     let pool_list: Vec<Pool> = pools.into_iter().map(|(p, _)| p).collect();
 
@@ -116,7 +115,7 @@ pub fn check(file: &str, source: &str) -> Checked {
         admin: admin.map(|(a, _)| a),
         limits,
         access_log,
-        routes: route_list,
+        routes: routes.into_iter().map(|(r, _)| r).collect(),
         pools: pool_list,
         tests: tests.into_iter().map(|(t, _)| t).collect(),
         rollout,
@@ -130,8 +129,3 @@ pub fn check(file: &str, source: &str) -> Checked {
         diagnostics: d,
     }
 }
-
-/// Routes with the span of their `name` (or table) for later cross-checks.
-pub(crate) type SpannedRoute = (Route, Range<usize>);
-
-pub(crate) type SpannedTest = (RouteTest, Range<usize>);

@@ -73,10 +73,12 @@ pub(super) fn routes(d: &mut Diagnostics, top: &Section<'_, '_>, pools: &[(Pool,
         out.push((
             Route {
                 name,
-                host,
-                path_prefix,
-                methods,
-                headers,
+                matches: RouteMatch {
+                    host,
+                    path_prefix,
+                    methods,
+                    headers,
+                },
                 pool,
             },
             span,

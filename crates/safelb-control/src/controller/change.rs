@@ -14,7 +14,7 @@ impl Controller {
         if !req.emergency {
             let now = now_ms() / 1000;
             if let Some(f) = stable.config.change_freezes.iter().find(|f| f.covers(now)) {
-                let until = safelb_proxy::access_log::rfc3339(f.end, 0);
+                let until = safelb_proxy::clock::rfc3339(f.end, 0);
                 self.event(Event::ChangeRefused {
                     author: req.author.clone(),
                     reason: req.reason.clone(),

@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::diff::unified;
 use crate::event::Event;
 use crate::impact::{preview, Impact};
+use crate::judge::WindowView;
 use crate::preflight::{self, PreflightReport};
-use crate::rollout::{Phase, RolloutStatus, RolloutTask, WindowView};
+use crate::rollout::{Phase, RolloutStatus, RolloutTask};
 use crate::store::{content_hash, now_ms, EventRecord, Fate, NewVersion, StoreError, VersionRecord, VersionStore};
 use crate::StoreHandle;
 

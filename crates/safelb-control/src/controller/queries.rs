@@ -12,7 +12,7 @@ impl Controller {
             v
         });
         let rollout = self.running_rollout().and_then(|id| self.rollout(id));
-        let now = safelb_proxy::backend::now_ms();
+        let now = safelb_proxy::clock::now_ms();
         let pools = stable
             .pools
             .iter()

@@ -27,7 +27,7 @@ pub struct H1Body {
     pub(super) conn: Option<Conn>,
     pub(super) state: State,
     pub(super) keep_alive: bool,
-    pub(super) home: Arc<BackendState>,
+    pub(super) home: Arc<IdleConns>,
 }
 
 impl H1Body {
@@ -40,7 +40,7 @@ impl H1Body {
                 if conn.buf.capacity() > IDLE_BUFFER {
                     conn.buf = BytesMut::new();
                 }
-                crate::upstream::checkin_inline(&self.home, conn);
+                self.home.put(conn);
             }
         }
     }

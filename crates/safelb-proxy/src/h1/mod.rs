@@ -29,13 +29,13 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
-use crate::backend::BackendState;
-
 mod body;
+mod conn;
 mod head;
 
 pub use body::H1Body;
 use body::*;
+pub(crate) use conn::{exchange, Conn, IdleConns};
 use head::*;
 
 /// Longest response head (status line and headers) or trailer section accepted.
@@ -48,12 +48,6 @@ const MAX_CHUNK_LINE: usize = 4096;
 const READ_SIZE: usize = 64 * 1024;
 /// Largest read buffer an idle pooled connection keeps.
 const IDLE_BUFFER: usize = 8 * 1024;
-
-/// An upstream HTTP/1.1 connection with its read buffer.
-pub(crate) struct Conn {
-    io: TcpStream,
-    buf: BytesMut,
-}
 
 /// Why an exchange failed.
 #[derive(Debug)]
@@ -76,38 +70,6 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
-
-impl Conn {
-    pub(crate) fn new(io: TcpStream) -> Conn {
-        Conn {
-            io,
-            buf: BytesMut::new(),
-        }
-    }
-
-    /// Whether the backend closed or reset this idle connection, as the reactor last saw it
-    /// (its hang-up event): no system call, so it costs nothing on every reuse.
-    pub(crate) fn closed_while_idle(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match pin!(self.io.ready(Interest::READABLE)).poll(&mut cx) {
-            Poll::Ready(Ok(ready)) => ready.is_read_closed() || ready.is_error(),
-            Poll::Ready(Err(_)) => true,
-            Poll::Pending => false,
-        }
-    }
-
-    /// Reads more bytes into the buffer, with room for about `want`; `Ok(0)` is the end of the
-    /// stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-        self.buf.reserve(want.clamp(1024, READ_SIZE));
-        loop {
-            match self.io.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.io.poll_read_ready(cx))?,
-                result => return Poll::Ready(result),
-            }
-        }
-    }
-}
 
 /// The head of a bodiless request in wire form: origin-form target, the headers as given (the
 /// proxy has already removed hop-by-hop ones and added its own).
@@ -133,62 +95,6 @@ pub(crate) fn encode_head(method: &Method, uri: &http::Uri, headers: &HeaderMap)
     }
     out.extend_from_slice(b"\r\n");
     out
-}
-
-/// Writes a request head and reads the response head; the body follows in [`H1Body`], which
-/// returns the connection to `home`'s pool when it ends cleanly.
-pub(crate) async fn exchange(
-    mut conn: Conn,
-    head: &[u8],
-    method: &Method,
-    home: Arc<BackendState>,
-) -> Result<http::Response<H1Body>, Error> {
-    if let Err(e) = conn.io.write_all(head).await {
-        return Err(match e.kind() {
-            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => Error::ClosedBeforeResponse,
-            _ => Error::Io(e),
-        });
-    }
-    let mut received = false;
-    loop {
-        if !conn.buf.is_empty() {
-            if let Some(head) = parse_head(&mut conn.buf)? {
-                // Interim answers (100 Continue, 103 Early Hints) are not relayed; 101 is never
-                // asked for on this path (Upgrade requests get their own connection).
-                if head.status.is_informational() {
-                    if head.status == StatusCode::SWITCHING_PROTOCOLS {
-                        return Err(Error::Protocol("101 Switching Protocols without an Upgrade request"));
-                    }
-                    continue;
-                }
-                let state = framing(&head, method);
-                let keep_alive = head.keep_alive && !matches!(state, State::Close);
-                let mut response = http::Response::new(H1Body {
-                    conn: Some(conn),
-                    state,
-                    keep_alive,
-                    home,
-                });
-                *response.status_mut() = head.status;
-                *response.version_mut() = head.version;
-                *response.headers_mut() = head.headers;
-                return Ok(response);
-            }
-            if conn.buf.len() > MAX_HEAD {
-                return Err(Error::Protocol("response head larger than 64 KiB"));
-            }
-        }
-        conn.buf.reserve(4096);
-        match conn.io.read_buf(&mut conn.buf).await {
-            Ok(0) if !received => return Err(Error::ClosedBeforeResponse),
-            Ok(0) => return Err(Error::Protocol("connection closed inside the response head")),
-            Ok(_) => received = true,
-            Err(e) if !received && e.kind() == io::ErrorKind::ConnectionReset => {
-                return Err(Error::ClosedBeforeResponse)
-            }
-            Err(e) => return Err(Error::Io(e)),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -229,8 +135,8 @@ mod tests {
         addr
     }
 
-    async fn get(addr: SocketAddr, method: Method) -> (Result<http::Response<H1Body>, Error>, Arc<BackendState>) {
-        let home = Arc::new(BackendState::new(addr));
+    async fn get(addr: SocketAddr, method: Method) -> (Result<http::Response<H1Body>, Error>, Arc<IdleConns>) {
+        let home = Arc::new(IdleConns::default());
         let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
         let mut req = http::Request::new(());
         *req.method_mut() = method.clone();
@@ -239,8 +145,8 @@ mod tests {
         (exchange(conn, &head, &method, home.clone()).await, home)
     }
 
-    fn pooled(home: &BackendState) -> usize {
-        home.inline_idle.lock().unwrap().len()
+    fn pooled(home: &IdleConns) -> usize {
+        home.len()
     }
 
     #[tokio::test]
@@ -261,7 +167,7 @@ mod tests {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"hello world");
         assert_eq!(pooled(&home), 1);
-        let (conn, _) = home.inline_idle.lock().unwrap().pop().expect("pooled");
+        let conn = home.take(Duration::MAX).expect("pooled");
         assert!(!conn.closed_while_idle(), "an open connection is not closed");
     }
 
@@ -415,7 +321,7 @@ mod tests {
         let addr = backend(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]], true).await;
         let (response, home) = get(addr, Method::GET).await;
         response.unwrap().into_body().collect().await.unwrap();
-        let (conn, _) = home.inline_idle.lock().unwrap().pop().expect("pooled");
+        let conn = home.take(Duration::MAX).expect("pooled");
         let mut closed = false;
         for _ in 0..100 {
             // The reactor sees the hang-up on its next turn.
@@ -426,5 +332,11 @@ mod tests {
             }
         }
         assert!(closed, "the backend's close was not noticed");
+        home.put(conn);
+        assert!(
+            home.take(Duration::MAX).is_none(),
+            "a closed idle connection is handed out"
+        );
+        assert_eq!(pooled(&home), 0);
     }
 }

@@ -187,7 +187,7 @@ impl Proxy {
         parts: &http::request::Parts,
     ) -> Option<Duration> {
         let after = stable.config.rollout.hedge_after?;
-        let route = find_route(candidate, &parts.method, &parts.uri, &parts.headers)?;
+        let route = candidate.find_route(&parts.method, &parts.uri, &parts.headers)?;
         let pool = &candidate.pools[candidate.config.routes[route].pool];
         let ceiling = candidate.pool_config(pool).response_timeout;
         Some(pool.head_latency.delay(after, ceiling))
@@ -204,7 +204,7 @@ pub(super) fn falls_back(err: &ProxyError, stable: &Snapshot, parts: &http::requ
         | ErrorKind::NoHealthyBackend
         | ErrorKind::PanicFailClosed
         | ErrorKind::UpstreamProtocol => true,
-        ErrorKind::NoRoute => find_route(stable, &parts.method, &parts.uri, &parts.headers).is_some(),
+        ErrorKind::NoRoute => stable.find_route(&parts.method, &parts.uri, &parts.headers).is_some(),
         ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::ClientBody | ErrorKind::RolledBack => false,
     }
 }

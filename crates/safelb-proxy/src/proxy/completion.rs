@@ -161,7 +161,7 @@ impl Drop for Completion {
             }
             if let Some(sender) = self.release.take() {
                 if self.complete {
-                    upstream::checkin(backend, sender);
+                    sender.checkin();
                 }
             }
         }

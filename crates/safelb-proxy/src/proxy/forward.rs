@@ -47,32 +47,34 @@ impl Proxy {
             let backend = &pool.backends[idx];
             let in_flight = InFlight::start(backend);
             let started = Instant::now();
-            let (mut sender, reused) =
-                match upstream::checkout(backend, config.connect_timeout, config.protocol, bodiless).await {
-                    Ok(s) => s,
-                    Err(kind) => {
-                        drop(in_flight);
-                        backend.observe_latency(config.connect_timeout);
-                        pool.upstream[idx].connect_errors.fetch_add(1, Relaxed);
-                        failure(pool, snapshot, backend, kind);
-                        tried.push(idx);
-                        last_error = Some(kind);
-                        // Nothing reached a backend, so any method may go elsewhere.
-                        if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
-                            done.retries += 1;
-                            pool.retries.fetch_add(1, Relaxed);
-                            continue;
-                        }
-                        return Err((ProxyError::in_pool(kind, &pool.name), done));
+            let (mut sender, reused) = match pool.conns[idx]
+                .checkout(config.connect_timeout, config.protocol, bodiless)
+                .await
+            {
+                Ok(s) => s,
+                Err(kind) => {
+                    drop(in_flight);
+                    backend.observe_latency(config.connect_timeout);
+                    pool.upstream[idx].connect_errors.fetch_add(1, Relaxed);
+                    failure(pool, snapshot, idx, kind);
+                    tried.push(idx);
+                    last_error = Some(kind);
+                    // Nothing reached a backend, so any method may go elsewhere.
+                    if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
+                        done.retries += 1;
+                        pool.retries.fetch_add(1, Relaxed);
+                        continue;
                     }
-                };
+                    return Err((ProxyError::in_pool(kind, &pool.name), done));
+                }
+            };
             // One send future and one timer for every request. It first runs to the hedge delay;
             // a request still waiting then enters the rare path (boxed): the hedge, if the
             // request may be hedged, and a watch on its version's rollback in every case.
             let outcome = 'send: {
                 // Pinned where it is made: a named future moved into `pin!` keeps its first slot
                 // in the state too (twice its size per request).
-                let mut sent = std::pin::pin!(sender.send(request, head.as_deref(), backend));
+                let mut sent = std::pin::pin!(sender.send(request, head.as_deref()));
                 let sent_at = tokio::time::Instant::now();
                 let first = hedge_after
                     .unwrap_or_else(|| {
@@ -113,7 +115,7 @@ impl Proxy {
                     done.backend = Some(backend.clone());
                     done.backend_idx = Some(idx);
                     pool.upstream[idx].timeouts.fetch_add(1, Relaxed);
-                    failure(pool, snapshot, backend, ErrorKind::ResponseTimeout);
+                    failure(pool, snapshot, idx, ErrorKind::ResponseTimeout);
                     return Err((ProxyError::in_pool(ErrorKind::ResponseTimeout, &pool.name), done));
                 }
                 Raced::Failed(e) => {
@@ -134,7 +136,7 @@ impl Proxy {
                         return Err((ProxyError::in_pool(kind, &pool.name), done));
                     }
                     tracing::debug!(backend = %backend.addr, error = %err, "upstream exchange failed");
-                    failure(pool, snapshot, backend, ErrorKind::UpstreamProtocol);
+                    failure(pool, snapshot, idx, ErrorKind::UpstreamProtocol);
                     return Err((ProxyError::in_pool(ErrorKind::UpstreamProtocol, &pool.name), done));
                 }
                 Raced::Answered(response) => (idx, backend, in_flight, response, started.elapsed()),
@@ -143,7 +145,7 @@ impl Proxy {
                     // hangs is ejected after a few hedges instead of one timeout per request.
                     drop(in_flight);
                     backend.observe_latency(started.elapsed());
-                    failure(pool, snapshot, backend, ErrorKind::ResponseTimeout);
+                    failure(pool, snapshot, idx, ErrorKind::ResponseTimeout);
                     sender = hedge.sender;
                     let hb = &pool.backends[hedge.idx];
                     (hedge.idx, hb, hedge.in_flight, hedge.response, hedge.latency)
@@ -151,7 +153,7 @@ impl Proxy {
             };
             backend.observe_latency(latency);
             if response.status().is_server_error() {
-                failure(pool, snapshot, backend, ErrorKind::UpstreamProtocol);
+                failure(pool, snapshot, idx, ErrorKind::UpstreamProtocol);
             } else {
                 backend.record_success();
                 if done.role == Role::Stable {
@@ -282,16 +284,18 @@ impl<'r, 'a> HedgeRace<'r, 'a> {
         let hedge = async {
             let in_flight = InFlight::start(backend);
             let started = Instant::now();
-            let (mut sender, _) = match upstream::checkout(backend, config.connect_timeout, Protocol::Http1, true).await
+            let (mut sender, _) = match pool.conns[j]
+                .checkout(config.connect_timeout, Protocol::Http1, true)
+                .await
             {
                 Ok(s) => s,
                 Err(kind) => {
                     pool.upstream[j].connect_errors.fetch_add(1, Relaxed);
-                    failure(pool, snapshot, backend, kind);
+                    failure(pool, snapshot, j, kind);
                     return None;
                 }
             };
-            match sender.send_head(head, method, backend).await {
+            match sender.send_head(head, method).await {
                 Ok(response) => Some(Hedged {
                     idx: j,
                     sender,
@@ -300,7 +304,7 @@ impl<'r, 'a> HedgeRace<'r, 'a> {
                     latency: started.elapsed(),
                 }),
                 Err(_) => {
-                    failure(pool, snapshot, backend, ErrorKind::UpstreamProtocol);
+                    failure(pool, snapshot, j, ErrorKind::UpstreamProtocol);
                     None
                 }
             }
@@ -333,10 +337,11 @@ impl<'r, 'a> HedgeRace<'r, 'a> {
 }
 
 /// Counts a failure against the backend's outlier state; ejects it when the pool can spare it.
-pub(super) fn failure(pool: &PoolRuntime, snapshot: &Snapshot, backend: &Arc<BackendState>, kind: ErrorKind) {
+pub(super) fn failure(pool: &PoolRuntime, snapshot: &Snapshot, idx: usize, kind: ErrorKind) {
     let outlier = &snapshot.pool_config(pool).outlier;
+    let backend = &pool.backends[idx];
     if let Some(for_how_long) = backend.record_failure(outlier, || pool.may_eject()) {
-        upstream::clear_idle(backend);
+        pool.conns[idx].clear();
         snapshot
             .metrics
             .push_event(crate::metrics::DataPlaneEvent::BackendEjected {

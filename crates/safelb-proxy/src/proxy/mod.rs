@@ -22,31 +22,33 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use safelb_config::routing::RequestView;
-use safelb_config::{HashKey, Protocol};
-use xxhash_rust::xxh3::xxh3_64;
+use safelb_config::Protocol;
 
-use crate::access_log::{rfc3339_now, AccessLog, LogEntry};
+use crate::access_log::{AccessLog, LogEntry};
 use crate::backend::BackendState;
-use crate::body::{request_body_error, RequestBody, RequestBodyError, ResponseBody};
+use crate::body::{request_body_error, RequestBody, RequestBodyError};
 use crate::client_io::ConnState;
+use crate::clock::rfc3339_now;
 use crate::error::{client_answer, ErrorKind, ProxyError};
 use crate::h1;
-use crate::handle::{ProxyHandle, Role};
+use crate::handle::ProxyHandle;
 use crate::headers::{add_forwarded, client_ip_value, has_hop_by_hop, request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::hedge::CanaryCounters;
+use crate::role::Role;
 use crate::snapshot::{PoolRuntime, Snapshot};
 use crate::upstream::{self, Sender, UpstreamBody};
 
 mod candidate;
 mod completion;
 mod forward;
+mod response;
 mod tunnel;
 
 use candidate::*;
 pub(crate) use completion::Completion;
 use completion::*;
 use forward::*;
+pub use response::ResponseBody;
 use tunnel::*;
 
 /// Everything a listener's connections share.
@@ -222,7 +224,7 @@ impl Proxy {
         let Some(req) = request.as_ref() else {
             unreachable!("route_and_forward is given a request");
         };
-        let Some(route) = find_route(snapshot, req.method(), req.uri(), req.headers()) else {
+        let Some(route) = snapshot.find_route(req.method(), req.uri(), req.headers()) else {
             return Err((ProxyError::new(ErrorKind::NoRoute), done));
         };
         let pool = &snapshot.pools[snapshot.config.routes[route].pool];
@@ -231,7 +233,7 @@ impl Proxy {
         done.pool = Some(pool.name.clone());
         done.pool_idx = Some(pool.index);
         let hash = if pool.balancer.needs_hash() {
-            request_hash(snapshot, pool, req.headers(), client)
+            snapshot.request_hash(pool, req.headers(), client)
         } else {
             0
         };
@@ -265,16 +267,6 @@ fn to_h2(req: &mut Request<RequestBody>) {
 struct TeTrailers;
 
 /// Route lookup with the request's own host, path, method and headers.
-pub(crate) fn find_route(snapshot: &Snapshot, method: &Method, uri: &Uri, headers: &http::HeaderMap) -> Option<usize> {
-    let view = RequestView {
-        method: method.as_str(),
-        host: headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
-        path: uri.path(),
-        header: |name: &str| headers.get(name).and_then(|v| v.to_str().ok()),
-    };
-    snapshot.config.route_table.find(&view)
-}
-
 fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
@@ -290,36 +282,6 @@ fn copy_head(method: &Method, uri: &Uri, version: Version, headers: &http::Heade
     *copy.version_mut() = version;
     *copy.headers_mut() = headers.clone();
     copy.into_parts().0
-}
-
-pub(crate) fn request_hash(
-    snapshot: &Snapshot,
-    pool: &PoolRuntime,
-    headers: &http::HeaderMap,
-    client: SocketAddr,
-) -> u64 {
-    let by_client = || match client.ip() {
-        std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
-        std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),
-    };
-    match &snapshot.pool_config(pool).hash_key {
-        HashKey::ClientAddress => by_client(),
-        HashKey::Header(name) => headers
-            .get(name.as_str())
-            .map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
-        HashKey::Cookie(name) => cookie(headers, name).map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
-    }
-}
-
-fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
 }
 
 #[cfg(test)]
@@ -347,9 +309,8 @@ mod tests {
         let forwarded = proxy.forward(&snapshot, &snapshot.pools[0], &mut request, 0, done);
         let forward_size = std::mem::size_of_val(&forwarded);
         drop(forwarded);
-        let backend = snapshot.pools[0].backends[0].clone();
         let mut sender = Sender::Inline(None);
-        let sent = sender.send(&mut request, None, &backend);
+        let sent = sender.send(&mut request, None);
         let send_size = std::mem::size_of_val(&sent);
         drop(sent);
         println!("futures: route_and_forward {routed_size} B, forward {forward_size} B, send {send_size} B");

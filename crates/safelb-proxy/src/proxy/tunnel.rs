@@ -15,7 +15,7 @@ impl Proxy {
         on_client: hyper::upgrade::OnUpgrade,
         conn: Arc<ConnState>,
     ) -> Result<Response<ResponseBody>, (ProxyError, Box<Completion>)> {
-        let Some(route) = find_route(snapshot, request.method(), request.uri(), request.headers()) else {
+        let Some(route) = snapshot.find_route(request.method(), request.uri(), request.headers()) else {
             return Err((ProxyError::new(ErrorKind::NoRoute), done));
         };
         let pool = &snapshot.pools[snapshot.config.routes[route].pool];
@@ -31,11 +31,11 @@ impl Proxy {
         let backend = &pool.backends[idx];
         done.backend = Some(backend.clone());
         done.backend_idx = Some(idx);
-        let mut sender = match upstream::connect_upgradable(backend, config.connect_timeout).await {
+        let mut sender = match upstream::connect_upgradable(backend.addr, config.connect_timeout).await {
             Ok(s) => s,
             Err(kind) => {
                 pool.upstream[idx].connect_errors.fetch_add(1, Relaxed);
-                failure(pool, snapshot, backend, kind);
+                failure(pool, snapshot, idx, kind);
                 return Err((ProxyError::in_pool(kind, &pool.name), done));
             }
         };

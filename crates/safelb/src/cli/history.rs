@@ -47,7 +47,7 @@ pub fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
         );
         for v in r.body.as_array().into_iter().flatten() {
             let id = v["id"].as_u64().unwrap_or(0);
-            let time = safelb_proxy::access_log::rfc3339(v["created_ms"].as_i64().unwrap_or(0) / 1000, 0);
+            let time = safelb_proxy::clock::rfc3339(v["created_ms"].as_i64().unwrap_or(0) / 1000, 0);
             let mut flags = String::new();
             if v["skip_preflight"] == Value::Bool(true) {
                 flags.push_str(" [preflight skipped]");

@@ -38,7 +38,7 @@ pub fn list(args: IncidentsArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "{:>4}  {:<24} {:<10} {}",
                 i["id"],
-                safelb_proxy::access_log::rfc3339(opened / 1000, 0),
+                safelb_proxy::clock::rfc3339(opened / 1000, 0),
                 duration,
                 i["title"].as_str().unwrap_or("")
             );

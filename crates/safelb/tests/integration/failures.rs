@@ -63,7 +63,7 @@ async fn backend_killed_under_load_costs_at_most_the_requests_in_flight() {
     let report = load.await.unwrap();
     let backend_b = lb.handle.backend(&b.addr).unwrap();
     assert!(
-        !backend_b.is_available(safelb_proxy::backend::now_ms()),
+        !backend_b.is_available(safelb_proxy::clock::now_ms()),
         "the dead backend is known down"
     );
     println!("kill under load: {report:?}, detected within {:?}", killed_at.elapsed());
@@ -145,7 +145,7 @@ async fn a_5xx_storm_ejects_the_failing_backend() {
         .handle
         .backend(&bad.addr)
         .unwrap()
-        .is_available(safelb_proxy::backend::now_ms()));
+        .is_available(safelb_proxy::clock::now_ms()));
 }
 
 #[tokio::test]
@@ -234,7 +234,7 @@ async fn no_healthy_backend_is_503_naming_the_pool() {
     let state = lb.handle.backend(&be.addr).unwrap();
     assert!(
         wait_until(Duration::from_secs(2), || !state
-            .is_available(safelb_proxy::backend::now_ms()))
+            .is_available(safelb_proxy::clock::now_ms()))
         .await
     );
     let r = get(lb.addr, "x", "/").await;
@@ -244,7 +244,7 @@ async fn no_healthy_backend_is_503_naming_the_pool() {
     be.set(Behavior::Ok);
     assert!(
         wait_until(Duration::from_secs(3), || state
-            .is_available(safelb_proxy::backend::now_ms()))
+            .is_available(safelb_proxy::clock::now_ms()))
         .await
     );
     assert_eq!(get(lb.addr, "x", "/").await.status, 200);

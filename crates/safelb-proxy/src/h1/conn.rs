@@ -1,0 +1,141 @@
+//! The connection: a backend socket with its read buffer, the idle list of one backend address,
+//! and the exchange of one bodiless request on it.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// An upstream HTTP/1.1 connection with its read buffer.
+pub(crate) struct Conn {
+    pub(super) io: TcpStream,
+    pub(super) buf: BytesMut,
+}
+
+impl Conn {
+    pub(crate) fn new(io: TcpStream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether the backend closed or reset this idle connection, as the reactor last saw it
+    /// (its hang-up event): no system call, so it costs nothing on every reuse.
+    pub(crate) fn closed_while_idle(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match pin!(self.io.ready(Interest::READABLE)).poll(&mut cx) {
+            Poll::Ready(Ok(ready)) => ready.is_read_closed() || ready.is_error(),
+            Poll::Ready(Err(_)) => true,
+            Poll::Pending => false,
+        }
+    }
+
+    /// Reads more bytes into the buffer, with room for about `want`; `Ok(0)` is the end of the
+    /// stream.
+    pub(super) fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.buf.reserve(want.clamp(1024, READ_SIZE));
+        loop {
+            match self.io.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.io.poll_read_ready(cx))?,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+}
+
+/// Most idle connections kept per backend address; more are closed when returned.
+const MAX_IDLE: usize = 512;
+
+/// The idle connections to one backend address, newest last.
+#[derive(Default)]
+pub(crate) struct IdleConns {
+    list: Mutex<Vec<(Conn, Instant)>>,
+}
+
+impl IdleConns {
+    /// The newest idle connection that is younger than `max_age` and that the backend has not
+    /// closed; older or closed ones are dropped on the way.
+    pub(crate) fn take(&self, max_age: Duration) -> Option<Conn> {
+        loop {
+            let (conn, since) = self.list.lock().expect("idle list lock is never poisoned").pop()?;
+            if since.elapsed() <= max_age && !conn.closed_while_idle() {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// A connection whose last response ended cleanly, ready for the next request.
+    pub(crate) fn put(&self, conn: Conn) {
+        let mut list = self.list.lock().expect("idle list lock is never poisoned");
+        if list.len() < MAX_IDLE {
+            list.push((conn, Instant::now()));
+        }
+    }
+
+    /// Closes every idle connection (the backend was ejected or removed).
+    pub(crate) fn clear(&self) {
+        self.list.lock().expect("idle list lock is never poisoned").clear();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.list.lock().expect("idle list lock is never poisoned").len()
+    }
+}
+
+/// Writes a request head and reads the response head; the body follows in [`H1Body`], which
+/// returns the connection to `home` when it ends cleanly.
+pub(crate) async fn exchange(
+    mut conn: Conn,
+    head: &[u8],
+    method: &Method,
+    home: Arc<IdleConns>,
+) -> Result<http::Response<H1Body>, Error> {
+    if let Err(e) = conn.io.write_all(head).await {
+        return Err(match e.kind() {
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => Error::ClosedBeforeResponse,
+            _ => Error::Io(e),
+        });
+    }
+    let mut received = false;
+    loop {
+        if !conn.buf.is_empty() {
+            if let Some(head) = parse_head(&mut conn.buf)? {
+                // Interim answers (100 Continue, 103 Early Hints) are not relayed; 101 is never
+                // asked for on this path (Upgrade requests get their own connection).
+                if head.status.is_informational() {
+                    if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                        return Err(Error::Protocol("101 Switching Protocols without an Upgrade request"));
+                    }
+                    continue;
+                }
+                let state = framing(&head, method);
+                let keep_alive = head.keep_alive && !matches!(state, State::Close);
+                let mut response = http::Response::new(H1Body {
+                    conn: Some(conn),
+                    state,
+                    keep_alive,
+                    home,
+                });
+                *response.status_mut() = head.status;
+                *response.version_mut() = head.version;
+                *response.headers_mut() = head.headers;
+                return Ok(response);
+            }
+            if conn.buf.len() > MAX_HEAD {
+                return Err(Error::Protocol("response head larger than 64 KiB"));
+            }
+        }
+        conn.buf.reserve(4096);
+        match conn.io.read_buf(&mut conn.buf).await {
+            Ok(0) if !received => return Err(Error::ClosedBeforeResponse),
+            Ok(0) => return Err(Error::Protocol("connection closed inside the response head")),
+            Ok(_) => received = true,
+            Err(e) if !received && e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(Error::ClosedBeforeResponse)
+            }
+            Err(e) => return Err(Error::Io(e)),
+        }
+    }
+}
