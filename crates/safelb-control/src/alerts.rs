@@ -193,12 +193,17 @@ pub enum Transition {
     Cleared,
 }
 
+/// How much earlier than `for` a pending rule may fire. Rules are evaluated on the monitor's
+/// one-second ticks, whose timestamps wander by a few milliseconds: without this, a `for` of
+/// 3 s held through four ticks would fire on the fifth whenever the fourth came 1 ms early.
+const TICK_SLACK_MS: i64 = 100;
+
 /// Steps a rule's state machine.
 pub fn step(state: State, active: bool, for_: Duration, now_ms: i64) -> (State, Transition) {
     match (state, active) {
         (State::Inactive, true) if for_.is_zero() => (State::Firing { since_ms: now_ms }, Transition::Fired),
         (State::Inactive, true) => (State::Pending { since_ms: now_ms }, Transition::BecamePending),
-        (State::Pending { since_ms }, true) if now_ms - since_ms >= for_.as_millis() as i64 => {
+        (State::Pending { since_ms }, true) if now_ms - since_ms + TICK_SLACK_MS >= for_.as_millis() as i64 => {
             (State::Firing { since_ms: now_ms }, Transition::Fired)
         }
         (State::Pending { .. }, false) => (State::Inactive, Transition::Cleared),
@@ -240,10 +245,12 @@ mod tests {
         assert_eq!(t, Transition::BecamePending);
         let (s, t) = step(s, true, f, 1000);
         assert_eq!(t, Transition::None);
-        let (s, t) = step(s, true, f, 2000);
-        assert_eq!((s, t), (State::Firing { since_ms: 2000 }, Transition::Fired));
+        // A tick that comes a millisecond early still fires; one 200 ms early does not.
+        assert_eq!(step(s, true, f, 1800).1, Transition::None);
+        let (s, t) = step(s, true, f, 1999);
+        assert_eq!((s, t), (State::Firing { since_ms: 1999 }, Transition::Fired));
         let (s, t) = step(s, false, f, 5000);
-        assert_eq!((s, t), (State::Inactive, Transition::Resolved { fired_ms: 2000 }));
+        assert_eq!((s, t), (State::Inactive, Transition::Resolved { fired_ms: 1999 }));
         assert_eq!(step(State::Pending { since_ms: 0 }, false, f, 1).1, Transition::Cleared);
         assert_eq!(step(State::Inactive, true, Duration::ZERO, 7).1, Transition::Fired);
     }

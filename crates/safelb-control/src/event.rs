@@ -17,7 +17,7 @@ use crate::judge::WindowView;
 use crate::store::NewEvent;
 
 /// Fields absent from rows written by older versions read as their defaults.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum Event {
     // Versions and changes.

@@ -5,7 +5,7 @@ use safelb_proxy::shadow::ShadowReport;
 use safelb_proxy::stats::StatsSnapshot;
 
 /// One side of a verdict, as events, the API and the postmortem show it.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct WindowView {
     pub requests: u64,

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alerts;
+pub mod clock;
 pub mod controller;
 pub mod diff;
 pub mod event;
@@ -22,6 +23,8 @@ pub mod preflight;
 pub mod rollout;
 pub mod sqlite;
 pub mod store;
+#[cfg(test)]
+mod testing;
 
 use std::sync::{Arc, Mutex};
 

@@ -13,10 +13,10 @@ use safelb_config::{AlertKind, AlertRule};
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::{condition, step, Sample, Series, State, Transition};
+use crate::clock::unix_ms;
 use crate::event::Event;
 use crate::notify::{Notice, Notifier};
 use crate::postmortem::{self, RouteCounts};
-use crate::store::now_ms;
 use crate::Controller;
 
 pub const TICK: Duration = Duration::from_secs(1);
@@ -77,7 +77,7 @@ impl Monitor {
     }
 
     pub async fn tick(&mut self) {
-        let now = now_ms();
+        let now = unix_ms();
         self.ticks += 1;
         for e in self.controller.handle().metrics().drain_events() {
             self.event(Event::from(e)).await;
@@ -326,5 +326,116 @@ fn notice(rule: &AlertRule, firing: bool, text: &str, starts_ms: i64, ends_ms: O
         summary: text.to_string(),
         starts_at: ts(starts_ms),
         ends_at: ends_ms.map(ts),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The monitor on a paused clock: real counters, a real store, one tick per virtual second.
+
+    use std::sync::Arc;
+
+    use safelb_proxy::{ProxyHandle, Role};
+
+    use super::*;
+    use crate::testing::{self, config, RUNNING};
+
+    const ALERT: &str = "[[alert]]\nname = \"Errors\"\nkind = \"error_rate\"\nroute = \"r\"\nthreshold = 0.2\nwindow = \"5s\"\nfor = \"3s\"\n";
+
+    /// Kinds and times of the events stored so far, oldest first.
+    async fn events(controller: &Controller) -> Vec<(String, i64)> {
+        let rows = controller.store().call(|s| s.events(0, 1000)).await.unwrap();
+        rows.into_iter().map(|e| (e.kind, e.time_ms)).collect()
+    }
+
+    fn time_of(events: &[(String, i64)], kind: &str) -> i64 {
+        events
+            .iter()
+            .find(|(k, _)| k == kind)
+            .unwrap_or_else(|| panic!("no {kind} in {events:?}"))
+            .1
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_alert_goes_pending_firing_resolved_and_its_incident_opens_and_resolves() {
+        let (store, dir) = testing::store("monitor");
+        let handle = ProxyHandle::new(config(&format!("{RUNNING}{ALERT}")), 1);
+        let controller = Controller::new(handle.clone(), store);
+        let postmortems = dir.0.join("postmortems");
+        let mut monitor = Monitor::new(controller.clone(), Some(postmortems.clone()));
+        let counters = handle
+            .metrics()
+            .requests(&Arc::from("r"), &Arc::from("p"), &Arc::from("127.0.0.1:9"));
+        let second = |status: u16| {
+            for _ in 0..20 {
+                counters.inc(status, Role::Stable);
+            }
+        };
+        // Eight seconds of errors, then healthy traffic until the 5 s window forgets them.
+        for s in 0..20 {
+            second(if s < 8 { 502 } else { 200 });
+            monitor.tick().await;
+            tokio::time::advance(TICK).await;
+        }
+        let seen = events(&controller).await;
+        let kinds: Vec<&str> = seen
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| k.starts_with("Alert") || k.starts_with("Incident"))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "AlertPending",
+                "AlertFired",
+                "IncidentOpened",
+                "AlertResolved",
+                "IncidentResolved"
+            ],
+            "{seen:?}"
+        );
+        let pending = time_of(&seen, "AlertPending");
+        let fired = time_of(&seen, "AlertFired");
+        assert!(
+            (2_950..=3_100).contains(&(fired - pending)),
+            "`for = 3s` fired {} ms after pending",
+            fired - pending
+        );
+        assert!(time_of(&seen, "AlertResolved") > fired);
+
+        let incidents = controller.incidents(10).await.unwrap();
+        assert_eq!(incidents.len(), 1, "{incidents:?}");
+        let incident = &incidents[0];
+        assert!(incident.title.starts_with("Errors:"), "{}", incident.title);
+        let resolved = incident.resolved_ms.expect("the incident resolved");
+        assert!(resolved > incident.opened_ms);
+        let written = std::fs::read_to_string(postmortems.join(format!("incident-{}.md", incident.id)))
+            .expect("the postmortem was written");
+        assert!(written.contains("Errors"), "{written}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_alert_that_clears_before_its_for_never_fires() {
+        let (store, _dir) = testing::store("monitor");
+        let handle = ProxyHandle::new(config(&format!("{RUNNING}{ALERT}")), 1);
+        let controller = Controller::new(handle.clone(), store);
+        let mut monitor = Monitor::new(controller.clone(), None);
+        let counters = handle
+            .metrics()
+            .requests(&Arc::from("r"), &Arc::from("p"), &Arc::from("127.0.0.1:9"));
+        // Two seconds of errors (less than `for`), then enough good traffic to dilute them.
+        for s in 0..12 {
+            for _ in 0..if s < 2 { 20 } else { 200 } {
+                counters.inc(if s < 2 { 502 } else { 200 }, Role::Stable);
+            }
+            monitor.tick().await;
+            tokio::time::advance(TICK).await;
+        }
+        let seen = events(&controller).await;
+        let kinds: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(kinds.contains(&"AlertPending"), "{seen:?}");
+        assert!(kinds.contains(&"AlertCleared"), "{seen:?}");
+        assert!(!kinds.contains(&"AlertFired"), "{seen:?}");
+        assert_eq!(controller.incidents(10).await.unwrap().len(), 0);
     }
 }

@@ -17,10 +17,11 @@ use safelb_proxy::ProxyHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::unix_ms;
 use crate::event::Event;
 use crate::judge::{judge, Verdict, WindowView};
 use crate::preflight::{self, PreflightReport};
-use crate::store::{now_ms, Fate};
+use crate::store::Fate;
 use crate::StoreHandle;
 
 /// How often a step's window is judged; a clear breach rolls back within this much.
@@ -106,7 +107,7 @@ impl RolloutTask {
         self.update(|s| {
             s.phase = phase;
             s.verdict = Some(verdict);
-            s.finished_ms = Some(now_ms());
+            s.finished_ms = Some(unix_ms());
         });
         phase
     }
@@ -434,34 +435,12 @@ mod tests {
     //! traffic and no sockets; default step bakes (10 s) pass in milliseconds of real time.
 
     use super::*;
-    use crate::sqlite::SqliteStore;
     use crate::store::NewVersion;
-
-    const RUNNING: &str = "[listener.public]\nbind = \"127.0.0.1:1\"\n[rollout]\nshadow = false\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:9\"]\n";
-
-    fn config(source: &str) -> ValidConfig {
-        safelb_config::check("t.toml", source)
-            .into_result()
-            .expect("a valid test config")
-    }
-
-    /// A temporary store directory, removed when dropped.
-    struct TempDir(std::path::PathBuf);
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testing::{self, config, TempDir, RUNNING};
 
     /// A rollout task for a candidate pointing pool `p` at another address, preflight skipped.
     fn task(handle: &ProxyHandle) -> (RolloutTask, Arc<Mutex<RolloutStatus>>, TempDir) {
-        let dir = std::env::temp_dir().join(format!(
-            "safelb-rollout-test-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        let store = StoreHandle::new(SqliteStore::open(&dir).expect("a store in a temp dir"));
+        let (store, dir) = testing::store("rollout");
         let candidate_source = RUNNING.replace("127.0.0.1:9\"", "127.0.0.1:10\"");
         let id = store
             .blocking(|s| {
@@ -507,7 +486,7 @@ mod tests {
             abort_reason: Arc::new(Mutex::new(None)),
             confirm: false,
         };
-        (task, status, TempDir(dir))
+        (task, status, dir)
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::clock::unix_ms;
 use crate::store::*;
 
 pub struct SqliteStore {
@@ -95,7 +96,7 @@ impl VersionStore for SqliteStore {
                     v.parent.map(|p| p as i64),
                     v.author,
                     v.reason,
-                    now_ms(),
+                    unix_ms(),
                     v.source,
                     content_hash(&v.source),
                     v.origin,
@@ -176,7 +177,7 @@ impl VersionStore for SqliteStore {
             .execute(
                 "INSERT INTO events (time_ms, kind, version, message, data) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
-                    now_ms(),
+                    unix_ms(),
                     e.kind,
                     e.version.map(|v| v as i64),
                     e.message,

@@ -148,9 +148,3 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     }
     h
 }
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}

@@ -67,7 +67,7 @@ impl RouteShadow {
 }
 
 /// Everything the stage found, for the verdict and the events.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ShadowReport {
     pub routes: BTreeMap<String, RouteShadow>,

@@ -12,7 +12,7 @@ impl Controller {
         }
         let stable = self.inner.handle.snapshot();
         if !req.emergency {
-            let now = now_ms() / 1000;
+            let now = unix_ms() / 1000;
             if let Some(f) = stable.config.change_freezes.iter().find(|f| f.covers(now)) {
                 let until = safelb_proxy::clock::rfc3339(f.end, 0);
                 self.event(Event::ChangeRefused {
@@ -100,7 +100,7 @@ impl Controller {
             stable: WindowView::default(),
             verdict: None,
             preflight: None,
-            started_ms: now_ms(),
+            started_ms: unix_ms(),
             finished_ms: None,
             progress: Vec::new(),
         }));

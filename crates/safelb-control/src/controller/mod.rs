@@ -16,20 +16,21 @@ use safelb_proxy::ProxyHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::unix_ms;
 use crate::diff::unified;
 use crate::event::Event;
 use crate::impact::{preview, Impact};
 use crate::judge::WindowView;
 use crate::preflight::{self, PreflightReport};
 use crate::rollout::{Phase, RolloutStatus, RolloutTask};
-use crate::store::{content_hash, now_ms, EventRecord, Fate, NewVersion, StoreError, VersionRecord, VersionStore};
+use crate::store::{content_hash, EventRecord, Fate, NewVersion, StoreError, VersionRecord, VersionStore};
 use crate::StoreHandle;
 
 mod change;
 mod queries;
 mod recover;
 
-pub use recover::recover;
+pub use recover::{recover, RecoverError};
 
 /// A change submitted by an operator (or SIGHUP, or start-up).
 #[derive(Clone, Debug, Default)]
@@ -209,20 +210,18 @@ impl Controller {
 fn note_rollback(rollbacks: &Mutex<(u64, Option<i64>, String)>, what: String) {
     let mut r = rollbacks.lock().expect("rollbacks lock");
     r.0 += 1;
-    r.1 = Some(now_ms());
+    r.1 = Some(unix_ms());
     r.2 = what;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sqlite::SqliteStore;
 
     /// A client that saw a rollout end may apply the next change at once: the end is published
     /// only after the fate is recorded, and a finished rollout never answers `Busy`.
     #[tokio::test]
     async fn the_next_apply_is_accepted_as_soon_as_a_rollout_is_seen_to_end() {
-        let dir = std::env::temp_dir().join(format!("safelb-controller-test-{}", std::process::id()));
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -233,7 +232,7 @@ mod tests {
         let running = safelb_config::check("t.toml", &config("127.0.0.1:9"))
             .into_result()
             .unwrap();
-        let store = StoreHandle::new(SqliteStore::open(&dir).unwrap());
+        let (store, _dir) = crate::testing::store("controller");
         let controller = Controller::new(ProxyHandle::new(running, 1), store.clone());
         // The listener is dropped: its port refuses connections, so preflight rejects fast.
         let bad = config(&closed.to_string());
@@ -260,6 +259,5 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -62,9 +62,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("safelb: {file_name} is not valid and the store has no running version; nothing was started");
         return Ok(ExitCode::from(1));
     }
-    let startup = store
-        .blocking(|s| recover(s, &file_name, &source))
-        .map_err(anyhow::Error::msg)?;
+    let startup = store.blocking(|s| recover(s, &file_name, &source))?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
