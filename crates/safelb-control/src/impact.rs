@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use safelb_config::routing::RequestView;
 use safelb_config::Config;
 use safelb_proxy::samples::Sample;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const NO_ROUTE: &str = "404 (no route)";
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Impact {
     /// Requests replayed.
     pub samples: usize,
@@ -23,7 +24,8 @@ pub struct Impact {
     pub moves: Vec<Move>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Move {
     pub from: String,
     pub to: String,

@@ -280,7 +280,7 @@ impl Monitor {
         )
         .await;
         let id = open.id;
-        let stored = report.clone();
+        let stored = serde_json::to_value(&report).expect("a report serializes");
         if let Err(e) = self
             .controller
             .store()

@@ -5,10 +5,11 @@
 use serde::Serialize;
 
 /// What became of a version.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fate {
     /// Submitted; its rollout has not finished.
+    #[default]
     Pending,
     /// Refused before serving a request (validation, preflight, freeze, listeners).
     Rejected,

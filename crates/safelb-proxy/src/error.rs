@@ -1,18 +1,9 @@
-//! Data-path errors: what failed, on which side, whether another backend may be tried, and
-//! the one function that turns an error into the status and short body a client receives.
+//! Data-path errors: what failed, and the one function that turns an error into the status and
+//! short body a client receives. (Whether another backend may be tried is decided where the
+//! attempt is made, in `proxy/forward.rs`: it depends on what reached the backend, not on the
+//! kind alone.)
 
 use http::StatusCode;
-
-/// Who is at fault, as the canary verdict and the metrics will read it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    /// The client sent something we refuse.
-    Client,
-    /// A backend failed or the pool has none to offer.
-    Upstream,
-    /// safelb itself (a bug or resource exhaustion).
-    Internal,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -37,26 +28,6 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub fn side(self) -> Side {
-        match self {
-            ErrorKind::NoRoute | ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::ClientBody => {
-                Side::Client
-            }
-            ErrorKind::NoHealthyBackend
-            | ErrorKind::PanicFailClosed
-            | ErrorKind::ConnectRefused
-            | ErrorKind::ConnectTimeout
-            | ErrorKind::ResponseTimeout
-            | ErrorKind::UpstreamProtocol => Side::Upstream,
-            ErrorKind::RolledBack => Side::Internal,
-        }
-    }
-
-    /// May the request be sent to another backend? Only when nothing reached a backend.
-    pub fn retryable(self) -> bool {
-        matches!(self, ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout)
-    }
-
     /// The short name used in access logs and response bodies.
     pub fn as_str(self) -> &'static str {
         match self {
