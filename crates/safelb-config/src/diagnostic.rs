@@ -37,6 +37,11 @@ pub enum Rule {
     UnusedPool,
     AdminNotLoopback,
     TestFailed,
+    /// A route without exactly one of `pool`, `redirect`, `respond`, or with a key its action
+    /// cannot use.
+    RouteAction,
+    UndefinedListener,
+    InvalidHeader,
 }
 
 impl Rule {
@@ -58,6 +63,9 @@ impl Rule {
             Rule::UnusedPool => "unused-pool",
             Rule::AdminNotLoopback => "admin-not-loopback",
             Rule::TestFailed => "test-failed",
+            Rule::RouteAction => "route-action",
+            Rule::UndefinedListener => "undefined-listener",
+            Rule::InvalidHeader => "invalid-header",
         }
     }
 }

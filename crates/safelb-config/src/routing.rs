@@ -5,7 +5,7 @@
 //!
 //! Precedence, in order: host specificity (exact host, then the longest matching wildcard
 //! suffix, then routes without a host), then the longest path prefix, then declaration order.
-//! A route matches only if its method and header conditions hold as well; a request that
+//! A route matches only if its listener, method and header conditions hold as well; a request that
 //! fails them falls through to the next candidate. Path prefixes match whole segments:
 //! `/api` matches `/api` and `/api/cart`, never `/apix` (a prefix ending in `/` matches
 //! anything below it).
@@ -15,6 +15,8 @@ use std::collections::HashMap;
 /// Which requests a route takes: its conditions, apart from what it does with them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteMatch {
+    /// Only requests that arrived on this listener.
+    pub listener: Option<String>,
     pub host: Option<HostMatch>,
     /// Always starts with `/`; `/` when the config gives none.
     pub path_prefix: String,
@@ -53,6 +55,9 @@ pub struct RouteTable {
 
 /// What the router needs to know of a request.
 pub struct RequestView<'a, H: Fn(&str) -> Option<&'a str>> {
+    /// The listener the request arrived on (empty when unknown: matches only routes without
+    /// a `listener`).
+    pub listener: &'a str,
     pub method: &'a str,
     /// The `Host` header or URI authority, possibly with a port and upper case.
     pub host: &'a str,
@@ -114,7 +119,8 @@ impl RouteTable {
     ) -> Option<usize> {
         list.iter().copied().find(|&i| {
             let r = &self.routes[i];
-            prefix_matches(&r.path_prefix, req.path)
+            r.listener.as_deref().is_none_or(|l| l == req.listener)
+                && prefix_matches(&r.path_prefix, req.path)
                 && (r.methods.is_empty() || r.methods.iter().any(|m| m == req.method))
                 && r.headers
                     .iter()
@@ -129,6 +135,7 @@ impl RouteTable {
         for (i, r) in self.routes.iter().enumerate() {
             if let Some(by) = self.routes[..i].iter().position(|earlier| {
                 earlier.host == r.host
+                    && (earlier.listener.is_none() || earlier.listener == r.listener)
                     && earlier.path_prefix == r.path_prefix
                     && (earlier.methods.is_empty()
                         || (!r.methods.is_empty() && r.methods.iter().all(|m| earlier.methods.contains(m))))
@@ -183,6 +190,7 @@ mod tests {
 
     fn route(name: &'static str, host: Option<&str>, prefix: &str) -> (&'static str, RouteMatch) {
         let matches = RouteMatch {
+            listener: None,
             host: host.map(|h| match h.strip_prefix('*') {
                 Some(s) => HostMatch::Wildcard(s.into()),
                 None => HostMatch::Exact(h.into()),
@@ -205,6 +213,7 @@ mod tests {
 
     fn find_with(t: &Named, method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {
         let view = RequestView {
+            listener: "public",
             method,
             host,
             path,
@@ -265,6 +274,30 @@ mod tests {
             find_with(&t, "GET", "shop.example", "/web", &[]).as_deref(),
             Some("any")
         );
+    }
+
+    #[test]
+    fn a_listener_condition_falls_through_like_the_others() {
+        let mut plain = route("to-https", None, "/");
+        plain.1.listener = Some("plain".into());
+        let t = table(vec![plain, route("site", None, "/")]);
+        let on = |listener: &str| {
+            let view = RequestView {
+                listener,
+                method: "GET",
+                host: "shop.example",
+                path: "/x",
+                header: |_: &str| None,
+            };
+            t.0.find(&view).map(|i| t.1[i])
+        };
+        assert_eq!(on("plain"), Some("to-https"));
+        assert_eq!(on("secure"), Some("site"));
+        // A catch-all after a listener-scoped route is not shadowed by it; the reverse is.
+        assert!(t.0.shadowed().is_empty());
+        let mut scoped = route("later", None, "/");
+        scoped.1.listener = Some("plain".into());
+        assert_eq!(table(vec![route("all", None, "/"), scoped]).0.shadowed(), vec![(1, 0)]);
     }
 
     #[test]

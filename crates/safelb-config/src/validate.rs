@@ -35,7 +35,7 @@ pub(crate) fn cross_check(
     // A route that failed to parse may be the pool's user: only warn on an otherwise clean file.
     let routes_complete = !d.has_errors();
     for (i, (pool, span)) in pools.iter().enumerate() {
-        if routes_complete && !routes.iter().any(|(r, _)| r.pool == i) {
+        if routes_complete && !routes.iter().any(|(r, _)| r.pool() == Some(i)) {
             d.warning(
                 Rule::UnusedPool,
                 span.clone(),
@@ -58,6 +58,7 @@ pub(crate) fn cross_check(
     }
     for (test, span) in tests {
         let view = RequestView {
+            listener: &test.listener,
             method: &test.method,
             host: &test.host,
             path: &test.path,
@@ -66,11 +67,14 @@ pub(crate) fn cross_check(
         let found = table.find(&view).map(|i| &routes[i].0);
         let request = format!("{} http://{}{}", test.method, test.host, test.path);
         let got = match found {
-            Some(r) => format!("route `{}` (pool `{}`)", r.name, pools[r.pool].0.name),
+            Some(r) => match r.pool() {
+                Some(p) => format!("route `{}` (pool `{}`)", r.name, pools[p].0.name),
+                None => format!("route `{}` ({})", r.name, r.action.name()),
+            },
             None => "no route (404)".to_string(),
         };
         let ok = match (&test.expect, found) {
-            (TestExpectation::Pool(p), Some(r)) => pools[r.pool].0.name == *p,
+            (TestExpectation::Pool(p), Some(r)) => r.pool().is_some_and(|i| pools[i].0.name == *p),
             (TestExpectation::Route(name), Some(r)) => r.name == *name,
             (TestExpectation::Status(404), None) => true,
             _ => false,

@@ -298,3 +298,106 @@ fn features_on_by_default_take_false_or_a_table() {
         "on by default"
     );
 }
+
+#[test]
+fn route_actions_need_exactly_one_and_valid_parts() {
+    // Line 11 is the appended `[[route]]`.
+    let route = |body: &str| format!("{BASE}[[route]]\nname = \"x\"\npath_prefix = \"/x\"\n{body}\n");
+    expect(
+        &route("pool = \"api\"\nredirect = { scheme = \"https\" }"),
+        &[(Rule::RouteAction, 15, 1, "route `x` has both `pool` and `redirect`")],
+    );
+    expect(
+        &route("method = \"GET\""),
+        &[(Rule::RouteAction, 11, 1, "route `x` has no action")],
+    );
+    expect(
+        &route("listener = \"plain\"\npool = \"api\""),
+        &[(
+            Rule::UndefinedListener,
+            14,
+            12,
+            "listener `plain`, which is not defined",
+        )],
+    );
+    expect(
+        &route("redirect = { status = 308 }"),
+        &[(Rule::InvalidValue, 14, 12, "a redirect loop")],
+    );
+    expect(
+        &route("redirect = { scheme = \"https\", status = 200 }"),
+        &[(Rule::InvalidValue, 14, 41, "status 200 is not a redirect")],
+    );
+    expect(
+        &route("redirect = { path = \"/a\", prefix = \"/b\" }"),
+        &[(Rule::InvalidValue, 14, 27, "`path` and `prefix` cannot both be given")],
+    );
+    expect(
+        &route("respond = { status = 503 }\nrewrite = { prefix = \"/v2\" }"),
+        &[(Rule::RouteAction, 15, 1, "`rewrite` applies to requests sent to a pool")],
+    );
+    expect(
+        &route("pool = \"api\"\nrewrite = { prefix = \"v2\" }"),
+        &[(Rule::InvalidValue, 15, 22, "`prefix` = \"v2\" is not a path")],
+    );
+    expect(
+        &route("respond = { status = 99 }"),
+        &[(Rule::InvalidValue, 14, 22, "status 99 is not a final HTTP status")],
+    );
+}
+
+#[test]
+fn header_edits_are_checked_at_check_time() {
+    let route = |body: &str| format!("{BASE}[[route]]\nname = \"x\"\npath_prefix = \"/x\"\npool = \"api\"\n{body}\n");
+    expect(
+        &route("request_headers = { set = { \"Transfer-Encoding\" = \"chunked\" } }"),
+        &[(
+            Rule::InvalidHeader,
+            15,
+            29,
+            "`Transfer-Encoding` cannot be set by a route",
+        )],
+    );
+    expect(
+        &route("request_headers = { set = { \"Host\" = \"a\" } }"),
+        &[(Rule::InvalidHeader, 15, 29, "`Host` cannot be set by a route")],
+    );
+    expect(
+        &route("response_headers = { set = { \"Bad Name\" = \"1\" } }"),
+        &[(Rule::InvalidHeader, 15, 30, "`Bad Name` is not a valid header name")],
+    );
+    expect(
+        &route("response_headers = { set = { \"X-A\" = \"a\\r\\nSet-Cookie: x\" } }"),
+        &[(Rule::InvalidHeader, 15, 38, "has a line break or a control character")],
+    );
+    expect(
+        &route("request_headers = { remove = [\"X-Debug\"], add = {} }"),
+        &[(Rule::UnknownKey, 15, 43, "unknown key `add`")],
+    );
+}
+
+#[test]
+fn rate_limits_and_slow_start() {
+    let route = |body: &str| format!("{BASE}[[route]]\nname = \"x\"\npath_prefix = \"/x\"\npool = \"api\"\n{body}\n");
+    expect(
+        &route("rate_limit = { rate = \"50/s\", burst = 10, key = \"header:X-Api-Key\" }"),
+        &[],
+    );
+    expect(
+        &route("rate_limit = { rate = \"fast\" }"),
+        &[(Rule::InvalidValue, 15, 23, "`rate` = \"fast\" is not a rate")],
+    );
+    expect(
+        &route("rate_limit = { rate = \"5/s\", burst = 0 }"),
+        &[(Rule::InvalidValue, 15, 38, "`burst` = 0 refuses every request")],
+    );
+    expect(
+        &route("rate_limit = { rate = \"5/s\", key = \"cookie\" }"),
+        &[(Rule::InvalidValue, 15, 36, "`key` = \"cookie\" is not a rate-limit key")],
+    );
+    expect(&BASE.replace("backends = [", "slow_start = \"30s\"\nbackends = ["), &[]);
+    expect(
+        &BASE.replace("backends = [", "slow_start = \"soon\"\nbackends = ["),
+        &[(Rule::InvalidDuration, 6, 14, "slow_start")],
+    );
+}

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use safelb_config::routing::RequestView;
-use safelb_config::Config;
+use safelb_config::{Action, Config};
 use safelb_proxy::samples::Sample;
 use serde::{Deserialize, Serialize};
 
@@ -36,13 +36,18 @@ pub struct Move {
 fn pool_of(config: &Config, s: &Sample) -> String {
     // Samples keep method, host and path only: header conditions see no headers.
     let view = RequestView {
+        listener: "",
         method: &s.method,
         host: &s.host,
         path: &s.path,
         header: |_: &str| None,
     };
     match config.route_table.find(&view) {
-        Some(i) => config.pools[config.routes[i].pool].name.clone(),
+        Some(i) => match &config.routes[i].action {
+            Action::Pool(p) => config.pools[*p].name.clone(),
+            Action::Redirect(r) => format!("redirect {} (route `{}`)", r.status, config.routes[i].name),
+            Action::Respond(r) => format!("respond {} (route `{}`)", r.status, config.routes[i].name),
+        },
         None => NO_ROUTE.to_string(),
     }
 }

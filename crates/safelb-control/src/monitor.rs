@@ -169,7 +169,8 @@ impl Monitor {
                         .routes
                         .iter()
                         .find(|r| &r.name == route)
-                        .map(|r| stable.config.pools[r.pool].name.clone())
+                        .and_then(|r| r.pool())
+                        .map(|p| stable.config.pools[p].name.clone())
                 })
             });
             let latency = latency.then(|| metrics.latency(pool.as_deref()));

@@ -48,6 +48,9 @@ pub struct BackendState {
     ewma_micros: AtomicU64,
     ewma_stamp_ms: AtomicU64,
     pub(crate) draining: AtomicBool,
+    /// When the backend last (re)joined: new to a pool, back from failed checks, an ejection
+    /// or draining. Pools with `slow_start` ramp its share up from then. 0: never.
+    ramp_from_ms: AtomicU64,
     /// Ejections since start, for metrics.
     pub ejections_total: AtomicU64,
 }
@@ -71,6 +74,7 @@ impl BackendState {
             ewma_micros: AtomicU64::new(EWMA_DEFAULT_MICROS.to_bits()),
             ewma_stamp_ms: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            ramp_from_ms: AtomicU64::new(0),
             ejections_total: AtomicU64::new(0),
         }
     }
@@ -177,6 +181,8 @@ impl BackendState {
             .saturating_mul(1 << n)
             .min(max_ms.max(1));
         self.ejected_until_ms.store(now + ms, Relaxed);
+        // Back in when the ejection ends, and ramping from then.
+        self.ramp_from_ms.store(now + ms, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         self.ejections_total.fetch_add(1, Relaxed);
         Some(Duration::from_millis(ms))
@@ -186,9 +192,28 @@ impl BackendState {
         self.ejected_until_ms.load(Relaxed) > now_ms
     }
 
-    /// A drained backend gets no new request; requests in flight finish.
+    /// A drained backend gets no new request; requests in flight finish. Undrained, it ramps
+    /// up in pools with `slow_start`.
     pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Relaxed);
+        if self.draining.swap(draining, Relaxed) && !draining {
+            self.start_ramp();
+        }
+    }
+
+    /// The backend (re)joins now: pools with `slow_start` ramp its share up from here.
+    pub(crate) fn start_ramp(&self) {
+        self.ramp_from_ms.store(now_ms().max(1), Relaxed);
+    }
+
+    /// The share of its weight the backend takes `slow_start` after it (re)joined: from 10%
+    /// up to 100% linearly (1.0 when not ramping).
+    pub fn ramp(&self, now_ms: u64, slow_start_ms: u64) -> f64 {
+        let from = self.ramp_from_ms.load(Relaxed);
+        if from == 0 || slow_start_ms == 0 || now_ms >= from + slow_start_ms {
+            return 1.0;
+        }
+        let elapsed = now_ms.saturating_sub(from) as f64 / slow_start_ms as f64;
+        (0.1 + 0.9 * elapsed).min(1.0)
     }
 
     pub fn is_draining(&self) -> bool {

@@ -4,10 +4,19 @@
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime};
 
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 /// Milliseconds since the process started; cheap, monotonic, fits an atomic.
 pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    epoch().elapsed().as_millis() as u64
+}
+
+/// Microseconds since the process started (rate limits).
+pub fn now_micros() -> u64 {
+    epoch().elapsed().as_micros() as u64
 }
 
 /// Milliseconds since the Unix epoch.

@@ -169,6 +169,20 @@ pub fn render(handle: &ProxyHandle, e: &mut Exposition) {
         );
     }
     e.family(
+        "safelb_route_actions_total",
+        "counter",
+        "Requests by route and what the route did with them (proxied, redirect, respond, rate_limited).",
+    );
+    for (route, counters) in sorted(&m.route_actions.read().expect("metrics lock")) {
+        for (action, n) in counters.get() {
+            e.sample(
+                "safelb_route_actions_total",
+                &[("route", &route), ("action", action)],
+                n as f64,
+            );
+        }
+    }
+    e.family(
         "safelb_hedges_total",
         "counter",
         "Second attempts of replayable requests sent to another backend of the pool after the hedge delay, by outcome (won: answered first; lost: the first backend answered first or both failed; denied: over the hedge budget, not sent).",

@@ -170,6 +170,7 @@ impl ProxyHandle {
             &self.inner.registry,
             &self.inner.metrics,
         ));
+        ramp_new_backends(&running, &next);
         let replaced = self.routing();
         self.inner.current.store(Arc::new(Routing {
             stable: next.clone(),
@@ -255,12 +256,14 @@ impl ProxyHandle {
     /// backend preflight found down.
     fn build_candidate(&self, config: ValidConfig, version: u64, probed: &[Probed]) -> Arc<Snapshot> {
         self.apply_probes(probed, &config);
-        Arc::new(Snapshot::build(
+        let candidate = Arc::new(Snapshot::build(
             config,
             version,
             &self.inner.registry,
             &self.inner.metrics,
-        ))
+        ));
+        ramp_new_backends(&self.snapshot(), &candidate);
+        candidate
     }
 
     /// Ends a shadow stage without a canary (the candidate was rejected or the change aborted).
@@ -392,6 +395,17 @@ impl ProxyHandle {
         // Snapshots still held by in-flight requests keep their own Arcs; the registry only
         // stops handing out state for addresses no live config names.
         self.inner.registry.retain(|a| names.contains(a));
+        let limited: HashSet<&str> = live
+            .iter()
+            .flat_map(|s| {
+                s.config
+                    .routes
+                    .iter()
+                    .filter(|r| r.rate_limit.is_some())
+                    .map(|r| r.name.as_str())
+            })
+            .collect();
+        self.inner.registry.limiters.retain(|route| limited.contains(route));
     }
 
     /// Every backend a live config names, with its state.
@@ -443,6 +457,22 @@ fn describe(listeners: &BTreeMap<String, Listener>) -> String {
         .map(|l| format!("{}={}", l.name, l.bind))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Backends that `next` adds to a pool with `slow_start` ramp up from now (a pool new as a whole
+/// ramps all its backends alike, which changes no share).
+fn ramp_new_backends(running: &Snapshot, next: &Snapshot) {
+    for pool in &next.pools {
+        if next.config.pools[pool.index].slow_start.is_none() {
+            continue;
+        }
+        let before = running.pools.iter().find(|p| p.name == pool.name);
+        for b in &pool.backends {
+            if before.is_none_or(|p| !p.backends.iter().any(|x| x.addr == b.addr)) {
+                b.start_ramp();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

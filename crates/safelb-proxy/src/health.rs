@@ -107,6 +107,9 @@ pub(crate) fn transition(backend: &BackendState, to: Active, why: Option<&str>, 
     if from == to {
         return;
     }
+    if from == Active::Down && to == Active::Up {
+        backend.start_ramp();
+    }
     let label = backend.label.to_string();
     metrics.push_event(match to {
         Active::Down => DataPlaneEvent::BackendDown {

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod actions;
 pub mod backend;
 pub mod balance;
 mod body;
@@ -25,6 +26,7 @@ pub mod health;
 pub mod hedge;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 mod registry;
 pub mod role;
 pub mod samples;

@@ -140,6 +140,26 @@ pub type PoolBackend = (Arc<str>, Arc<str>);
 /// `route`, `pool`, `backend` ("" when none applies, e.g. a 404 or a 503 with no backend).
 pub type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
 
+/// Requests a route answered, by what it did with them.
+#[derive(Debug, Default)]
+pub struct ActionCounters {
+    pub proxied: AtomicU64,
+    pub redirect: AtomicU64,
+    pub respond: AtomicU64,
+    pub rate_limited: AtomicU64,
+}
+
+impl ActionCounters {
+    pub fn get(&self) -> [(&'static str, u64); 4] {
+        [
+            ("proxied", self.proxied.load(Relaxed)),
+            ("redirect", self.redirect.load(Relaxed)),
+            ("respond", self.respond.load(Relaxed)),
+            ("rate_limited", self.rate_limited.load(Relaxed)),
+        ]
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub(crate) requests: RwLock<HashMap<RequestKey, Arc<ClassCounters>>>,
@@ -148,6 +168,7 @@ pub struct Metrics {
     pub(crate) retries: RwLock<HashMap<Arc<str>, Arc<AtomicU64>>>,
     pub(crate) head_latency: RwLock<HashMap<Arc<str>, Arc<HeadLatency>>>,
     pub(crate) hedging: RwLock<HashMap<Arc<str>, Arc<HedgeCounters>>>,
+    pub(crate) route_actions: RwLock<HashMap<Arc<str>, Arc<ActionCounters>>>,
     pub in_flight: AtomicI64,
     /// Every candidate's hedges, fallbacks and rescues since start.
     pub canary: CanaryCounters,
@@ -187,6 +208,11 @@ impl Metrics {
 
     pub fn upstream(&self, pool: &Arc<str>, backend: &Arc<str>) -> Arc<UpstreamCounters> {
         get_or_insert(&self.upstream, &(pool.clone(), backend.clone()))
+    }
+
+    /// What a route did with its requests, by action (long-lived by route name).
+    pub fn route_actions(&self, route: &Arc<str>) -> Arc<ActionCounters> {
+        get_or_insert(&self.route_actions, route)
     }
 
     pub fn retries(&self, pool: &Arc<str>) -> Arc<AtomicU64> {

@@ -1,11 +1,13 @@
-//! The long-lived records of backend addresses: what is known about each (its
-//! [`BackendState`]) and its connections ([`Conns`]), handed to every snapshot that names it.
+//! The long-lived records snapshots attach to: for each backend address what is known about it
+//! (its [`BackendState`]) and its connections ([`Conns`]); for each rate-limited route its
+//! limiter.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::BackendState;
+use crate::ratelimit::RateLimiters;
 use crate::upstream::Conns;
 
 /// The long-lived map from address to backend state that snapshots attach to.
@@ -15,6 +17,8 @@ type Entry = (Arc<BackendState>, Arc<Conns>);
 #[derive(Default)]
 pub(crate) struct Registry {
     backends: Mutex<HashMap<SocketAddr, Entry>>,
+    /// Rate limiters by route, kept across swaps that leave a route's rule unchanged.
+    pub(crate) limiters: RateLimiters,
 }
 
 impl Registry {

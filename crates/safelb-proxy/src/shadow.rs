@@ -129,13 +129,14 @@ impl Shadow {
         self: Arc<Self>,
         stable: Arc<Snapshot>,
         parts: http::request::Parts,
+        listener: Arc<str>,
         client: SocketAddr,
         stable_status: u16,
         stable_latency: Duration,
     ) {
         let _slot = Slot(&self.in_flight);
-        let stable_route = route_name(&stable, &parts);
-        let (outcome, latency) = exchange(&self.candidate, &parts, client, bound(stable_latency)).await;
+        let stable_route = route_name(&stable, &listener, &parts);
+        let (outcome, latency) = exchange(&self.candidate, &listener, &parts, client, bound(stable_latency)).await;
         self.record(
             stable_route,
             Outcome::Status(stable_status),
@@ -176,13 +177,14 @@ impl Shadow {
             self.in_flight.fetch_add(1, Relaxed);
             tasks.spawn(async move {
                 let _slot = Slot(&shadow.in_flight);
-                let stable_route = route_name(&stable, &parts);
-                let (stable_outcome, stable_latency) = exchange(&stable, &parts, client, STABLE_REPLAY_LIMIT).await;
+                // Samples keep no listener: replays take the routes without a `listener` condition.
+                let stable_route = route_name(&stable, "", &parts);
+                let (stable_outcome, stable_latency) = exchange(&stable, "", &parts, client, STABLE_REPLAY_LIMIT).await;
                 if stable_outcome == Outcome::Failed {
                     // Nothing to compare against.
                     return;
                 }
-                let (outcome, latency) = exchange(&shadow.candidate, &parts, client, bound(stable_latency)).await;
+                let (outcome, latency) = exchange(&shadow.candidate, "", &parts, client, bound(stable_latency)).await;
                 shadow.record(stable_route, stable_outcome, stable_latency, outcome, latency);
             });
         }
@@ -248,9 +250,9 @@ impl Drop for Slot<'_> {
     }
 }
 
-fn route_name(snapshot: &Snapshot, parts: &http::request::Parts) -> Option<String> {
+fn route_name(snapshot: &Snapshot, listener: &str, parts: &http::request::Parts) -> Option<String> {
     snapshot
-        .find_route(&parts.method, &parts.uri, &parts.headers)
+        .find_route(listener, &parts.method, &parts.uri, &parts.headers)
         .map(|r| snapshot.route_names[r].to_string())
 }
 
@@ -258,15 +260,24 @@ fn route_name(snapshot: &Snapshot, parts: &http::request::Parts) -> Option<Strin
 /// (bounded) and drop it. No retry, no outlier accounting, no client metrics.
 async fn exchange(
     snapshot: &Snapshot,
+    listener: &str,
     parts: &http::request::Parts,
     client: SocketAddr,
     limit: Duration,
 ) -> (Outcome, Duration) {
     let started = Instant::now();
-    let Some(route) = snapshot.find_route(&parts.method, &parts.uri, &parts.headers) else {
+    let Some(route) = snapshot.find_route(listener, &parts.method, &parts.uri, &parts.headers) else {
         return (Outcome::NoRoute, started.elapsed());
     };
-    let pool = &snapshot.pools[snapshot.config.routes[route].pool];
+    let actions = &snapshot.actions[route];
+    let pool = match &snapshot.config.routes[route].action {
+        safelb_config::Action::Pool(p) => &snapshot.pools[*p],
+        // Answered without a backend: what the client would get, at once.
+        safelb_config::Action::Redirect(_) => {
+            return (Outcome::Status(actions.redirect_status().as_u16()), started.elapsed())
+        }
+        safelb_config::Action::Respond(r) => return (Outcome::Status(r.status), started.elapsed()),
+    };
     let config = snapshot.pool_config(pool);
     if config.protocol != Protocol::Http1 {
         // h2 pools are not shadowed yet; a copy that cannot be sent proves nothing either way.

@@ -15,6 +15,7 @@ use safelb_config::{HashKey, HedgeAfter, PanicPolicy, Pool, ValidConfig};
 use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::actions::RouteActions;
 use crate::backend::BackendState;
 use crate::balance::{Balancer, Candidates};
 use crate::clock::now_ms;
@@ -30,6 +31,8 @@ pub struct Snapshot {
     pub pools: Vec<PoolRuntime>,
     /// Route names, shared with access-log lines without copying.
     pub route_names: Vec<Arc<str>>,
+    /// Each route's actions, compiled (in route order).
+    pub actions: Vec<RouteActions>,
     /// What this version served: the canary verdict reads it.
     pub stats: crate::stats::Stats,
     /// Per route, the response counters for each backend of its pool, then one for answers
@@ -59,16 +62,25 @@ impl Snapshot {
             .routes
             .iter()
             .zip(&route_names)
-            .map(|(r, name)| {
-                let pool = &pools[r.pool];
-                let mut v: Vec<_> = pool
-                    .backends
-                    .iter()
-                    .map(|b| metrics.requests(name, &pool.name, &b.label))
-                    .collect();
-                v.push(metrics.requests(name, &pool.name, &none));
-                v
+            .map(|(r, name)| match r.pool() {
+                Some(p) => {
+                    let pool = &pools[p];
+                    let mut v: Vec<_> = pool
+                        .backends
+                        .iter()
+                        .map(|b| metrics.requests(name, &pool.name, &b.label))
+                        .collect();
+                    v.push(metrics.requests(name, &pool.name, &none));
+                    v
+                }
+                None => vec![metrics.requests(name, &none, &none)],
             })
+            .collect();
+        let actions = config
+            .routes
+            .iter()
+            .zip(&route_names)
+            .map(|(r, name)| RouteActions::new(r, &registry.limiters, metrics.route_actions(name)))
             .collect();
         let no_route = metrics.requests(&none, &none, &none);
         Snapshot {
@@ -76,6 +88,7 @@ impl Snapshot {
             config,
             pools,
             route_names,
+            actions,
             stats: Default::default(),
             route_counters,
             no_route,
@@ -120,6 +133,8 @@ pub struct PoolRuntime {
     panic_threshold: u8,
     panic_policy: PanicPolicy,
     max_ejected_percent: u8,
+    /// `slow_start` in milliseconds; 0 when the pool has none.
+    slow_start_ms: u64,
     /// Request durations of this pool, by role.
     pub durations: Arc<[Histogram; 2]>,
     /// Per backend, in `backends` order.
@@ -167,6 +182,7 @@ impl PoolRuntime {
             panic_threshold: pool.panic_threshold,
             panic_policy: pool.panic_policy,
             max_ejected_percent: pool.outlier.max_ejected_percent,
+            slow_start_ms: pool.slow_start.map_or(0, |d| d.as_millis() as u64),
         }
     }
 
@@ -210,7 +226,23 @@ impl PoolRuntime {
             }
         }
         let eligible = |i: usize| usable(i) && self.backends[i].is_available(now);
-        self.pick(hash, &eligible).ok_or(ErrorKind::NoHealthyBackend)
+        if self.slow_start_ms == 0 {
+            return self.pick(hash, &eligible).ok_or(ErrorKind::NoHealthyBackend);
+        }
+        // Slow start: a ramping backend is eligible for a request with the probability of its
+        // ramp, drawn once per request and backend (so a policy that asks twice gets one
+        // answer); the policy then shares the request among the others as it would if the
+        // backend were down. When every backend is out by the draw, the draw is ignored.
+        let draw = fastrand::u64(..);
+        let ramped = |i: usize| {
+            eligible(i) && {
+                let ramp = self.backends[i].ramp(now, self.slow_start_ms);
+                ramp >= 1.0 || unit(draw ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) < ramp
+            }
+        };
+        self.pick(hash, &ramped)
+            .or_else(|| self.pick(hash, &eligible))
+            .ok_or(ErrorKind::NoHealthyBackend)
     }
 
     fn pick(&self, hash: u64, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
@@ -240,6 +272,15 @@ impl PoolRuntime {
         let cap = (self.backends.len() * self.max_ejected_percent as usize / 100).max(1);
         self.max_ejected_percent > 0 && ejected < cap
     }
+}
+
+/// A number in [0, 1) from 64 random bits, mixed (splitmix64's finalizer) so that nearby
+/// inputs give unrelated outputs.
+fn unit(x: u64) -> f64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as f64 / (u64::MAX as f64 + 1.0)
 }
 
 /// Retries allowed per second: `percent` of requests, and never fewer than `min_per_second`.
@@ -293,8 +334,9 @@ impl RetryBudget {
 
 impl Snapshot {
     /// The route a request head matches, if any.
-    pub(crate) fn find_route(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
+    pub(crate) fn find_route(&self, listener: &str, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
         let view = RequestView {
+            listener,
             method: method.as_str(),
             host: headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
             path: uri.path(),

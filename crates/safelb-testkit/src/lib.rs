@@ -211,6 +211,7 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
         Behavior::Ok | Behavior::HealthyButFailing(_) => {}
     }
     let path = req.uri().path().to_string();
+    let target = req.uri().path_and_query().map_or("/".to_string(), |pq| pq.to_string());
     if path == "/ws" {
         return websocket(req, shared.name.clone(), cancel.clone());
     }
@@ -233,6 +234,10 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
     response
         .headers_mut()
         .insert("x-backend", shared.name.parse().expect("names are header-safe"));
+    // What the backend was asked for, so tests can see a rewrite.
+    if let Ok(v) = target.parse() {
+        response.headers_mut().insert("x-seen-target", v);
+    }
     response
 }
 

@@ -16,9 +16,9 @@ const PROXY_LAYERS: &[&[&str]] = &[
     &[
         "clock", "error", "headers", "stats", "samples", "failures", "tls", "role", "body", "h1",
     ],
-    &["access_log", "backend", "hedge"],
+    &["access_log", "backend", "hedge", "ratelimit"],
     &["metrics", "client_io", "upstream"],
-    &["balance", "health", "registry"],
+    &["balance", "health", "registry", "actions"],
     &["snapshot"],
     &["shadow"],
     &["handle"],

@@ -16,6 +16,7 @@ use crate::model::*;
 use crate::routing::{HostMatch, RouteMatch, RouteTable};
 use crate::validate::{self, SpannedRoute, SpannedTest};
 
+mod actions;
 mod alerts;
 mod listeners;
 mod pools;
@@ -23,6 +24,7 @@ mod rollout;
 mod route_tests;
 mod routes;
 
+use actions::*;
 use alerts::*;
 use listeners::*;
 use pools::*;
@@ -89,7 +91,7 @@ pub fn check(file: &str, source: &str) -> Checked {
         .section(&mut d, "pool")
         .map(|s| pools(&mut d, &s))
         .unwrap_or_default();
-    let routes = routes(&mut d, &top, &pools);
+    let routes = routes(&mut d, &top, &listeners, &pools);
     let tests = tests(&mut d, &top);
     let rollout = top
         .section(&mut d, "rollout")

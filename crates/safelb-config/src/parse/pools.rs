@@ -16,6 +16,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "health",
     "outlier",
     "hedge",
+    "slow_start",
 ];
 
 pub(super) fn pools(d: &mut Diagnostics, section: &Section<'_, '_>) -> Vec<(Pool, Range<usize>)> {
@@ -145,8 +146,10 @@ pub(super) fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_
     let health = s.section(d, "health").and_then(|h| health(d, &h, &name));
     let outlier = s.section(d, "outlier").map(|o| outlier(d, &o)).unwrap_or_default();
     let hedge = hedge(d, s, &name);
+    let slow_start = s.duration(d, "slow_start").filter(|d| !d.is_zero());
     Some(Pool {
         hedge,
+        slow_start,
         protocol,
         balance,
         hash_key,

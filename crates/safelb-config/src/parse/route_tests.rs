@@ -2,7 +2,14 @@
 
 use super::*;
 
-pub(super) const TEST_KEYS: &[&str] = &["request", "headers", "expect_pool", "expect_route", "expect_status"];
+pub(super) const TEST_KEYS: &[&str] = &[
+    "request",
+    "listener",
+    "headers",
+    "expect_pool",
+    "expect_route",
+    "expect_status",
+];
 
 pub(super) fn tests(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<SpannedTest> {
     let Some(list) = top.get("test") else {
@@ -71,6 +78,10 @@ pub(super) fn tests(d: &mut Diagnostics, top: &Section<'_, '_>) -> Vec<SpannedTe
         let headers = t.section(d, "headers").map(|h| header_pairs(d, &h)).unwrap_or_default();
         out.push((
             RouteTest {
+                listener: t
+                    .str(d, "listener")
+                    .map(|l| l.get_ref().to_string())
+                    .unwrap_or_default(),
                 method,
                 host,
                 path,

@@ -50,7 +50,7 @@ impl Proxy {
         let response = finish(self.route_and_forward(snapshot, request, client, done).await);
         if let Some(parts) = copy {
             let (status, latency) = (response.status().as_u16(), started.elapsed());
-            tokio::spawn(shadow.compare_live(snapshot.clone(), parts, client, status, latency));
+            tokio::spawn(shadow.compare_live(snapshot.clone(), parts, self.listener.clone(), client, status, latency));
         }
         response
     }
@@ -97,7 +97,7 @@ impl Proxy {
                     Lost::RolledBack
                 }
                 Err((err, done)) => {
-                    if !copy.as_ref().is_some_and(|c| falls_back(&err, &stable, &c.parts)) {
+                    if !copy.as_ref().is_some_and(|c| falls_back(&err, &stable, &self.listener, &c.parts)) {
                         return local(done, err);
                     }
                     quiet.store(true, Relaxed);
@@ -187,8 +187,8 @@ impl Proxy {
         parts: &http::request::Parts,
     ) -> Option<Duration> {
         let after = stable.config.rollout.hedge_after?;
-        let route = candidate.find_route(&parts.method, &parts.uri, &parts.headers)?;
-        let pool = &candidate.pools[candidate.config.routes[route].pool];
+        let route = candidate.find_route(&self.listener, &parts.method, &parts.uri, &parts.headers)?;
+        let pool = &candidate.pools[candidate.config.routes[route].pool()?];
         let ceiling = candidate.pool_config(pool).response_timeout;
         Some(pool.head_latency.delay(after, ceiling))
     }
@@ -196,7 +196,7 @@ impl Proxy {
 
 /// Should a candidate's failure be served by the stable version instead? Failures of the
 /// candidate's routing or backends, yes; a 404 only when the stable version has a route.
-pub(super) fn falls_back(err: &ProxyError, stable: &Snapshot, parts: &http::request::Parts) -> bool {
+pub(super) fn falls_back(err: &ProxyError, stable: &Snapshot, listener: &str, parts: &http::request::Parts) -> bool {
     match err.kind {
         ErrorKind::ConnectRefused
         | ErrorKind::ConnectTimeout
@@ -204,7 +204,9 @@ pub(super) fn falls_back(err: &ProxyError, stable: &Snapshot, parts: &http::requ
         | ErrorKind::NoHealthyBackend
         | ErrorKind::PanicFailClosed
         | ErrorKind::UpstreamProtocol => true,
-        ErrorKind::NoRoute => stable.find_route(&parts.method, &parts.uri, &parts.headers).is_some(),
+        ErrorKind::NoRoute => stable
+            .find_route(listener, &parts.method, &parts.uri, &parts.headers)
+            .is_some(),
         ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::ClientBody | ErrorKind::RolledBack => false,
     }
 }

@@ -25,6 +25,46 @@ pub(super) fn local(mut done: Box<Completion>, err: ProxyError) -> Response<Resp
     response
 }
 
+/// An answer given without a backend (a redirect, a fixed response), logged like any request.
+pub(super) fn answer(
+    mut done: Box<Completion>,
+    status: StatusCode,
+    headers: &[(HeaderName, HeaderValue)],
+    body: Bytes,
+) -> Response<ResponseBody> {
+    done.status = status.as_u16();
+    let request_id = done.request_id.clone();
+    let mut response = Response::new(ResponseBody::local(body, Some(done)));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    for (name, value) in headers {
+        h.insert(name.clone(), value.clone());
+    }
+    h.insert(X_REQUEST_ID.clone(), request_id);
+    response
+}
+
+/// `429 Too Many Requests` for a route over its rate limit, with `Retry-After`.
+pub(super) fn rate_limited(
+    done: Box<Completion>,
+    route: &str,
+    wait_secs: u64,
+    actions: &RouteActions,
+) -> Response<ResponseBody> {
+    let body = Bytes::from(format!(
+        "429 Too Many Requests: route `{route}` is rate limited; retry in {wait_secs} s\n"
+    ));
+    let mut response = answer(
+        done,
+        StatusCode::TOO_MANY_REQUESTS,
+        &[(http::header::RETRY_AFTER, HeaderValue::from(wait_secs))],
+        body,
+    );
+    actions.response_headers.apply(response.headers_mut());
+    response
+}
+
 pub(super) fn finish(r: Result<Response<ResponseBody>, (ProxyError, Box<Completion>)>) -> Response<ResponseBody> {
     match r {
         Ok(response) => response,

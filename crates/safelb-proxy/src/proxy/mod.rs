@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
-use http::{HeaderValue, Method, Request, Response, Uri, Version};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use safelb_config::Protocol;
+use safelb_config::{Action, Protocol};
 
 use crate::access_log::{AccessLog, LogEntry};
+use crate::actions::RouteActions;
 use crate::backend::BackendState;
 use crate::body::{request_body_error, RequestBody, RequestBodyError};
 use crate::client_io::ConnState;
@@ -55,26 +56,26 @@ use tunnel::*;
 pub struct Proxy {
     pub handle: ProxyHandle,
     pub log: AccessLog,
-    /// `http` or `https`, for `X-Forwarded-Proto`.
+    /// `http` or `https`, for `X-Forwarded-Proto` and redirects.
     pub scheme: &'static str,
+    /// The listener's name, for routes with a `listener` condition.
+    pub listener: Arc<str>,
 }
 
 impl Proxy {
-    /// A proxy for a TLS listener (`X-Forwarded-Proto: https`).
-    pub fn new_https(handle: ProxyHandle, log: AccessLog) -> Arc<Proxy> {
+    /// The proxy of listener `name`; `tls` for a TLS listener (`X-Forwarded-Proto: https`).
+    pub fn for_listener(handle: ProxyHandle, log: AccessLog, name: &str, tls: bool) -> Arc<Proxy> {
         Arc::new(Proxy {
             handle,
             log,
-            scheme: "https",
+            scheme: if tls { "https" } else { "http" },
+            listener: Arc::from(name),
         })
     }
 
+    /// A plain-HTTP proxy for a listener that routes with a `listener` condition never match.
     pub fn new(handle: ProxyHandle, log: AccessLog) -> Arc<Proxy> {
-        Arc::new(Proxy {
-            handle,
-            log,
-            scheme: "http",
-        })
+        Proxy::for_listener(handle, log, "", false)
     }
 
     /// Serves one request. Never fails: every error becomes a response.
@@ -224,12 +225,21 @@ impl Proxy {
         let Some(req) = request.as_ref() else {
             unreachable!("route_and_forward is given a request");
         };
-        let Some(route) = snapshot.find_route(req.method(), req.uri(), req.headers()) else {
+        let Some(route) = snapshot.find_route(&self.listener, req.method(), req.uri(), req.headers()) else {
             return Err((ProxyError::new(ErrorKind::NoRoute), done));
         };
-        let pool = &snapshot.pools[snapshot.config.routes[route].pool];
         done.route = Some(snapshot.route_names[route].clone());
         done.route_idx = Some(route);
+        let actions = &snapshot.actions[route];
+        if let Err(wait) = actions.admit(req.headers(), client) {
+            actions.counters.rate_limited.fetch_add(1, Relaxed);
+            return Ok(rate_limited(done, &snapshot.route_names[route], wait, actions));
+        }
+        let Action::Pool(p) = snapshot.config.routes[route].action else {
+            return Ok(self.answer(actions, req, done));
+        };
+        actions.counters.proxied.fetch_add(1, Relaxed);
+        let pool = &snapshot.pools[p];
         done.pool = Some(pool.name.clone());
         done.pool_idx = Some(pool.index);
         let hash = if pool.balancer.needs_hash() {
@@ -237,7 +247,49 @@ impl Proxy {
         } else {
             0
         };
-        self.forward(snapshot, pool, request, hash, done).await
+        if actions.rewrite_prefix.is_some() || actions.rewrite_host.is_some() || !actions.request_headers.is_empty() {
+            let req = request.as_mut().expect("route_and_forward is given a request");
+            let mut uri = std::mem::take(req.uri_mut());
+            actions.prepare(&mut uri, req.headers_mut());
+            *req.uri_mut() = uri;
+        }
+        let mut forwarded = self.forward(snapshot, pool, request, hash, done).await;
+        if let Ok(response) = &mut forwarded {
+            actions.response_headers.apply(response.headers_mut());
+        }
+        forwarded
+    }
+
+    /// The answer of a `redirect` or `respond` route, with the route's response headers.
+    fn answer(
+        &self,
+        actions: &RouteActions,
+        req: &Request<RequestBody>,
+        done: Box<Completion>,
+    ) -> Response<ResponseBody> {
+        let mut response = match &actions.fixed {
+            Some(fixed) => {
+                actions.counters.respond.fetch_add(1, Relaxed);
+                answer(done, fixed.status, &fixed.headers, fixed.body.clone())
+            }
+            None => {
+                actions.counters.redirect.fetch_add(1, Relaxed);
+                let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+                let location = actions
+                    .location(self.scheme, host, req.uri())
+                    .unwrap_or_else(|| "/".into());
+                let body = Bytes::from(format!("Redirecting to {location}\n"));
+                let value = HeaderValue::from_str(&location).unwrap_or_else(|_| HeaderValue::from_static("/"));
+                answer(
+                    done,
+                    actions.redirect_status(),
+                    &[(http::header::LOCATION, value)],
+                    body,
+                )
+            }
+        };
+        actions.response_headers.apply(response.headers_mut());
+        response
     }
 }
 

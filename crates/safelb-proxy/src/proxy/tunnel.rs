@@ -15,10 +15,17 @@ impl Proxy {
         on_client: hyper::upgrade::OnUpgrade,
         conn: Arc<ConnState>,
     ) -> Result<Response<ResponseBody>, (ProxyError, Box<Completion>)> {
-        let Some(route) = snapshot.find_route(request.method(), request.uri(), request.headers()) else {
+        let Some(route) = snapshot.find_route(&self.listener, request.method(), request.uri(), request.headers())
+        else {
             return Err((ProxyError::new(ErrorKind::NoRoute), done));
         };
-        let pool = &snapshot.pools[snapshot.config.routes[route].pool];
+        let Some(p) = snapshot.config.routes[route].pool() else {
+            // A redirect or fixed answer needs no tunnel: the client gets it as a plain answer.
+            done.route = Some(snapshot.route_names[route].clone());
+            done.route_idx = Some(route);
+            return Ok(self.answer(&snapshot.actions[route], &request, done));
+        };
+        let pool = &snapshot.pools[p];
         let config = snapshot.pool_config(pool);
         done.route = Some(snapshot.route_names[route].clone());
         done.route_idx = Some(route);

@@ -257,10 +257,7 @@ pub async fn start(
         let addr = listener.local_addr()?;
         tracing::info!(listener = %name, %addr, tls = tls.is_some(), threads, version = startup.version, "listening");
         listeners.push(addr);
-        let proxy = match tls {
-            Some(_) => Proxy::new_https(handle.clone(), log.clone()),
-            None => Proxy::new(handle.clone(), log.clone()),
-        };
+        let proxy = Proxy::for_listener(handle.clone(), log.clone(), &name, tls.is_some());
         tasks.push(tokio::spawn(server::serve(
             listener,
             proxy,

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod actions;
 mod change_control;
 mod check_cli;
 mod failures;

@@ -57,12 +57,17 @@ impl Lb {
     }
 
     pub async fn start_logged(config: ValidConfig, log: AccessLog) -> Lb {
+        Self::start_on(config, log, "public").await
+    }
+
+    /// A proxy for the listener named `listener` (routes with a `listener` condition see it).
+    pub async fn start_on(config: ValidConfig, log: AccessLog, name: &str) -> Lb {
         let handle = ProxyHandle::new(config, 1);
         let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let proxy = Proxy::new(handle.clone(), log);
+        let proxy = Proxy::for_listener(handle.clone(), log, name, false);
         tokio::spawn(server::serve(listener, proxy, None, shutdown.clone(), tracker.clone()));
         Lb {
             addr,

@@ -1,0 +1,290 @@
+//! A route's actions compiled for the request path: header edits as ready names and values,
+//! the rewrite, the redirect's `Location`, the fixed answer, and the rate limiter.
+//!
+//! Everything that can be decided from the config is decided here, when the snapshot is built;
+//! a request only copies prepared values.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, HOST};
+use http::{HeaderMap, StatusCode, Uri};
+use safelb_config::{Action, RateKey, Route};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::metrics::ActionCounters;
+use crate::ratelimit::{Limiter, RateLimiters};
+
+/// Header fields to remove, then to set.
+#[derive(Debug, Default)]
+pub struct Edits {
+    set: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl Edits {
+    fn compile(edits: &safelb_config::HeaderEdits) -> Edits {
+        // `check` validated names and values: a failure here would be a bug there, and the
+        // field is skipped rather than the snapshot refused.
+        Edits {
+            set: edits
+                .set
+                .iter()
+                .filter_map(|(n, v)| {
+                    Some((
+                        HeaderName::from_bytes(n.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+            remove: edits
+                .remove
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// A fixed answer, prepared once.
+#[derive(Debug)]
+pub struct Fixed {
+    pub status: StatusCode,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+/// One route's actions.
+#[derive(Debug)]
+pub struct RouteActions {
+    /// The route's `path_prefix`, without a trailing `/`, which a rewrite or redirect `prefix`
+    /// replaces.
+    matched_prefix: String,
+    pub rewrite_prefix: Option<String>,
+    pub rewrite_host: Option<HeaderValue>,
+    pub request_headers: Edits,
+    pub response_headers: Edits,
+    pub limiter: Option<Arc<Limiter>>,
+    pub fixed: Option<Fixed>,
+    pub redirect: Option<safelb_config::Redirect>,
+    pub counters: Arc<ActionCounters>,
+}
+
+impl RouteActions {
+    pub fn new(route: &Route, limiters: &RateLimiters, counters: Arc<ActionCounters>) -> RouteActions {
+        let fixed = match &route.action {
+            Action::Respond(r) => Some(Fixed {
+                status: StatusCode::from_u16(r.status).unwrap_or(StatusCode::OK),
+                headers: Edits::compile(&safelb_config::HeaderEdits {
+                    set: r.headers.clone(),
+                    remove: Vec::new(),
+                })
+                .set,
+                body: Bytes::from(r.body.clone()),
+            }),
+            _ => None,
+        };
+        RouteActions {
+            matched_prefix: route.matches.path_prefix.trim_end_matches('/').to_owned(),
+            rewrite_prefix: route.rewrite.as_ref().and_then(|r| r.prefix.clone()),
+            rewrite_host: route
+                .rewrite
+                .as_ref()
+                .and_then(|r| r.host.as_deref())
+                .and_then(|h| HeaderValue::from_str(h).ok()),
+            request_headers: Edits::compile(&route.request_headers),
+            response_headers: Edits::compile(&route.response_headers),
+            limiter: route.rate_limit.as_ref().map(|rule| limiters.get(&route.name, rule)),
+            fixed,
+            redirect: match &route.action {
+                Action::Redirect(r) => Some(r.clone()),
+                _ => None,
+            },
+            counters,
+        }
+    }
+
+    /// Takes a rate-limit token for this request; `Err(seconds)` to wait when there is none.
+    pub fn admit(&self, headers: &HeaderMap, client: SocketAddr) -> Result<(), u64> {
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        let hash = match &limiter.key {
+            RateKey::Route => 0,
+            RateKey::Client => match client.ip() {
+                std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
+                std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),
+            },
+            RateKey::Header(name) => headers.get(name.as_str()).map_or(0, |v| xxh3_64(v.as_bytes())),
+        };
+        limiter
+            .check(hash)
+            .map_err(|wait| wait.as_secs_f64().ceil().max(1.0) as u64)
+    }
+
+    /// `path` with the route's matched prefix replaced by `prefix`.
+    fn replace_prefix(&self, path: &str, prefix: &str) -> String {
+        let rest = path.strip_prefix(self.matched_prefix.as_str()).unwrap_or(path);
+        let mut out = String::with_capacity(prefix.len() + rest.len());
+        out.push_str(prefix.trim_end_matches('/'));
+        if !rest.is_empty() && !rest.starts_with('/') {
+            out.push('/');
+        }
+        out.push_str(rest);
+        if out.is_empty() {
+            out.push('/');
+        }
+        out
+    }
+
+    /// Applies `rewrite` and `request_headers` to a request about to be proxied.
+    pub fn prepare(&self, uri: &mut Uri, headers: &mut HeaderMap) {
+        if let Some(prefix) = &self.rewrite_prefix {
+            let path = self.replace_prefix(uri.path(), prefix);
+            let target = match uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            if let Ok(new) = Uri::try_from(target) {
+                *uri = new;
+            }
+        }
+        if let Some(host) = &self.rewrite_host {
+            headers.insert(HOST, host.clone());
+        }
+        self.request_headers.apply(headers);
+    }
+
+    /// The `Location` a redirect route sends a request to: the parts the redirect names, the
+    /// request's own for the rest, the query string kept.
+    pub fn location(&self, scheme: &str, host: &str, uri: &Uri) -> Option<String> {
+        let r = self.redirect.as_ref()?;
+        let new_scheme = r.scheme.as_deref().unwrap_or(scheme);
+        let authority = if r.scheme.is_none() && r.host.is_none() && r.port.is_none() {
+            host.to_owned()
+        } else {
+            let name = r.host.clone().unwrap_or_else(|| host_without_port(host).to_owned());
+            match r.port {
+                Some(p) if !(new_scheme == "https" && p == 443 || new_scheme == "http" && p == 80) => {
+                    format!("{name}:{p}")
+                }
+                _ => name,
+            }
+        };
+        let path = match (&r.path, &r.prefix) {
+            (Some(p), _) => p.clone(),
+            (None, Some(prefix)) => self.replace_prefix(uri.path(), prefix),
+            (None, None) => uri.path().to_owned(),
+        };
+        let query = uri.query().map_or(String::new(), |q| format!("?{q}"));
+        Some(format!("{new_scheme}://{authority}{path}{query}"))
+    }
+
+    pub fn redirect_status(&self) -> StatusCode {
+        self.redirect
+            .as_ref()
+            .and_then(|r| StatusCode::from_u16(r.status).ok())
+            .unwrap_or(StatusCode::FOUND)
+    }
+}
+
+fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(extra: &str) -> Route {
+        let source = format!(
+            "[listener.plain]\nbind = \"127.0.0.1:1\"\n[pool.p]\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nname = \"fallback\"\npath_prefix = \"/fallback\"\npool = \"p\"\n[[route]]\nname = \"r\"\n{extra}\n"
+        );
+        let config = safelb_config::check("t.toml", &source).into_result().expect("valid");
+        config.routes[1].clone()
+    }
+
+    fn actions(extra: &str) -> RouteActions {
+        RouteActions::new(&route(extra), &RateLimiters::default(), Arc::default())
+    }
+
+    #[test]
+    fn redirect_locations() {
+        let uri: Uri = "/old/x?a=1&b=2".parse().unwrap();
+        let https = actions("path_prefix = \"/old\"\nredirect = { scheme = \"https\", port = 8443, status = 308 }");
+        assert_eq!(
+            https.location("http", "shop.example:8080", &uri).as_deref(),
+            Some("https://shop.example:8443/old/x?a=1&b=2")
+        );
+        assert_eq!(https.redirect_status(), StatusCode::PERMANENT_REDIRECT);
+        let default_port = actions("path_prefix = \"/old\"\nredirect = { scheme = \"https\", port = 443 }");
+        assert_eq!(
+            default_port.location("http", "shop.example:8080", &uri).as_deref(),
+            Some("https://shop.example/old/x?a=1&b=2")
+        );
+        assert_eq!(default_port.redirect_status(), StatusCode::FOUND);
+        let moved = actions("path_prefix = \"/old\"\nredirect = { prefix = \"/new\" }");
+        assert_eq!(
+            moved.location("http", "shop.example:8080", &uri).as_deref(),
+            Some("http://shop.example:8080/new/x?a=1&b=2")
+        );
+        let whole = actions("path_prefix = \"/old\"\nredirect = { host = \"www.example\", path = \"/\" }");
+        assert_eq!(
+            whole
+                .location("https", "shop.example", &"/old/x".parse().unwrap())
+                .as_deref(),
+            Some("https://www.example/")
+        );
+    }
+
+    #[test]
+    fn rewrite_replaces_the_matched_prefix_and_the_host() {
+        let a = actions("path_prefix = \"/api\"\npool = \"p\"\nrewrite = { prefix = \"/v2\", host = \"api.internal\" }\nrequest_headers = { set = { \"X-Env\" = \"prod\" }, remove = [\"X-Debug\"] }");
+        for (before, after) in [("/api/cart?id=3", "/v2/cart?id=3"), ("/api", "/v2"), ("/api/", "/v2/")] {
+            let mut uri: Uri = before.parse().unwrap();
+            let mut headers = HeaderMap::new();
+            headers.insert(HOST, HeaderValue::from_static("shop.example"));
+            headers.insert("x-debug", HeaderValue::from_static("1"));
+            a.prepare(&mut uri, &mut headers);
+            assert_eq!(uri.to_string(), after, "from {before}");
+            assert_eq!(headers[HOST], "api.internal");
+            assert_eq!(headers["x-env"], "prod");
+            assert!(!headers.contains_key("x-debug"));
+        }
+        let root = actions("pool = \"p\"\nrewrite = { prefix = \"/app\" }");
+        let mut uri: Uri = "/x".parse().unwrap();
+        root.prepare(&mut uri, &mut HeaderMap::new());
+        assert_eq!(uri.to_string(), "/app/x");
+    }
+
+    #[test]
+    fn rate_limit_keys() {
+        let a = actions("pool = \"p\"\nrate_limit = { rate = \"1/s\", burst = 1, key = \"header:X-Api-Key\" }");
+        let client: SocketAddr = "127.0.0.1:5".parse().unwrap();
+        let mut k1 = HeaderMap::new();
+        k1.insert("x-api-key", HeaderValue::from_static("one"));
+        let mut k2 = HeaderMap::new();
+        k2.insert("x-api-key", HeaderValue::from_static("two"));
+        assert!(a.admit(&k1, client).is_ok());
+        assert_eq!(a.admit(&k1, client), Err(1));
+        assert!(a.admit(&k2, client).is_ok(), "another key has its own bucket");
+    }
+}
