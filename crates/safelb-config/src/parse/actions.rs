@@ -32,6 +32,21 @@ pub(super) fn valid_header_value(value: &str) -> bool {
     value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
+/// A header name from config, lower-cased, or an error at `span`.
+fn header_name(d: &mut Diagnostics, s: &Section<'_, '_>, name: &str, span: Range<usize>) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    if valid_header_name(&lower) {
+        return Some(lower);
+    }
+    d.error(
+        Rule::InvalidHeader,
+        span,
+        format!("{}: `{name}` is not a valid header name", s.what),
+    )
+    .hint("header names are letters, digits and !#$%&'*+-.^_`|~");
+    None
+}
+
 /// `{ "Name" = "value", ... }` with names and values checked; names come back lower-case.
 fn header_table(d: &mut Diagnostics, s: &Section<'_, '_>, setting: bool) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -39,16 +54,9 @@ fn header_table(d: &mut Diagnostics, s: &Section<'_, '_>, setting: bool) -> Vec<
         let Some(v) = as_str(d, value, &format!("header `{}` in {}", name.get_ref(), s.what)) else {
             continue;
         };
-        let lower = name.get_ref().to_ascii_lowercase();
-        if !valid_header_name(&lower) {
-            d.error(
-                Rule::InvalidHeader,
-                name.span(),
-                format!("{}: `{}` is not a valid header name", s.what, name.get_ref()),
-            )
-            .hint("header names are letters, digits and !#$%&'*+-.^_`|~");
+        let Some(lower) = header_name(d, s, name.get_ref(), name.span()) else {
             continue;
-        }
+        };
         if setting && NOT_SETTABLE.contains(&lower.as_str()) {
             d.error(
                 Rule::InvalidHeader,
@@ -95,16 +103,9 @@ pub(super) fn header_edits(d: &mut Diagnostics, r: &Section<'_, '_>, key: &str) 
             let Some(name) = as_str(d, v, &format!("a name in `remove` of {}", s.what)) else {
                 continue;
             };
-            let lower = name.get_ref().to_ascii_lowercase();
-            if !valid_header_name(&lower) {
-                d.error(
-                    Rule::InvalidHeader,
-                    name.span(),
-                    format!("{}: `{}` is not a valid header name", s.what, name.get_ref()),
-                );
-                continue;
+            if let Some(lower) = header_name(d, &s, name.get_ref(), name.span()) {
+                remove.push(lower);
             }
-            remove.push(lower);
         }
     }
     HeaderEdits { set, remove }
