@@ -401,3 +401,96 @@ fn rate_limits_and_slow_start() {
         &[(Rule::InvalidDuration, 6, 14, "slow_start")],
     );
 }
+
+#[test]
+fn route_tests_expect_actions_paths_and_headers() {
+    let base = format!(
+        "{BASE}{}",
+        r#"[[route]]
+name = "to-https"
+listener = "public"
+path_prefix = "/shop"
+redirect = { scheme = "https", port = 8443, status = 308 }
+[[route]]
+name = "v2"
+path_prefix = "/v1"
+pool = "api"
+rewrite = { prefix = "/v2", host = "api.internal" }
+request_headers = { set = { "X-Env" = "prod" } }
+[[route]]
+name = "maintenance"
+path_prefix = "/old"
+respond = { status = 503, headers = { "Retry-After" = "120" } }
+"#
+    );
+    let passing = format!(
+        "{base}{}",
+        r#"[[test]]
+request = "GET http://shop.example:8080/shop/x?a=1"
+listener = "public"
+expect_redirect = "https://shop.example:8443/shop/x?a=1"
+[[test]]
+request = "GET http://shop.example/shop/x"
+expect_pool = "api"
+[[test]]
+request = "GET http://shop.example/v1/cart?id=3"
+expect_pool = "api"
+expect_path = "/v2/cart?id=3"
+expect_header = { "Host" = "api.internal", "X-Env" = "prod" }
+[[test]]
+request = "GET http://shop.example/old/page"
+expect_status = 503
+expect_header = { "Retry-After" = "120" }
+"#
+    );
+    expect(&passing, &[]);
+    // Line 27 is the first appended [[test]]'s `request`.
+    let failing = |test: &str| format!("{base}[[test]]\n{test}\n");
+    expect(
+        &failing("request = \"GET http://shop.example/shop/x\"\nlistener = \"public\"\nexpect_redirect = \"https://shop.example/shop/x\""),
+        &[(
+            Rule::TestFailed,
+            27,
+            11,
+            "expected a redirect to https://shop.example/shop/x, got route `to-https` (redirect 308 to https://shop.example:8443/shop/x)",
+        )],
+    );
+    expect(
+        &failing("request = \"GET http://shop.example/v1/cart\"\nexpect_pool = \"api\"\nexpect_path = \"/v1/cart\""),
+        &[(
+            Rule::TestFailed,
+            27,
+            11,
+            "expected the backend to see /v1/cart, it would see /v2/cart",
+        )],
+    );
+    expect(
+        &failing("request = \"GET http://shop.example/old\"\nexpect_status = 200"),
+        &[(
+            Rule::TestFailed,
+            27,
+            11,
+            "expected status 200, got route `maintenance` (status 503)",
+        )],
+    );
+    expect(
+        &failing(
+            "request = \"GET http://shop.example/v1\"\nexpect_pool = \"api\"\nexpect_header = { \"X-Env\" = \"dev\" }",
+        ),
+        &[(
+            Rule::TestFailed,
+            27,
+            11,
+            "expected `x-env: dev` on the backend's request, got `prod`",
+        )],
+    );
+    expect(
+        &failing("request = \"GET http://shop.example/x\"\nexpect_status = 429"),
+        &[(
+            Rule::InvalidValue,
+            28,
+            17,
+            "expect_status = 429 cannot be checked offline",
+        )],
+    );
+}

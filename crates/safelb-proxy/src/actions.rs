@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::{HeaderMap, StatusCode, Uri};
-use safelb_config::{Action, RateKey, Route};
+use safelb_config::{replace_prefix, Action, RateKey, Route};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::metrics::ActionCounters;
@@ -71,9 +71,11 @@ pub struct Fixed {
 /// One route's actions.
 #[derive(Debug)]
 pub struct RouteActions {
-    /// The route's `path_prefix`, without a trailing `/`, which a rewrite or redirect `prefix`
-    /// replaces.
-    matched_prefix: String,
+    /// The route's `path_prefix`, which a rewrite `prefix` replaces.
+    path_prefix: String,
+    /// The route itself, for what is decided per request from its config (a redirect's
+    /// `Location`).
+    route: Route,
     pub rewrite_prefix: Option<String>,
     pub rewrite_host: Option<HeaderValue>,
     pub request_headers: Edits,
@@ -99,7 +101,8 @@ impl RouteActions {
             _ => None,
         };
         RouteActions {
-            matched_prefix: route.matches.path_prefix.trim_end_matches('/').to_owned(),
+            path_prefix: route.matches.path_prefix.clone(),
+            route: route.clone(),
             rewrite_prefix: route.rewrite.as_ref().and_then(|r| r.prefix.clone()),
             rewrite_host: route
                 .rewrite
@@ -134,25 +137,10 @@ impl RouteActions {
             .map_err(|wait| wait.as_secs_f64().ceil().max(1.0) as u64)
     }
 
-    /// `path` with the route's matched prefix replaced by `prefix`.
-    fn replace_prefix(&self, path: &str, prefix: &str) -> String {
-        let rest = path.strip_prefix(self.matched_prefix.as_str()).unwrap_or(path);
-        let mut out = String::with_capacity(prefix.len() + rest.len());
-        out.push_str(prefix.trim_end_matches('/'));
-        if !rest.is_empty() && !rest.starts_with('/') {
-            out.push('/');
-        }
-        out.push_str(rest);
-        if out.is_empty() {
-            out.push('/');
-        }
-        out
-    }
-
     /// Applies `rewrite` and `request_headers` to a request about to be proxied.
     pub fn prepare(&self, uri: &mut Uri, headers: &mut HeaderMap) {
         if let Some(prefix) = &self.rewrite_prefix {
-            let path = self.replace_prefix(uri.path(), prefix);
+            let path = replace_prefix(&self.path_prefix, uri.path(), prefix);
             let target = match uri.query() {
                 Some(q) => format!("{path}?{q}"),
                 None => path,
@@ -167,29 +155,9 @@ impl RouteActions {
         self.request_headers.apply(headers);
     }
 
-    /// The `Location` a redirect route sends a request to: the parts the redirect names, the
-    /// request's own for the rest, the query string kept.
+    /// The `Location` a redirect route sends a request to (see [`Route::location`]).
     pub fn location(&self, scheme: &str, host: &str, uri: &Uri) -> Option<String> {
-        let r = self.redirect.as_ref()?;
-        let new_scheme = r.scheme.as_deref().unwrap_or(scheme);
-        let authority = if r.scheme.is_none() && r.host.is_none() && r.port.is_none() {
-            host.to_owned()
-        } else {
-            let name = r.host.clone().unwrap_or_else(|| host_without_port(host).to_owned());
-            match r.port {
-                Some(p) if !(new_scheme == "https" && p == 443 || new_scheme == "http" && p == 80) => {
-                    format!("{name}:{p}")
-                }
-                _ => name,
-            }
-        };
-        let path = match (&r.path, &r.prefix) {
-            (Some(p), _) => p.clone(),
-            (None, Some(prefix)) => self.replace_prefix(uri.path(), prefix),
-            (None, None) => uri.path().to_owned(),
-        };
-        let query = uri.query().map_or(String::new(), |q| format!("?{q}"));
-        Some(format!("{new_scheme}://{authority}{path}{query}"))
+        self.route.location(scheme, host, uri.path(), uri.query())
     }
 
     pub fn redirect_status(&self) -> StatusCode {
@@ -197,16 +165,6 @@ impl RouteActions {
             .as_ref()
             .and_then(|r| StatusCode::from_u16(r.status).ok())
             .unwrap_or(StatusCode::FOUND)
-    }
-}
-
-fn host_without_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.find(']').map_or(host, |end| &host[..=end]);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
     }
 }
 

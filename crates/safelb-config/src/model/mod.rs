@@ -318,19 +318,29 @@ pub struct RouteTest {
     /// The listener the request arrives on; empty: routes with a `listener` condition do not
     /// match it.
     pub listener: String,
+    /// `http` or `https`, from the request URL (a redirect keeps it unless it names one).
+    pub scheme: String,
     pub method: String,
     pub host: String,
     pub path: String,
+    pub query: Option<String>,
     pub headers: Vec<(String, String)>,
     pub expect: TestExpectation,
+    /// The path (and query) the backend sees, after `rewrite`.
+    pub expect_path: Option<String>,
+    /// Header fields that must have these values: on the request the backend sees for a pool
+    /// route, on the answer for a route that answers itself.
+    pub expect_headers: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TestExpectation {
     Pool(String),
     Route(String),
-    /// Only 404 (no route) can be decided offline.
+    /// 404 (no route), or the status of a route that answers itself (`respond`, `redirect`).
     Status(u16),
+    /// The `Location` of a redirect route.
+    Redirect(String),
 }
 
 /// The change policy: how a candidate is tested and judged.

@@ -110,3 +110,67 @@ pub enum RateKey {
     /// The value of a request header (lower-case name); requests without it share one bucket.
     Header(String),
 }
+
+/// `path` with the route's matched `path_prefix` replaced by `prefix` (`/old/x` under `/old`
+/// with `/new` is `/new/x`). Shared by the data plane and route tests, so `check` predicts what
+/// the proxy does.
+pub fn replace_prefix(path_prefix: &str, path: &str, prefix: &str) -> String {
+    let matched = path_prefix.trim_end_matches('/');
+    let rest = path.strip_prefix(matched).unwrap_or(path);
+    let mut out = String::with_capacity(prefix.len() + rest.len());
+    out.push_str(prefix.trim_end_matches('/'));
+    if !rest.is_empty() && !rest.starts_with('/') {
+        out.push('/');
+    }
+    out.push_str(rest);
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+impl Route {
+    /// The path a backend sees for a request to `path` (after `rewrite.prefix`).
+    pub fn backend_path(&self, path: &str) -> String {
+        match self.rewrite.as_ref().and_then(|r| r.prefix.as_deref()) {
+            Some(prefix) => replace_prefix(&self.matches.path_prefix, path, prefix),
+            None => path.to_owned(),
+        }
+    }
+
+    /// Where a redirect route sends a request that came with `scheme`, `host` (the `Host`
+    /// header, port included) and `path` and `query`: the parts the redirect names, the
+    /// request's own for the rest. `None` for other routes.
+    pub fn location(&self, scheme: &str, host: &str, path: &str, query: Option<&str>) -> Option<String> {
+        let Action::Redirect(r) = &self.action else { return None };
+        let new_scheme = r.scheme.as_deref().unwrap_or(scheme);
+        let authority = if r.scheme.is_none() && r.host.is_none() && r.port.is_none() {
+            host.to_owned()
+        } else {
+            let name = r.host.clone().unwrap_or_else(|| host_without_port(host).to_owned());
+            match r.port {
+                Some(p) if !(new_scheme == "https" && p == 443 || new_scheme == "http" && p == 80) => {
+                    format!("{name}:{p}")
+                }
+                _ => name,
+            }
+        };
+        let path = match (&r.path, &r.prefix) {
+            (Some(p), _) => p.clone(),
+            (None, Some(prefix)) => replace_prefix(&self.matches.path_prefix, path, prefix),
+            (None, None) => path.to_owned(),
+        };
+        let query = query.map_or(String::new(), |q| format!("?{q}"));
+        Some(format!("{new_scheme}://{authority}{path}{query}"))
+    }
+}
+
+fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
