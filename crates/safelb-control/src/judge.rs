@@ -96,12 +96,13 @@ pub fn judge_shadow(report: &ShadowReport, policy: &Rollout) -> Option<String> {
         .map(|(name, r)| {
             let pairs: Vec<String> = r.mismatches.iter().map(|(k, n)| format!("{k} x{n}")).collect();
             format!(
-                "route `{name}`: {} of {} copies worse than stable ({} failed, {} not found, {} much slower; {})",
+                "route `{name}`: {} of {} copies worse than stable ({} failed, {} not found, {} much slower, {} answered by a new untested redirect or fixed answer; {})",
                 r.bad(),
                 r.compared,
                 r.failed,
                 r.not_found,
                 r.slow,
+                r.answered,
                 if pairs.is_empty() {
                     "same status classes".to_string()
                 } else {
@@ -155,6 +156,7 @@ mod tests {
             failed,
             not_found,
             slow,
+            answered: 0,
             mismatches: [("stable 200 / candidate 500".to_string(), failed)]
                 .into_iter()
                 .collect(),

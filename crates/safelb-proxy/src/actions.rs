@@ -7,6 +7,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::sync::atomic::AtomicBool;
+
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::{HeaderMap, StatusCode, Uri};
@@ -84,6 +86,12 @@ pub struct RouteActions {
     pub fixed: Option<Fixed>,
     pub redirect: Option<safelb_config::Redirect>,
     pub counters: Arc<ActionCounters>,
+    /// A route that answers itself and that a `[[test]]` of its config exercises: its answers
+    /// are intended (a maintenance page), not an accident.
+    pub tested: bool,
+    /// On a candidate: a route that answers itself, untested, and not in the stable version as
+    /// it is. Its answers count as errors of the candidate (see `Snapshot::mark_suspects`).
+    pub suspect: AtomicBool,
 }
 
 impl RouteActions {
@@ -118,6 +126,8 @@ impl RouteActions {
                 _ => None,
             },
             counters,
+            tested: false,
+            suspect: AtomicBool::new(false),
         }
     }
 

@@ -262,7 +262,9 @@ impl ProxyHandle {
             &self.inner.registry,
             &self.inner.metrics,
         ));
-        ramp_new_backends(&self.snapshot(), &candidate);
+        let stable = self.snapshot();
+        ramp_new_backends(&stable, &candidate);
+        candidate.mark_suspects(&stable);
         candidate
     }
 

@@ -56,13 +56,16 @@ pub struct RouteShadow {
     pub not_found: u64,
     /// Answered, but much slower than stable (see `SLOW_FACTOR`).
     pub slow: u64,
+    /// A redirect or fixed answer, from a new route no route test exercises, where stable
+    /// answered 2xx.
+    pub answered: u64,
     /// (stable status, candidate status) pairs that differ in class, with counts; 0 is "no answer".
     pub mismatches: BTreeMap<String, u64>,
 }
 
 impl RouteShadow {
     pub fn bad(&self) -> u64 {
-        self.failed + self.not_found + self.slow
+        self.failed + self.not_found + self.slow + self.answered
     }
 }
 
@@ -81,6 +84,12 @@ pub struct ShadowReport {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Outcome {
     Status(u16),
+    /// The route answered itself (redirect, fixed answer); `suspect` as in
+    /// `RouteActions::suspect`.
+    Answered {
+        status: u16,
+        suspect: bool,
+    },
     /// No route in the candidate (answered 404 to a client).
     NoRoute,
     /// Connect error, protocol error, no backend to send to, or no head within the bound.
@@ -200,7 +209,7 @@ impl Shadow {
         latency: Duration,
     ) {
         let code = |o: Outcome| match o {
-            Outcome::Status(s) => s,
+            Outcome::Status(s) | Outcome::Answered { status: s, .. } => s,
             Outcome::NoRoute => 404,
             Outcome::Failed => 0,
         };
@@ -212,7 +221,13 @@ impl Shadow {
             .or_default();
         r.compared += 1;
         let bad = r.bad();
-        if stable_ok && (c == 0 || c >= 500) {
+        if let Outcome::Answered { suspect, .. } = candidate {
+            // A route answering itself where stable answered 2xx: new and untested, it is an
+            // accident until a route test says otherwise.
+            if suspect && s / 100 == 2 && c / 100 != 2 {
+                r.answered += 1;
+            }
+        } else if stable_ok && (c == 0 || c >= 500) {
             r.failed += 1;
         } else if candidate == Outcome::NoRoute && stable_route.is_some() && s != 404 {
             r.not_found += 1;
@@ -274,9 +289,20 @@ async fn exchange(
         safelb_config::Action::Pool(p) => &snapshot.pools[*p],
         // Answered without a backend: what the client would get, at once.
         safelb_config::Action::Redirect(_) => {
-            return (Outcome::Status(actions.redirect_status().as_u16()), started.elapsed())
+            let status = actions.redirect_status().as_u16();
+            let suspect = actions.suspect.load(Relaxed);
+            return (Outcome::Answered { status, suspect }, started.elapsed());
         }
-        safelb_config::Action::Respond(r) => return (Outcome::Status(r.status), started.elapsed()),
+        safelb_config::Action::Respond(r) => {
+            let suspect = actions.suspect.load(Relaxed);
+            return (
+                Outcome::Answered {
+                    status: r.status,
+                    suspect,
+                },
+                started.elapsed(),
+            );
+        }
     };
     let config = snapshot.pool_config(pool);
     if config.protocol != Protocol::Http1 {

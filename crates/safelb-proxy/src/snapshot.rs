@@ -76,12 +76,24 @@ impl Snapshot {
                 None => vec![metrics.requests(name, &none, &none)],
             })
             .collect();
-        let actions = config
+        let mut actions: Vec<RouteActions> = config
             .routes
             .iter()
             .zip(&route_names)
             .map(|(r, name)| RouteActions::new(r, &registry.limiters, metrics.route_actions(name)))
             .collect();
+        for test in &config.tests {
+            let view = RequestView {
+                listener: &test.listener,
+                method: &test.method,
+                host: &test.host,
+                path: &test.path,
+                header: |name: &str| test.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()),
+            };
+            if let Some(i) = config.route_table.find(&view) {
+                actions[i].tested = config.routes[i].pool().is_none();
+            }
+        }
         let no_route = metrics.requests(&none, &none, &none);
         Snapshot {
             version,
@@ -333,6 +345,18 @@ impl RetryBudget {
 }
 
 impl Snapshot {
+    /// Marks, on a candidate, the routes whose own answers count as its errors: routes that
+    /// answer themselves (redirect, respond), that no route test exercises, and that `stable`
+    /// does not have in the same form. An accidental catch-all redirect is one; a deliberate
+    /// maintenance page has a test, and an unchanged redirect is not news.
+    pub fn mark_suspects(&self, stable: &Snapshot) {
+        for (i, route) in self.config.routes.iter().enumerate() {
+            let unchanged = stable.config.routes.iter().any(|r| r == route);
+            let suspect = route.pool().is_none() && !self.actions[i].tested && !unchanged;
+            self.actions[i].suspect.store(suspect, Relaxed);
+        }
+    }
+
     /// The route a request head matches, if any.
     pub(crate) fn find_route(&self, listener: &str, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
         let view = RequestView {

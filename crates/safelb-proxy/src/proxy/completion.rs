@@ -99,6 +99,10 @@ pub(crate) struct Completion {
     pub(super) release: Option<Sender>,
     pub(super) upstream: Option<Duration>,
     pub(super) status: u16,
+    /// Answered by the route itself (redirect, fixed answer): `Some(suspect)`, where a suspect
+    /// answer of a candidate counts as its error whatever the status, and an intended one
+    /// (tested, or unchanged from stable) never does.
+    pub(super) route_answer: Option<bool>,
     pub(super) retries: u32,
     pub(super) error: Option<&'static str>,
     pub(super) bytes: u64,
@@ -165,6 +169,7 @@ impl Completion {
             upstream: None,
             // Until a response exists, the client went away first (nginx's 499).
             status: 499,
+            route_answer: None,
             retries: 0,
             error: None,
             bytes: 0,
@@ -227,7 +232,11 @@ impl Drop for Completion {
             snapshot.pools[p].durations[self.role as usize].observe(elapsed);
         }
         if self.status != 499 {
-            snapshot.stats.record(self.status >= 500, elapsed);
+            let error = match self.route_answer {
+                Some(suspect) => suspect && self.role == Role::Candidate,
+                None => self.status >= 500,
+            };
+            snapshot.stats.record(error, elapsed);
         }
         if self.status >= 500 {
             snapshot.metrics.record_failed_client(self.client.ip());

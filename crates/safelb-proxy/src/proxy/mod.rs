@@ -265,8 +265,9 @@ impl Proxy {
         &self,
         actions: &RouteActions,
         req: &Request<RequestBody>,
-        done: Box<Completion>,
+        mut done: Box<Completion>,
     ) -> Response<ResponseBody> {
+        done.route_answer = Some(actions.suspect.load(Relaxed));
         let mut response = match &actions.fixed {
             Some(fixed) => {
                 actions.counters.respond.fetch_add(1, Relaxed);

@@ -293,3 +293,58 @@ async fn manual_rollback_rescues_requests_waiting_on_the_rolled_back_version() {
         report.slowest
     );
 }
+
+/// A change that starts redirecting the site's traffic (meant for the plain listener only, the
+/// `listener` line forgotten) is rejected at the shadow stage, at the defaults, before any client
+/// is redirected; the same redirect with a route test saying it is intended goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accidental_catch_all_redirect_is_rejected_before_it_serves_a_client() {
+    let good = backends(2).await;
+    let d = Deployment::start_with(&addrs(&good), QUICK_ROLLOUT, "").await;
+    let load = SteadyLoad::start(d.addr(), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let redirect = "[[route]]\nname = \"to-https\"\nhost = \"x\"\nredirect = { scheme = \"https\", port = 8443 }\n";
+    let accident = d.write("redirect.toml", &addrs(&good), redirect);
+    // Preflight sees every sampled request move to the redirect.
+    let (code, out, err, _) = d.cli_async(&["apply", accident.to_str().unwrap(), "-m", "https"]).await;
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(out.contains("rejected at preflight"), "{out}");
+    assert!(out.contains("moves 100.0% of recent traffic"), "{out}");
+    // Confirmed by an operator who believes it is intended: the shadow stage still rejects it.
+    let (code, out, err, _) = d
+        .cli_async(&["apply", accident.to_str().unwrap(), "-m", "https", "--confirm"])
+        .await;
+    println!("accidental redirect, confirmed:\n{out}");
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(out.contains("rejected at the shadow stage"), "{out}");
+    assert!(out.contains("answered by a new untested redirect"), "{out}");
+    let report = load.finish().await;
+    println!("load during the shadow stage: {report:?}");
+    assert_eq!(report.failed(), 0, "{report:?}");
+    let redirected: u64 = report
+        .statuses
+        .iter()
+        .filter(|(s, _)| (300..400).contains(*s))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(redirected, 0, "no client was redirected: {report:?}");
+
+    let intended =
+        format!("{redirect}[[test]]\nrequest = \"GET http://x/cart\"\nexpect_redirect = \"https://x:8443/cart\"\n");
+    let deliberate = d.write("redirect-tested.toml", &addrs(&good), &intended);
+    let (code, out, err, _) = d
+        .cli_async(&[
+            "apply",
+            deliberate.to_str().unwrap(),
+            "-m",
+            "https, tested",
+            "--confirm",
+        ])
+        .await;
+    assert_eq!(code, 0, "a tested redirect is a deliberate change:\n{out}\n{err}");
+    let r = get(d.addr(), "x", "/cart").await;
+    assert_eq!(
+        (r.status, r.headers["location"].to_str().unwrap()),
+        (302, "https://x:8443/cart")
+    );
+}
