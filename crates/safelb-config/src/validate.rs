@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use crate::diagnostic::{Diagnostics, Rule};
 use crate::model::{Action, Admin, HeaderEdits, Pool, Route, RouteTest, TestExpectation};
-use crate::routing::{RequestView, RouteTable};
+use crate::routing::RouteTable;
 
 /// Routes with the span of their `name` (or table), for diagnostics.
 pub(crate) type SpannedRoute = (Route, Range<usize>);
@@ -70,14 +70,7 @@ fn route_test(
     pools: &[(Pool, Range<usize>)],
     table: &RouteTable,
 ) -> Option<String> {
-    let view = RequestView {
-        listener: &test.listener,
-        method: &test.method,
-        host: &test.host,
-        path: &test.path,
-        header: |name: &str| test.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()),
-    };
-    let found = table.find(&view).map(|i| &routes[i].0);
+    let found = test.route(table).map(|i| &routes[i].0);
     let query = test.query.as_deref().map_or(String::new(), |q| format!("?{q}"));
     let request = format!("{} {}://{}{}{query}", test.method, test.scheme, test.host, test.path);
     let location = |r: &Route| r.location(&test.scheme, &test.host, &test.path, test.query.as_deref());

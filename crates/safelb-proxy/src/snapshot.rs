@@ -83,14 +83,7 @@ impl Snapshot {
             .map(|(r, name)| RouteActions::new(r, &registry.limiters, metrics.route_actions(name)))
             .collect();
         for test in &config.tests {
-            let view = RequestView {
-                listener: &test.listener,
-                method: &test.method,
-                host: &test.host,
-                path: &test.path,
-                header: |name: &str| test.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()),
-            };
-            if let Some(i) = config.route_table.find(&view) {
+            if let Some(i) = test.route(&config.route_table) {
                 actions[i].tested = config.routes[i].pool().is_none();
             }
         }

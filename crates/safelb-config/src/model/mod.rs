@@ -333,6 +333,19 @@ pub struct RouteTest {
     pub expect_headers: Vec<(String, String)>,
 }
 
+impl RouteTest {
+    /// The index of the route this test's request takes in `table`.
+    pub fn route(&self, table: &RouteTable) -> Option<usize> {
+        table.find(&crate::routing::RequestView {
+            listener: &self.listener,
+            method: &self.method,
+            host: &self.host,
+            path: &self.path,
+            header: |name: &str| self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()),
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TestExpectation {
     Pool(String),
