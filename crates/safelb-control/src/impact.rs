@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use safelb_config::routing::RequestView;
-use safelb_config::{Action, Config};
+use safelb_config::{Action, Config, RateKey, Route};
 use safelb_proxy::samples::Sample;
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,17 @@ pub struct Impact {
     pub newly_404: usize,
     /// `moved` as a percentage of `samples`.
     pub shift_percent: f64,
+    /// Requests the candidate would redirect, where the running version did not.
+    pub redirected: usize,
+    /// Requests the candidate would answer itself (`respond`), where the running version did not.
+    pub answered: usize,
+    /// Requests whose backend would see another path than now (a `rewrite` added or changed).
+    pub rewritten: usize,
+    /// Requests a rate limit of the candidate would have refused, at the sampled rate, for
+    /// routes limited by `key = "route"`; other keys depend on the clients, named in
+    /// `rate_limited_unknown`.
+    pub rate_limited: usize,
+    pub rate_limited_unknown: Vec<String>,
     pub moves: Vec<Move>,
 }
 
@@ -33,8 +44,9 @@ pub struct Move {
     pub percent: f64,
 }
 
-fn pool_of(config: &Config, s: &Sample) -> String {
-    // Samples keep method, host and path only: header conditions see no headers.
+/// The route a sample takes. Samples keep method, host and path only: header conditions see
+/// no headers, and listener conditions no listener.
+fn route_of<'c>(config: &'c Config, s: &Sample) -> Option<&'c Route> {
     let view = RequestView {
         listener: "",
         method: &s.method,
@@ -42,11 +54,16 @@ fn pool_of(config: &Config, s: &Sample) -> String {
         path: &s.path,
         header: |_: &str| None,
     };
-    match config.route_table.find(&view) {
-        Some(i) => match &config.routes[i].action {
+    config.route_table.find(&view).map(|i| &config.routes[i])
+}
+
+/// Where a sample goes: its pool, or what its route answers.
+fn pool_of(config: &Config, s: &Sample) -> String {
+    match route_of(config, s) {
+        Some(route) => match &route.action {
             Action::Pool(p) => config.pools[*p].name.clone(),
-            Action::Redirect(r) => format!("redirect {} (route `{}`)", r.status, config.routes[i].name),
-            Action::Respond(r) => format!("respond {} (route `{}`)", r.status, config.routes[i].name),
+            Action::Redirect(r) => format!("redirect {} (route `{}`)", r.status, route.name),
+            Action::Respond(r) => format!("respond {} (route `{}`)", r.status, route.name),
         },
         None => NO_ROUTE.to_string(),
     }
@@ -58,6 +75,7 @@ pub fn preview(samples: &[Sample], running: &Config, candidate: &Config) -> Impa
         samples: samples.len(),
         ..Impact::default()
     };
+    let mut limited: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
     for s in samples {
         let (from, to) = (pool_of(running, s), pool_of(candidate, s));
         if from != to {
@@ -67,6 +85,44 @@ pub fn preview(samples: &[Sample], running: &Config, candidate: &Config) -> Impa
             }
             *moves.entry((from, to)).or_default() += 1;
         }
+        let (before, after) = (route_of(running, s), route_of(candidate, s));
+        let Some(after) = after else { continue };
+        match (&after.action, before.map(|b| &b.action)) {
+            (Action::Redirect(_), Some(Action::Redirect(_))) | (Action::Respond(_), Some(Action::Respond(_))) => {}
+            (Action::Redirect(_), _) => impact.redirected += 1,
+            (Action::Respond(_), _) => impact.answered += 1,
+            (Action::Pool(_), _) => {
+                let now = before.filter(|b| b.pool().is_some()).map(|b| b.backend_path(&s.path));
+                if now.is_some_and(|p| p != after.backend_path(&s.path)) {
+                    impact.rewritten += 1;
+                }
+            }
+        }
+        if let Some(rule) = &after.rate_limit {
+            let i = candidate.routes.iter().position(|r| r.name == after.name).unwrap_or(0);
+            match rule.key {
+                RateKey::Route => limited.entry(i).or_default().push(s.ms),
+                _ if !impact.rate_limited_unknown.contains(&after.name) => {
+                    impact.rate_limited_unknown.push(after.name.clone())
+                }
+                _ => {}
+            }
+        }
+    }
+    for (i, times) in limited {
+        let Some(rule) = &candidate.routes[i].rate_limit else {
+            continue;
+        };
+        // Samples are one request in `EVERY`; spread evenly over the sampled span, the limit
+        // lets `rate x span + burst` through.
+        let span_s = match (times.iter().min(), times.iter().max()) {
+            (Some(a), Some(b)) => (b - a) as f64 / 1000.0,
+            _ => 0.0,
+        };
+        let requests = times.len() as f64 * safelb_proxy::samples::EVERY as f64;
+        let allowed = rule.per_second * span_s + rule.burst as f64;
+        let refused = ((requests - allowed) / safelb_proxy::samples::EVERY as f64).max(0.0);
+        impact.rate_limited += refused.round() as usize;
     }
     let pct = |n: usize| {
         if samples.is_empty() {
@@ -87,4 +143,54 @@ pub fn preview(samples: &[Sample], running: &Config, candidate: &Config) -> Impa
         .collect();
     impact.moves.sort_by_key(|m| std::cmp::Reverse(m.requests));
     impact
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(routes: &str) -> safelb_config::ValidConfig {
+        let source = format!(
+            "[listener.public]\nbind = \"127.0.0.1:1\"\n[pool.web]\nbackends = [\"127.0.0.1:9\"]\n[pool.api]\nbackends = [\"127.0.0.1:10\"]\n{routes}"
+        );
+        safelb_config::check("t.toml", &source).into_result().expect("valid")
+    }
+
+    fn sample(path: &str, ms: u64) -> Sample {
+        Sample {
+            method: "GET".into(),
+            host: "shop.example".into(),
+            path: path.into(),
+            ms,
+        }
+    }
+
+    #[test]
+    fn a_preview_counts_what_each_action_would_do_to_the_replayed_requests() {
+        let running = config("[[route]]\nname = \"web\"\npool = \"web\"\n[[route]]\nname = \"api\"\npath_prefix = \"/api\"\npool = \"api\"\n");
+        let candidate = config(concat!(
+            "[[route]]\nname = \"web\"\npool = \"web\"\n",
+            "[[route]]\nname = \"api\"\npath_prefix = \"/api\"\npool = \"api\"\nrewrite = { prefix = \"/v2\" }\n",
+            "rate_limit = { rate = \"10/s\", burst = 10, key = \"route\" }\n",
+            "[[route]]\nname = \"old\"\npath_prefix = \"/old\"\nredirect = { prefix = \"/new\" }\n",
+            "[[route]]\nname = \"down\"\npath_prefix = \"/down\"\nrespond = { status = 503 }\n",
+        ));
+        // 100 sampled API requests in one second stand for 400 (one in EVERY = 4 is sampled):
+        // the limit lets 10/s x 1 s + 10 through, so 380 refused, 95 in sample units.
+        let mut samples: Vec<Sample> = (0..100).map(|i| sample("/api/x", 1_000 + i * 10)).collect();
+        samples.extend((0..20).map(|_| sample("/old/page", 1_500)));
+        samples.extend((0..30).map(|_| sample("/down", 1_500)));
+        samples.extend((0..50).map(|_| sample("/", 1_500)));
+        let impact = preview(&samples, &running, &candidate);
+        assert_eq!(impact.samples, 200);
+        assert_eq!(impact.redirected, 20);
+        assert_eq!(impact.answered, 30);
+        assert_eq!(impact.rewritten, 100);
+        assert_eq!(impact.rate_limited, 95);
+        assert!(impact.rate_limited_unknown.is_empty());
+        assert_eq!(impact.moved, 50, "the redirected and answered ones leave pool `web`");
+        // Unchanged actions are not news.
+        let again = preview(&samples, &candidate, &candidate);
+        assert_eq!((again.redirected, again.answered, again.rewritten), (0, 0, 0));
+    }
 }

@@ -16,6 +16,8 @@ pub struct Sample {
     pub method: String,
     pub host: String,
     pub path: String,
+    /// When it was seen ([`crate::clock::now_ms`]), for rates.
+    pub ms: u64,
 }
 
 pub struct Samples {
@@ -46,12 +48,14 @@ impl Samples {
                         to.clear();
                         to.push_str(from);
                     }
+                    old.ms = crate::clock::now_ms();
                 }
                 None => {
                     *slot = Some(Sample {
                         method: method.to_owned(),
                         host: host.to_owned(),
                         path: path.to_owned(),
+                        ms: crate::clock::now_ms(),
                     })
                 }
             }

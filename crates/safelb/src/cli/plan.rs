@@ -60,6 +60,25 @@ pub fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        let count = |key: &str| impact[key].as_u64().unwrap_or(0);
+        for (key, what) in [
+            ("redirected", "would be redirected (new redirect routes)"),
+            ("answered", "would be answered by safelb itself (new `respond` routes)"),
+            ("rewritten", "would reach their backend with another path"),
+            (
+                "rate_limited",
+                "would have been refused by a `key = \"route\"` rate limit at the recent rate",
+            ),
+        ] {
+            if count(key) > 0 {
+                println!("  {} of {} sampled requests {what}", count(key), impact["samples"]);
+            }
+        }
+        for route in impact["rate_limited_unknown"].as_array().into_iter().flatten() {
+            println!(
+                "  route {route} gets a per-client or per-header rate limit: what it refuses depends on the clients"
+            );
+        }
         let pre = &p["preflight"];
         println!("== preflight");
         for pool in pre["pools"].as_array().into_iter().flatten() {
