@@ -275,6 +275,23 @@ mod tests {
     }
 
     #[test]
+    fn a_rejoining_backend_ramps_from_a_tenth_to_its_full_share() {
+        let b = BackendState::new("127.0.0.1:1".parse().unwrap());
+        assert_eq!(b.ramp(now_ms(), 10_000), 1.0, "never rejoined: full share");
+        b.set_draining(true);
+        b.set_draining(false);
+        let from = now_ms().max(1);
+        assert!((b.ramp(from, 10_000) - 0.1).abs() < 0.01);
+        assert!((b.ramp(from + 5_000, 10_000) - 0.55).abs() < 0.01);
+        assert_eq!(b.ramp(from + 10_000, 10_000), 1.0);
+        // An ejection's ramp starts when the ejection ends.
+        let o = outlier(1);
+        let ejected_for = b.record_failure(&o, || true).unwrap().as_millis() as u64;
+        let back = now_ms() + ejected_for;
+        assert!((b.ramp(back, 10_000) - 0.1).abs() < 0.01);
+    }
+
+    #[test]
     fn peak_ewma_takes_slow_samples_at_once() {
         let b = BackendState::new("127.0.0.1:1".parse().unwrap());
         b.observe_latency(Duration::from_millis(50));

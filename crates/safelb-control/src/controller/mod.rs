@@ -128,6 +128,8 @@ pub struct BackendStatus {
     pub state: String,
     pub in_flight: u32,
     pub draining: bool,
+    /// The share of its weight a backend ramping up under `slow_start` takes now, in percent.
+    pub slow_start_percent: Option<u8>,
 }
 
 /// What to serve at start.

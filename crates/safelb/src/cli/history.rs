@@ -125,8 +125,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 }
             );
             for b in p["backends"].as_array().into_iter().flatten() {
+                let ramp = b["slow_start_percent"]
+                    .as_u64()
+                    .map_or(String::new(), |p| format!(" slow-start {p}%"));
                 println!(
-                    "  {:<22} {:<5} {}{} in_flight={}",
+                    "  {:<22} {:<5} {}{}{ramp} in_flight={}",
                     b["addr"].as_str().unwrap_or(""),
                     if b["available"] == Value::Bool(true) {
                         "up"
