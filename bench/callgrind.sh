@@ -3,7 +3,7 @@
 # `safelb serve --threads 1` under valgrind, two demo backends in a process of their own,
 # wrk -t1 -c10 -d10s, total instructions over requests (start-up and the once-a-second control
 # work are included, which moves the figure by a few hundred between runs).
-# Usage: bench/callgrind.sh ['POOL LINES']   e.g. bench/callgrind.sh 'hedge = false'
+# Usage: bench/callgrind.sh ['POOL LINES' ['ROUTE LINES']]   e.g. bench/callgrind.sh 'hedge = false'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
@@ -13,7 +13,7 @@ safelb=${SAFELB_BIN:-./target/release/safelb}
 source bench/two-backends.sh
 start_demo_backends "$safelb"
 proxy_config "[access_log]
-enabled = false" "${1:-}" > "$work/lb.toml"
+enabled = false" "${1:-}" "${2:-}" > "$work/lb.toml"
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$safelb" serve --config "$work/lb.toml" --store "$work/store" --threads 1 >/dev/null 2>"$work/vg.log" &
 lb=$!
 pids+=("$lb")
@@ -22,4 +22,4 @@ out=$(wrk -t1 -c10 -d10s http://127.0.0.1:18080/)
 n=$(awk '/requests in/ {print $1}' <<<"$out")
 kill -TERM "$lb"; wait "$lb" 2>/dev/null || true
 total=$(callgrind_annotate "$work/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-echo "pool lines: '${1:-}'  requests: $n  instructions: $total  per request: $((total / n))"
+echo "pool lines: '${1:-}'  route lines: '${2:-}'  requests: $n  instructions: $total  per request: $((total / n))"

@@ -1,7 +1,7 @@
 # Sourced by the bench scripts that measure one `safelb serve --threads 1` in front of two demo
 # backends on fixed loopback ports. Gives `$work` (removed on exit, after every pid in `pids` is
 # stopped), `start_demo_backends SAFELB` (the backends in a safelb process of their own, so the
-# proxy's one thread is measured alone) and `proxy_config TOP_TABLES POOL_LINES` (the proxy on
+# proxy's one thread is measured alone) and `proxy_config TOP_TABLES POOL_LINES [ROUTE_LINES]` (the proxy on
 # 127.0.0.1:18080, admin 18090, round robin over both backends).
 work=$(mktemp -d)
 pids=()
@@ -23,6 +23,7 @@ enabled = false
 [[route]]
 name = "r"
 pool = "p"
+${3:-}
 [pool.p]
 backends = ["127.0.0.1:18101", "127.0.0.1:18102"]
 CFG
@@ -41,6 +42,7 @@ $1
 [[route]]
 name = "r"
 pool = "p"
+${3:-}
 [pool.p]
 balance = "round_robin"
 backends = ["127.0.0.1:18101", "127.0.0.1:18102"]

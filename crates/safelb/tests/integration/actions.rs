@@ -39,6 +39,29 @@ backends = ["{}"]
     assert_eq!(r.status, 308, "{r:?}");
     assert_eq!(r.headers["location"], "https://shop.example:8443/cart?item=3&x=%20");
     assert_eq!(r.body, "Redirecting to https://shop.example:8443/cart?item=3&x=%20\n");
+    // curl, a real client, reads the redirect the same way (without following it).
+    let url = lb.url("/cart?item=3");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-H",
+                "Host: shop.example",
+                "-w",
+                "%{http_code} %{redirect_url}",
+                &url,
+            ])
+            .output()
+            .expect("curl is installed by scripts/install-test-deps")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "308 https://shop.example:8443/cart?item=3"
+    );
     // The same config on another listener: the listener-scoped route does not match there.
     let other = Lb::start_on(config(&body), AccessLog::disabled(), "secure").await;
     let r = get(other.addr, "shop.example", "/old-shop/shoes?size=42").await;
