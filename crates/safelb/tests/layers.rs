@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 const PROXY_LAYERS: &[&[&str]] = &[
     // Leaves: no import inside the crate.
     &[
-        "clock", "error", "headers", "stats", "samples", "failures", "tls", "role", "body", "h1",
+        "clock", "error", "headers", "stats", "failures", "tls", "role", "body", "h1",
     ],
-    &["access_log", "backend", "hedge", "ratelimit"],
+    &["access_log", "backend", "hedge", "ratelimit", "samples"],
     &["metrics", "client_io", "upstream"],
     &["balance", "health", "registry", "actions"],
     &["snapshot"],
