@@ -16,6 +16,7 @@ pub mod diff;
 pub mod event;
 pub mod impact;
 pub mod judge;
+pub mod live;
 pub mod monitor;
 pub mod notify;
 pub mod postmortem;
@@ -36,12 +37,14 @@ use store::{StoreError, StoreResult, VersionStore};
 #[derive(Clone)]
 pub struct StoreHandle {
     inner: Arc<Mutex<Box<dyn VersionStore>>>,
+    live: Arc<live::LiveFeed>,
 }
 
 impl StoreHandle {
     pub fn new(store: impl VersionStore + 'static) -> StoreHandle {
         StoreHandle {
             inner: Arc::new(Mutex::new(Box::new(store))),
+            live: Arc::default(),
         }
     }
 
@@ -63,10 +66,22 @@ impl StoreHandle {
     pub async fn record(&self, event: &event::Event) {
         let row = event.record();
         tracing::info!(event = row.kind, version = row.version, "{}", row.message);
+        self.live.event(serde_json::json!({
+            "time_ms": clock::unix_ms(),
+            "kind": row.kind,
+            "version": row.version,
+            "message": row.message,
+            "data": row.data,
+        }));
         let kind = row.kind;
         if let Err(err) = self.call(move |s| s.append_event(row)).await {
             tracing::error!(error = %err, event = kind, "recording an event in the store failed");
         }
+    }
+
+    /// The live feed: events as they are recorded, and the monitor's stats frames.
+    pub fn live(&self) -> &Arc<live::LiveFeed> {
+        &self.live
     }
 
     /// For start-up, before the runtime serves traffic.

@@ -42,6 +42,8 @@ pub struct Monitor {
     open: Option<Open>,
     rollbacks_seen: u64,
     ticks: u32,
+    /// For the live feed's stats frames.
+    counters: crate::live::Counters,
 }
 
 impl Monitor {
@@ -57,6 +59,7 @@ impl Monitor {
             open: None,
             rollbacks_seen,
             ticks: 0,
+            counters: Default::default(),
         }
     }
 
@@ -82,6 +85,8 @@ impl Monitor {
         for e in self.controller.handle().metrics().drain_events() {
             self.event(Event::from(e)).await;
         }
+        let frame = self.counters.frame(self.controller.handle(), now);
+        self.controller.store().live().frame(frame);
         let stable = self.controller.handle().snapshot();
         let rules = stable.config.alerts.clone();
         let targets = stable.config.notify.clone();

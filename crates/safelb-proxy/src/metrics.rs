@@ -228,6 +228,12 @@ impl Metrics {
     }
 
     /// Every pool's hedging counters.
+    /// Every route's action counters, by route name.
+    pub fn route_actions_counters(&self) -> Vec<(Arc<str>, Arc<ActionCounters>)> {
+        let map = self.route_actions.read().expect("metrics lock");
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     pub fn hedging_counters(&self) -> Vec<(Arc<str>, Arc<HedgeCounters>)> {
         let mut v: Vec<_> = self
             .hedging
