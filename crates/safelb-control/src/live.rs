@@ -186,10 +186,7 @@ impl Counters {
                     addr: key.1.clone(),
                     state: format!("{:?}", b.availability()),
                     draining: b.is_draining(),
-                    slow_start_percent: slow_start
-                        .map(|d| b.ramp(now_ms, d.as_millis() as u64))
-                        .filter(|r| *r < 1.0)
-                        .map(|r| (r * 100.0).round() as u8),
+                    slow_start_percent: b.slow_start_percent(now_ms, slow_start),
                     in_flight: b.in_flight(),
                     requests: all.saturating_sub(a0),
                     errors: errors.saturating_sub(e0),

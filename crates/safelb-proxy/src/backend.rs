@@ -205,6 +205,13 @@ impl BackendState {
         self.ramp_from_ms.store(now_ms().max(1), Relaxed);
     }
 
+    /// For status output: the backend's current share in percent while it ramps up under a
+    /// pool's `slow_start`, `None` when it takes its full share.
+    pub fn slow_start_percent(&self, now_ms: u64, slow_start: Option<Duration>) -> Option<u8> {
+        let ramp = self.ramp(now_ms, slow_start?.as_millis() as u64);
+        (ramp < 1.0).then(|| (ramp * 100.0).round() as u8)
+    }
+
     /// The share of its weight the backend takes `slow_start` after it (re)joined: from 10%
     /// up to 100% linearly (1.0 when not ramping).
     pub fn ramp(&self, now_ms: u64, slow_start_ms: u64) -> f64 {

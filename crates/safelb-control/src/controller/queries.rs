@@ -28,11 +28,7 @@ impl Controller {
                         state: format!("{:?}", b.availability()),
                         in_flight: b.in_flight(),
                         draining: b.is_draining(),
-                        slow_start_percent: stable.config.pools[p.index]
-                            .slow_start
-                            .map(|d| b.ramp(now, d.as_millis() as u64))
-                            .filter(|r| *r < 1.0)
-                            .map(|r| (r * 100.0).round() as u8),
+                        slow_start_percent: b.slow_start_percent(now, stable.config.pools[p.index].slow_start),
                     })
                     .collect(),
             })
