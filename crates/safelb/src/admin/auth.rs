@@ -1,5 +1,6 @@
-//! Bearer-token check for the admin API: 401 without a token, 403 with a wrong one; the
-//! comparison takes the same time wherever the first differing byte is.
+//! Authentication for the admin API: the bearer token (CLI, scripts) or a dashboard session
+//! cookie (see `session.rs`). 401 without either, 403 with a wrong token or a cross-site write;
+//! the token comparison takes the same time wherever the first differing byte is.
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -17,6 +18,17 @@ pub async fn require_token(State(state): State<AdminState>, request: Request, ne
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
+        None if state.sessions.valid(request.headers()) => {
+            if super::session::same_origin(request.method(), request.headers()) {
+                next.run(request).await
+            } else {
+                (
+                    StatusCode::FORBIDDEN,
+                    Json(json!({ "error": "cross-site request refused: changes from the dashboard must come from its own page" })),
+                )
+                    .into_response()
+            }
+        }
         None => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],

@@ -4,6 +4,8 @@
 //! `{"error": "..."}` with a message a person can act on; each outcome has one status code.
 
 mod auth;
+mod dashboard;
+pub mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,8 +23,22 @@ use serde_json::json;
 #[derive(Clone)]
 pub struct AdminState {
     pub controller: Controller,
-    /// The bearer token every `/api/v1` call must carry.
+    /// The bearer token every `/api/v1` call must carry (or a dashboard session instead).
     pub token: Arc<str>,
+    pub sessions: Arc<session::Sessions>,
+    /// Whether the admin listener is served over TLS (session cookies get `Secure`).
+    pub tls: bool,
+}
+
+impl AdminState {
+    pub fn new(controller: Controller, token: Arc<str>) -> AdminState {
+        AdminState {
+            controller,
+            token,
+            sessions: Arc::default(),
+            tls: false,
+        }
+    }
 }
 
 pub fn app(state: AdminState) -> Router {
@@ -41,11 +57,14 @@ pub fn app(state: AdminState) -> Router {
         .route("/incidents/{id}/postmortem", get(postmortem))
         .route("/backends/{addr}/drain", post(drain))
         .route("/backends/{addr}/undrain", post(undrain))
+        .route("/stream", get(dashboard::stream))
+        .route("/stats", get(dashboard::stats))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .nest("/api/v1", api)
+        .merge(dashboard::pages())
         .with_state(state)
 }
 

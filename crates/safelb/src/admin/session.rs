@@ -142,8 +142,14 @@ mod tests {
     fn writes_need_the_dashboards_own_origin() {
         let host = ("host", "127.0.0.1:9090");
         assert!(same_origin(&Method::GET, &headers(&[host])));
-        assert!(same_origin(&Method::POST, &headers(&[host, ("origin", "http://127.0.0.1:9090")])));
-        assert!(!same_origin(&Method::POST, &headers(&[host, ("origin", "http://evil.example")])));
+        assert!(same_origin(
+            &Method::POST,
+            &headers(&[host, ("origin", "http://127.0.0.1:9090")])
+        ));
+        assert!(!same_origin(
+            &Method::POST,
+            &headers(&[host, ("origin", "http://evil.example")])
+        ));
         assert!(!same_origin(&Method::POST, &headers(&[host])), "no Origin: refused");
         assert!(!same_origin(&Method::POST, &headers(&[host, ("origin", "null")])));
     }

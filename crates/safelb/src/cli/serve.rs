@@ -266,10 +266,7 @@ pub async fn start(
             tracker.clone(),
         )));
     }
-    let app = admin::app(AdminState {
-        controller: controller.clone(),
-        token: Arc::from(token),
-    });
+    let app = admin::app(AdminState::new(controller.clone(), Arc::from(token)));
     let admin_shutdown = shutdown.clone();
     tasks.push(control.handle.spawn(async move {
         let served = axum::serve(admin_listener, app)

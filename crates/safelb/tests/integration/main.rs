@@ -7,6 +7,7 @@ mod common;
 mod actions;
 mod change_control;
 mod check_cli;
+mod dashboard;
 mod failures;
 pub mod lifecycle;
 mod observability;
