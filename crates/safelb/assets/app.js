@@ -105,7 +105,9 @@ function renderCharts() {
 
 // ---- pools and backends
 let lastFrame = null;
+let lastPools = [];
 function renderBackends(pools) {
+  lastPools = pools;
   const body = $("backends");
   body.replaceChildren();
   for (const pool of pools) {
@@ -260,6 +262,7 @@ function connect() {
     lastFrame = frame;
     renderCharts();
     renderRoutes(frame);
+    if (!document.activeElement || !document.activeElement.closest("#backends")) renderBackends(lastPools);
   });
   source.addEventListener("lagged", () => refreshStatus());
 }

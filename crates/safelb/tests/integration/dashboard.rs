@@ -188,3 +188,48 @@ async fn a_browser_session_reads_writes_same_origin_only_and_streams_live() {
     .await;
     assert_eq!(r.status, 200);
 }
+
+/// The dashboard in headless Chromium (tests/browser/dashboard.mjs): sign in, the live stream,
+/// every section (screenshots under target/browser-screenshots), a drain and undrain seen
+/// without a reload, the cookie unreadable by scripts, the token in no page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_works_in_a_real_browser() {
+    let good = backends(2).await;
+    let d = Deployment::start_with(&addrs(&good), "", "").await;
+    let load = crate::common::SteadyLoad::start(d.addr(), 2);
+    let token = std::fs::read_to_string(d.dir.join("store/admin.token")).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let shots = root.join("target/browser-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let script = root.join("tests/browser/dashboard.mjs");
+    let admin = format!("http://{}", d.admin());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .arg("90")
+            .arg("node")
+            .arg(&script)
+            .env("SAFELB_ADMIN", admin)
+            .env("SAFELB_TOKEN", token.trim())
+            .env("SCREENSHOTS", &shots)
+            .output()
+            .expect("node is installed by scripts/install-test-deps")
+    })
+    .await
+    .unwrap();
+    let report = load.finish().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("browser: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the browser test failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(result["drained"], true);
+    for shot in result["screenshots"].as_array().unwrap() {
+        let path = shot.as_str().unwrap();
+        assert!(std::fs::metadata(path).unwrap().len() > 1000, "{path}");
+    }
+    assert!(result["first_load_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(report.failed(), 0, "{report:?}");
+}
