@@ -8,6 +8,7 @@ mod actions;
 mod change_control;
 mod check_cli;
 mod dashboard;
+mod deploy;
 mod failures;
 pub mod lifecycle;
 mod observability;
