@@ -5,7 +5,19 @@
 // line with what it measured; exits non-zero on the first failed check.
 //
 // Env: SAFELB_ADMIN (http://127.0.0.1:PORT), SAFELB_TOKEN, SCREENSHOTS (a directory).
+// Protocol with the test that runs it: the script prints `READY` once it watches the overview,
+// and waits for a line `FORCED` on its standard input (the test has forced a bad change from the
+// CLI by then); it then expects the rollback and the incident to appear without a reload, opens
+// the postmortem, and rolls back to version 1 from the Changes page.
 import { chromium } from "playwright-core";
+import readline from "node:readline";
+
+const input = readline.createInterface({ input: process.stdin });
+const lines = input[Symbol.asyncIterator]();
+async function expectLine(word) {
+  const { value } = await lines.next();
+  if (value !== word) throw new Error(`expected ${word} from the test, got ${value}`);
+}
 
 const admin = process.env.SAFELB_ADMIN;
 const token = process.env.SAFELB_TOKEN;
@@ -85,8 +97,48 @@ try {
   await page.keyboard.press("Enter");
   check(!(await page.isHidden("#pools")), "Tab then Enter opens the next section");
 
+  // A bad change forced from the CLI: the rollback and the incident appear without a reload.
+  await page.click("nav button[data-tab=overview]");
+  const reloads = await page.evaluate(() => performance.getEntriesByType("navigation").length);
+  console.log("READY");
+  await expectLine("FORCED");
+  await until(page, async () => (await text("#events")).includes("RolloutRolledBack"), "the rollback appears in the events");
+  await until(page, async () => (await text("#events")).includes("IncidentOpened"), "the incident appears");
+  check((await text("#events")).includes("CanaryStepStarted"), "the canary appeared");
+  result.saw = { events: (await text("#events")).slice(0, 2000), incident: await text("#incident") };
+  await page.screenshot({ path: `${shots}/dashboard-after-rollback.png`, fullPage: true });
+  result.screenshots.push(`${shots}/dashboard-after-rollback.png`);
+
+  // The postmortem, once the incident resolves.
+  await page.click("nav button[data-tab=incidents]");
+  await until(
+    page,
+    async () => (await page.locator("#incident-list button", { hasText: "Postmortem" }).count()) > 0,
+    "a resolved incident offers its postmortem",
+  );
+  await page.locator("#incident-list button", { hasText: "Postmortem" }).first().click();
+  await until(page, async () => (await text("#postmortem-text")).includes("# Postmortem"), "the postmortem shows");
+  await page.screenshot({ path: `${shots}/dashboard-postmortem.png`, fullPage: true });
+  result.screenshots.push(`${shots}/dashboard-postmortem.png`);
+
+  // Roll back to version 1 from the Changes page, with a reason and a confirmation.
+  await page.click("nav button[data-tab=changes]");
+  page.on("dialog", (d) => (d.type() === "prompt" ? d.accept("back to the first version") : d.accept()));
+  const row = page.locator("#versions tr", { has: page.locator("td:first-child", { hasText: /^1$/ }) });
+  await row.locator("button").click();
+  await until(page, async () => (await text("#change-output")).includes("rolled back"), "the rollback is confirmed");
+  const running = await (async () => {
+    await page.click("nav button[data-tab=overview]");
+    await until(page, async () => /version [3-9]/.test(await text("#running")), "the running version changes");
+    return text("#running");
+  })();
+  result.running_after_rollback = running;
+  result.reloaded = (await page.evaluate(() => performance.getEntriesByType("navigation").length)) !== reloads;
+  check(!result.reloaded, "no reload happened");
+
   check(errors.length === 0, `no script errors (${errors.join("; ")})`);
   console.log(JSON.stringify(result));
 } finally {
   await browser.close();
+  input.close();
 }

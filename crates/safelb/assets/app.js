@@ -161,6 +161,8 @@ function addEvent(e, live = true) {
     refreshVersions();
     refreshIncidents();
   }
+  // The resolution is announced before its postmortem is stored: look again shortly after.
+  if (live && e.kind === "IncidentResolved") setTimeout(refreshIncidents, 1500);
 }
 
 const firing = new Map();
@@ -277,7 +279,10 @@ async function start() {
   for (const e of events.slice(-50)) addEvent(e, false);
   await Promise.all([refreshStatus(), refreshVersions(), refreshIncidents()]);
   connect();
-  setInterval(refreshStatus, 5000);
+  setInterval(() => {
+    refreshStatus();
+    refreshIncidents();
+  }, 5000);
 }
 
 start().catch((e) => ($("connection").textContent = `Error: ${e.message}`));

@@ -12,6 +12,8 @@ use tokio::net::TcpStream;
 
 use crate::change_control::{addrs, backends, Deployment};
 
+const QUICK_ROLLOUT: &str = "canary_steps = [10, 50, 100]\nstep_bake = \"1s\"\nmin_requests = 10";
+
 struct Answer {
     status: u16,
     headers: http::HeaderMap,
@@ -191,41 +193,70 @@ async fn a_browser_session_reads_writes_same_origin_only_and_streams_live() {
 
 /// The dashboard in headless Chromium (tests/browser/dashboard.mjs): sign in, the live stream,
 /// every section (screenshots under target/browser-screenshots), a drain and undrain seen
-/// without a reload, the cookie unreadable by scripts, the token in no page.
+/// without a reload, the cookie unreadable by scripts, the token in no page; then a bad change
+/// forced from the CLI shows its rollback and incident live, the postmortem opens, and a
+/// rollback from the Changes page changes the running version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_works_in_a_real_browser() {
+    use std::io::{BufRead, Write};
     let good = backends(2).await;
-    let d = Deployment::start_with(&addrs(&good), "", "").await;
+    let d = Deployment::start_with(&addrs(&good), QUICK_ROLLOUT, "").await;
     let load = crate::common::SteadyLoad::start(d.addr(), 2);
     let token = std::fs::read_to_string(d.dir.join("store/admin.token")).unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let shots = root.join("target/browser-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
-    let script = root.join("tests/browser/dashboard.mjs");
-    let admin = format!("http://{}", d.admin());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("timeout")
-            .arg("90")
-            .arg("node")
-            .arg(&script)
-            .env("SAFELB_ADMIN", admin)
-            .env("SAFELB_TOKEN", token.trim())
-            .env("SCREENSHOTS", &shots)
-            .output()
-            .expect("node is installed by scripts/install-test-deps")
+    let mut child = std::process::Command::new("timeout")
+        .arg("120")
+        .arg("node")
+        .arg(root.join("tests/browser/dashboard.mjs"))
+        .env("SAFELB_ADMIN", format!("http://{}", d.admin()))
+        .env("SAFELB_TOKEN", token.trim())
+        .env("SCREENSHOTS", &shots)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node is installed by scripts/install-test-deps");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (ready, stdout) = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        while stdout.read_line(&mut line).unwrap_or(0) > 0 && line.trim() != "READY" {
+            line.clear();
+        }
+        (line.trim() == "READY", stdout)
+    })
+    .await
+    .unwrap();
+    assert!(
+        ready,
+        "the browser script ended before it was ready: {:?}",
+        child.wait()
+    );
+    let bad = d.write("dead.toml", &[safelb_testkit::closed_port().to_string()], "");
+    let (code, out, err, _) = d.force(&bad, "forced from the CLI while the dashboard watches").await;
+    assert_eq!(code, 4, "{out}\n{err}");
+    writeln!(stdin, "FORCED").unwrap();
+    let output = tokio::task::spawn_blocking(move || {
+        let mut rest = String::new();
+        let mut stdout = stdout;
+        std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+        (child.wait().unwrap(), rest)
     })
     .await
     .unwrap();
     let report = load.finish().await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("browser: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    println!("browser: {}", output.1);
     assert!(
-        out.status.success(),
-        "the browser test failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        output.0.success(),
+        "the browser test failed ({:?}):\n{}",
+        output.0,
+        output.1
     );
-    let result: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let result: serde_json::Value =
+        serde_json::from_str(output.1.trim().lines().last().unwrap_or("")).expect("a JSON line");
     assert_eq!(result["drained"], true);
+    assert_eq!(result["reloaded"], false);
     for shot in result["screenshots"].as_array().unwrap() {
         let path = shot.as_str().unwrap();
         assert!(std::fs::metadata(path).unwrap().len() > 1000, "{path}");
