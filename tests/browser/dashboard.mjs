@@ -127,6 +127,10 @@ try {
   const row = page.locator("#versions tr", { has: page.locator("td:first-child", { hasText: /^1$/ }) });
   await row.locator("button").click();
   await until(page, async () => (await text("#change-output")).includes("rolled back"), "the rollback is confirmed");
+  await page.fill("#diff-from", "1");
+  await page.fill("#diff-to", "2");
+  await page.click("#diff");
+  await until(page, async () => (await text("#change-output")).includes("+++ version 2"), "the diff of two versions shows");
   const running = await (async () => {
     await page.click("nav button[data-tab=overview]");
     await until(page, async () => /version [3-9]/.test(await text("#running")), "the running version changes");

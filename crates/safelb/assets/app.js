@@ -103,6 +103,23 @@ function renderCharts() {
   }
 }
 
+// A small chart of the last minutes, for a table cell.
+function sparkline(values, label) {
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", "0 0 120 24");
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", label);
+  const recent = values.slice(-120);
+  if (recent.length > 1) {
+    const max = Math.max(...recent, 1e-9);
+    const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    line.setAttribute("points", recent.map((v, i) => `${i + 120 - recent.length},${(23 - (v / max) * 22).toFixed(1)}`).join(" "));
+    svg.append(line);
+  }
+  return svg;
+}
+
 // ---- pools and backends
 let lastFrame = null;
 let lastPools = [];
@@ -125,13 +142,17 @@ function renderBackends(pools) {
         }
         refreshStatus();
       });
+      const series = (key) => frames.map((f) => {
+        const x = f.backends.find((y) => y.pool === pool.name && y.addr === b.addr);
+        return x ? x[key] : 0;
+      });
       body.append(
         el("tr", {},
           el("td", {}, pool.name + (pool.in_panic ? " (PANIC)" : "")),
           el("td", {}, b.addr),
           el("td", { class: cls }, text),
-          el("td", {}, live ? live.requests : "–"),
-          el("td", {}, live ? live.errors : "–"),
+          el("td", {}, live ? live.requests : "–", " ", sparkline(series("requests"), `requests per second of ${b.addr}, last 2 minutes`)),
+          el("td", {}, live ? live.errors : "–", " ", sparkline(series("errors"), `5xx per second of ${b.addr}, last 2 minutes`)),
           el("td", {}, b.in_flight),
           el("td", {}, button)));
     }
@@ -198,6 +219,17 @@ async function refreshVersions() {
       el("td", {}, age(v.created_ms)), el("td", {}, button)));
   }
 }
+
+$("diff").addEventListener("click", async () => {
+  const from = $("diff-from").value.trim();
+  const to = $("diff-to").value.trim();
+  try {
+    const d = await api(`/diff?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`);
+    $("change-output").textContent = (typeof d === "string" ? d : d.diff) || "(no difference)";
+  } catch (e) {
+    $("change-output").textContent = e.message;
+  }
+});
 
 $("plan").addEventListener("click", async () => {
   try {
