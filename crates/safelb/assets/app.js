@@ -72,8 +72,15 @@ async function refreshStatus() {
   const r = status.rollout;
   $("rollout").textContent = r
     ? `version ${r.id}: ${r.phase}` +
-      (r.percent ? ` at ${r.percent}%` : "") +
-      ` — candidate ${pct(r.candidate.error_rate)} errors, p99 ${ms(r.candidate.p99_ms)}; stable ${pct(r.stable.error_rate)}, p99 ${ms(r.stable.p99_ms)}`
+      (r.steps && r.percent ? `, step ${r.step + 1} of ${r.steps.length} at ${r.percent}% (bakes ${r.step_bake_ms / 1000} s)` : "") +
+      (r.shadow ? `, shadow: ${r.shadow.compared} copies compared` : "") +
+      ` — candidate ${pct(r.candidate.error_rate)} errors, p99 ${ms(r.candidate.p99_ms)} (${r.candidate.requests} requests);` +
+      ` stable ${pct(r.stable.error_rate)}, p99 ${ms(r.stable.p99_ms)}` +
+      (r.progress && r.progress.length ? `. ${r.progress[r.progress.length - 1]}` : "")
+    : "none";
+  const alerts = status.alerts || [];
+  $("alerts").textContent = alerts.length
+    ? alerts.map((a) => `${a.state === "firing" ? "▲ firing" : "◇ pending"}: ${a.name} (${a.severity}, ${age(a.since_ms)})`).join("; ")
     : "none";
   renderBackends(status.pools);
 }
@@ -176,7 +183,7 @@ function addEvent(e, live = true) {
   const list = $("events");
   list.prepend(el("li", {}, el("time", {}, time(e.time_ms)), `${e.kind}: ${e.message}`));
   while (list.children.length > 200) list.lastChild.remove();
-  if (/^Alert(Fired|Resolved)/.test(e.kind)) refreshAlerts(e);
+  if (live && /^Alert/.test(e.kind)) refreshStatus();
   if (live && /^(Rollout|Rollback|Change|Version|Incident)/.test(e.kind)) {
     refreshStatus();
     refreshVersions();
@@ -184,15 +191,6 @@ function addEvent(e, live = true) {
   }
   // The resolution is announced before its postmortem is stored: look again shortly after.
   if (live && e.kind === "IncidentResolved") setTimeout(refreshIncidents, 1500);
-}
-
-const firing = new Map();
-function refreshAlerts(e) {
-  const name = e.data && e.data.alert;
-  if (!name) return;
-  if (e.kind === "AlertFired") firing.set(name, e.message);
-  else firing.delete(name);
-  $("alerts").textContent = firing.size ? `▲ ${[...firing.keys()].join(", ")}` : "none";
 }
 
 // ---- changes

@@ -112,6 +112,17 @@ pub struct Status {
     pub running: Option<VersionRecord>,
     pub rollout: Option<RolloutStatus>,
     pub pools: Vec<PoolStatus>,
+    /// Alert rules pending or firing, as the monitor last saw them.
+    pub alerts: Vec<AlertStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AlertStatus {
+    pub name: String,
+    pub severity: String,
+    /// `pending` or `firing`.
+    pub state: &'static str,
+    pub since_ms: i64,
 }
 
 #[derive(Clone, Debug, Serialize)]

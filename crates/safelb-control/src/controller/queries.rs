@@ -33,9 +33,30 @@ impl Controller {
                     .collect(),
             })
             .collect();
+        let alerts = self
+            .inner
+            .alert_states
+            .lock()
+            .expect("alert states lock")
+            .iter()
+            .filter_map(|(name, severity, state)| {
+                let (state, since_ms) = match *state {
+                    crate::alerts::State::Pending { since_ms } => ("pending", since_ms),
+                    crate::alerts::State::Firing { since_ms } => ("firing", since_ms),
+                    crate::alerts::State::Inactive => return None,
+                };
+                Some(AlertStatus {
+                    name: name.clone(),
+                    severity: severity.clone(),
+                    state,
+                    since_ms,
+                })
+            })
+            .collect();
         Ok(Status {
             running,
             rollout,
+            alerts,
             pools,
         })
     }
