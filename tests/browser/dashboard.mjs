@@ -80,6 +80,14 @@ try {
     result.screenshots.push(path);
   }
 
+  // On a phone-sized screen.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.click("nav button[data-tab=overview]");
+  await page.screenshot({ path: `${shots}/dashboard-phone.png`, fullPage: true });
+  result.screenshots.push(`${shots}/dashboard-phone.png`);
+  check(await page.evaluate(() => document.documentElement.scrollWidth <= 400), "no sideways scrolling on a phone");
+  await page.setViewportSize({ width: 1280, height: 900 });
+
   // Drain the first backend from the Pools page; its state says so without a reload.
   await page.click("nav button[data-tab=pools]");
   const firstState = "#backends tr:first-child td:nth-child(3)";

@@ -59,6 +59,8 @@ pub struct BackendFrame {
     pub state: String,
     pub draining: bool,
     pub slow_start_percent: Option<u8>,
+    /// How long an ejected backend stays out.
+    pub ejected_for_ms: Option<u64>,
     pub in_flight: u32,
     pub requests: u64,
     pub errors: u64,
@@ -187,6 +189,7 @@ impl Counters {
                     state: format!("{:?}", b.availability()),
                     draining: b.is_draining(),
                     slow_start_percent: b.slow_start_percent(now_ms, slow_start),
+                    ejected_for_ms: b.ejected_for_ms(),
                     in_flight: b.in_flight(),
                     requests: all.saturating_sub(a0),
                     errors: errors.saturating_sub(e0),

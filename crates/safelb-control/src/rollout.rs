@@ -56,6 +56,8 @@ pub struct RolloutStatus {
     pub step: usize,
     pub percent: u8,
     pub step_bake_ms: u64,
+    /// When the current canary step began (its bake ends `step_bake_ms` later).
+    pub step_started_ms: Option<i64>,
     pub skip_preflight: bool,
     pub skip_shadow: bool,
     /// What the shadow stage found (once it ran).
@@ -179,6 +181,7 @@ impl RolloutTask {
             self.update(|s| {
                 s.step = i;
                 s.percent = percent;
+                s.step_started_ms = Some(unix_ms());
             });
             self.event(Event::CanaryStepStarted {
                 version: id,
@@ -465,6 +468,7 @@ mod tests {
             step: 0,
             percent: 0,
             step_bake_ms: running.rollout.step_bake.as_millis() as u64,
+            step_started_ms: None,
             skip_preflight: true,
             skip_shadow: false,
             shadow: None,

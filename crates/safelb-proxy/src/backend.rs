@@ -101,6 +101,14 @@ impl BackendState {
         }
     }
 
+    /// How long an ejected backend stays out, in milliseconds (`None` when it is not ejected).
+    pub fn ejected_for_ms(&self) -> Option<u64> {
+        match self.availability() {
+            Availability::Ejected { remaining } => Some(remaining.as_millis() as u64),
+            _ => None,
+        }
+    }
+
     pub fn active(&self) -> Active {
         match self.active.load(Relaxed) {
             1 => Active::Up,

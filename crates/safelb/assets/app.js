@@ -48,7 +48,10 @@ const age = (ms) => {
 function backendState(b) {
   if (b.draining) return ["◐ draining", "state-warn"];
   if (b.state.startsWith("FailedHealthCheck")) return ["✖ failed health check", "state-bad"];
-  if (b.state.startsWith("Ejected")) return ["▲ ejected", "state-bad"];
+  if (b.state.startsWith("Ejected")) {
+    const s = b.ejected_for_ms != null ? ` for ${Math.ceil(b.ejected_for_ms / 1000)} s more` : "";
+    return [`▲ ejected${s}`, "state-bad"];
+  }
   if (b.slow_start_percent != null) return [`↗ slow start ${b.slow_start_percent}%`, "state-warn"];
   return ["● healthy", "state-ok"];
 }
@@ -72,7 +75,8 @@ async function refreshStatus() {
   const r = status.rollout;
   $("rollout").textContent = r
     ? `version ${r.id}: ${r.phase}` +
-      (r.steps && r.percent ? `, step ${r.step + 1} of ${r.steps.length} at ${r.percent}% (bakes ${r.step_bake_ms / 1000} s)` : "") +
+      (r.steps && r.percent ? `, step ${r.step + 1} of ${r.steps.length} at ${r.percent}%` : "") +
+      (r.step_started_ms ? ` (bake ends in ${Math.max(0, Math.ceil((r.step_started_ms + r.step_bake_ms - Date.now()) / 1000))} s)` : "") +
       (r.shadow ? `, shadow: ${r.shadow.compared} copies compared` : "") +
       ` — candidate ${pct(r.candidate.error_rate)} errors, p99 ${ms(r.candidate.p99_ms)} (${r.candidate.requests} requests);` +
       ` stable ${pct(r.stable.error_rate)}, p99 ${ms(r.stable.p99_ms)}` +

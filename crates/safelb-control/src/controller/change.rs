@@ -93,6 +93,7 @@ impl Controller {
             step: 0,
             percent: 0,
             step_bake_ms: policy.step_bake.as_millis() as u64,
+            step_started_ms: None,
             skip_preflight: req.skip_preflight,
             skip_shadow: req.skip_shadow,
             shadow: None,

@@ -141,6 +141,7 @@ pub struct BackendStatus {
     pub draining: bool,
     /// The share of its weight a backend ramping up under `slow_start` takes now, in percent.
     pub slow_start_percent: Option<u8>,
+    pub ejected_for_ms: Option<u64>,
 }
 
 /// What to serve at start.

@@ -29,6 +29,7 @@ impl Controller {
                         in_flight: b.in_flight(),
                         draining: b.is_draining(),
                         slow_start_percent: b.slow_start_percent(now, stable.config.pools[p.index].slow_start),
+                        ejected_for_ms: b.ejected_for_ms(),
                     })
                     .collect(),
             })
