@@ -113,6 +113,7 @@ try {
   await until(page, async () => (await text("#events")).includes("RolloutRolledBack"), "the rollback appears in the events");
   await until(page, async () => (await text("#events")).includes("IncidentOpened"), "the incident appears");
   check((await text("#events")).includes("CanaryStepStarted"), "the canary appeared");
+  await until(page, async () => (await text("#events")).includes("AlertFired: alert RolledBack"), "the alert fires");
   result.saw = { events: (await text("#events")).slice(0, 2000), incident: await text("#incident") };
   await page.screenshot({ path: `${shots}/dashboard-after-rollback.png`, fullPage: true });
   result.screenshots.push(`${shots}/dashboard-after-rollback.png`);
@@ -141,7 +142,7 @@ try {
   await until(page, async () => (await text("#change-output")).includes("+++ version 2"), "the diff of two versions shows");
   const running = await (async () => {
     await page.click("nav button[data-tab=overview]");
-    await until(page, async () => /version [3-9]/.test(await text("#running")), "the running version changes");
+    await until(page, async () => /version [4-9]/.test(await text("#running")), "the running version changes");
     return text("#running");
   })();
   result.running_after_rollback = running;

@@ -39,7 +39,15 @@ pub struct Frame {
     /// p99 of response time over the second, in milliseconds (none without requests).
     pub p99_ms: Option<f64>,
     pub routes: Vec<RouteFrame>,
+    /// p99 of response time per pool over the second (latency is kept per pool).
+    pub pools: Vec<PoolFrame>,
     pub backends: Vec<BackendFrame>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PoolFrame {
+    pub pool: String,
+    pub p99_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -118,6 +126,15 @@ pub struct Counters {
     routes: BTreeMap<String, (u64, u64, [u64; 4])>,
     backends: BTreeMap<(String, String), (u64, u64)>,
     latency: Vec<u64>,
+    pool_latency: BTreeMap<String, Vec<u64>>,
+}
+
+/// `now - before`, bucket by bucket (`before` may be shorter: a new series).
+fn delta(now: &[u64], before: &[u64]) -> Vec<u64> {
+    now.iter()
+        .zip(before.iter().chain(std::iter::repeat(&0)))
+        .map(|(n, b)| n.saturating_sub(*b))
+        .collect()
 }
 
 impl Counters {
@@ -144,17 +161,12 @@ impl Counters {
             }
         }
         let latency = metrics.latency(None);
-        let delta: Vec<u64> = latency
-            .iter()
-            .zip(self.latency.iter().chain(std::iter::repeat(&0)))
-            .map(|(now, before)| now.saturating_sub(*before))
-            .collect();
         let stable = handle.snapshot();
         let now_ms = safelb_proxy::clock::now_ms();
         let mut frame = Frame {
             time_ms,
             version: stable.version,
-            p99_ms: p99_seconds(&delta).map(|s| s * 1000.0),
+            p99_ms: p99_seconds(&delta(&latency, &self.latency)).map(|s| s * 1000.0),
             ..Frame::default()
         };
         for (route, (all, errors, actions)) in &routes {
@@ -176,6 +188,16 @@ impl Counters {
                     .map(|(name, (now, before))| (*name, now.saturating_sub(before)))
                     .collect(),
             });
+        }
+        let mut pool_latency = BTreeMap::new();
+        for pool in &stable.pools {
+            let now = metrics.latency(Some(&pool.name));
+            let before = self.pool_latency.get(&*pool.name).cloned().unwrap_or_default();
+            frame.pools.push(PoolFrame {
+                pool: pool.name.to_string(),
+                p99_ms: p99_seconds(&delta(&now, &before)).map(|s| s * 1000.0),
+            });
+            pool_latency.insert(pool.name.to_string(), now);
         }
         for pool in &stable.pools {
             let slow_start = stable.config.pools[pool.index].slow_start;
@@ -199,6 +221,7 @@ impl Counters {
         self.routes = routes;
         self.backends = backends;
         self.latency = latency;
+        self.pool_latency = pool_latency;
         frame
     }
 }

@@ -157,9 +157,12 @@ function renderBackends(pools) {
         const x = f.backends.find((y) => y.pool === pool.name && y.addr === b.addr);
         return x ? x[key] : 0;
       });
+      const p99 = frames.map((f) => ((f.pools || []).find((x) => x.pool === pool.name) || {}).p99_ms || 0);
+      const p99now = lastFrame && (lastFrame.pools || []).find((x) => x.pool === pool.name);
       body.append(
         el("tr", {},
-          el("td", {}, pool.name + (pool.in_panic ? " (PANIC)" : "")),
+          el("td", {}, pool.name + (pool.in_panic ? " (PANIC)" : ""), el("br"),
+            `p99 ${ms(p99now && p99now.p99_ms)} `, sparkline(p99, `p99 of pool ${pool.name}, last 2 minutes`)),
           el("td", {}, b.addr),
           el("td", { class: cls }, text),
           el("td", {}, live ? live.requests : "–", " ", sparkline(series("requests"), `requests per second of ${b.addr}, last 2 minutes`)),

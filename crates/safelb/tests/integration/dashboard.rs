@@ -202,6 +202,13 @@ async fn the_dashboard_works_in_a_real_browser() {
     let good = backends(2).await;
     let d = Deployment::start_with(&addrs(&good), QUICK_ROLLOUT, "").await;
     let load = crate::common::SteadyLoad::start(d.addr(), 2);
+    // An alert on rollbacks, applied like any change (held 2 s, so the incident resolves soon).
+    let alert = "[[alert]]\nname = \"RolledBack\"\nkind = \"rollback\"\nhold = \"2s\"\n";
+    let with_alert = d.write("alert.toml", &addrs(&good), alert);
+    let (code, out, err, _) = d
+        .cli_async(&["apply", with_alert.to_str().unwrap(), "-m", "alert on rollbacks"])
+        .await;
+    assert_eq!(code, 0, "{out}\n{err}");
     let token = std::fs::read_to_string(d.dir.join("store/admin.token")).unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let shots = root.join("target/browser-screenshots");
@@ -233,7 +240,7 @@ async fn the_dashboard_works_in_a_real_browser() {
         "the browser script ended before it was ready: {:?}",
         child.wait()
     );
-    let bad = d.write("dead.toml", &[safelb_testkit::closed_port().to_string()], "");
+    let bad = d.write("dead.toml", &[safelb_testkit::closed_port().to_string()], alert);
     let (code, out, err, _) = d.force(&bad, "forced from the CLI while the dashboard watches").await;
     assert_eq!(code, 4, "{out}\n{err}");
     writeln!(stdin, "FORCED").unwrap();
