@@ -276,51 +276,11 @@ impl SqliteStore {
 mod tests {
     use super::*;
 
-    fn version(source: &str, fate: Fate) -> NewVersion {
-        NewVersion {
-            parent: None,
-            author: "ops".into(),
-            reason: "test".into(),
-            source: source.into(),
-            origin: "apply".into(),
-            skip_preflight: false,
-            emergency: false,
-            fate,
-        }
-    }
-
+    /// The contract every store meets (`testing::store_contract`), through reopens of one file.
     #[test]
-    fn versions_events_and_pointer_survive_reopen() {
-        let dir = std::env::temp_dir().join(format!("safelb-store-{}-{}", std::process::id(), fastrand::u64(..)));
-        {
-            let mut s = SqliteStore::open(&dir).unwrap();
-            let a = s.append_version(version("a = 1", Fate::KnownGood)).unwrap();
-            let b = s.append_version(version("b = 2", Fate::Pending)).unwrap();
-            s.set_fate(b, Fate::RolledBack).unwrap();
-            s.set_running(a).unwrap();
-            s.append_event(NewEvent {
-                kind: "RolloutRolledBack",
-                version: Some(b),
-                message: "m".into(),
-                data: serde_json::json!({"x": 1}),
-            })
-            .unwrap();
-        }
-        let s = SqliteStore::open(&dir).unwrap();
-        assert_eq!(s.running().unwrap(), Some(1));
-        let all = s.versions(10).unwrap();
-        assert_eq!(
-            all.iter().map(|v| (v.id, v.fate)).collect::<Vec<_>>(),
-            vec![(2, Fate::RolledBack), (1, Fate::KnownGood)]
-        );
-        assert_eq!(s.version(2).unwrap().unwrap().source.as_deref(), Some("b = 2"));
-        assert_eq!(s.known_good_before(2).unwrap(), Some(1));
-        assert_eq!(s.known_good_before(1).unwrap(), None);
-        let ev = s.events(0, 10).unwrap();
-        assert_eq!(
-            (ev[0].kind.as_str(), ev[0].data["x"].as_i64()),
-            ("RolloutRolledBack", Some(1))
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn the_store_contract_holds() {
+        let (_, dir) = crate::testing::store("contract");
+        let path = dir.0.clone();
+        crate::testing::store_contract(&|| Box::new(SqliteStore::open(&path).expect("the store opens")));
     }
 }
