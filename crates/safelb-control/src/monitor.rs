@@ -272,7 +272,6 @@ impl Monitor {
 
     async fn resolve(&mut self, now: i64) {
         let Some(open) = self.open.take() else { return };
-        self.event(Event::IncidentResolved { incident: open.id }).await;
         let global = self.series.get(&(None, None));
         let empty = Series::default();
         let report = postmortem::gather(
@@ -296,6 +295,8 @@ impl Monitor {
             tracing::error!(error = %e, "recording the incident's resolution failed");
             return;
         }
+        // Announced once its report is stored: whoever reacts to the event finds the postmortem.
+        self.event(Event::IncidentResolved { incident: id }).await;
         if let Some(dir) = &self.postmortems {
             match self.controller.incident(id).await {
                 Ok(Some(incident)) => {

@@ -196,8 +196,6 @@ function addEvent(e, live = true) {
     refreshVersions();
     refreshIncidents();
   }
-  // The resolution is announced before its postmortem is stored: look again shortly after.
-  if (live && e.kind === "IncidentResolved") setTimeout(refreshIncidents, 1500);
 }
 
 // ---- changes

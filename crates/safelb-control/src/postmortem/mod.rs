@@ -293,7 +293,7 @@ pub async fn gather(
             after_ms: e.time_ms - start_ms,
         });
     let since = start_ms.min(opened_ms) - 1000;
-    let timeline = events
+    let mut timeline: Vec<TimelineEntry> = events
         .iter()
         .filter(|e| e.time_ms >= since)
         .map(|e| TimelineEntry {
@@ -302,6 +302,13 @@ pub async fn gather(
             message: e.message.clone(),
         })
         .collect();
+    // The resolution itself is recorded once this report is stored; the timeline ends with it.
+    let resolved = Event::IncidentResolved { incident: id }.record();
+    timeline.push(TimelineEntry {
+        time_ms: resolved_ms,
+        kind: resolved.kind.to_string(),
+        message: resolved.message,
+    });
     // What the stable version answered for candidates during the incident: failures avoided.
     let mut protected = Protected::default();
     for (_, t) in typed.iter().filter(|(e, _)| e.time_ms >= since) {
