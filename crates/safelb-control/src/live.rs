@@ -16,6 +16,10 @@ use tokio::sync::broadcast;
 
 /// Frames kept: 15 minutes at one a second.
 pub const KEEP: usize = 15 * 60;
+/// Of those, the newest keep their per-route, per-pool and per-backend detail (for sparklines);
+/// older ones keep only the totals, so a config with many backends does not hold 15 minutes of
+/// each in memory.
+pub const DETAILED: usize = 2 * 60;
 /// Messages a slow subscriber may lag behind before it loses some.
 const QUEUE: usize = 1024;
 
@@ -105,6 +109,20 @@ impl LiveFeed {
                 frames.pop_front();
             }
             frames.push_back(frame.clone());
+            if frames.len() > DETAILED {
+                let i = frames.len() - 1 - DETAILED;
+                if !frames[i].backends.is_empty() || !frames[i].routes.is_empty() {
+                    let old = &frames[i];
+                    frames[i] = Arc::new(Frame {
+                        time_ms: old.time_ms,
+                        version: old.version,
+                        requests: old.requests,
+                        errors: old.errors,
+                        p99_ms: old.p99_ms,
+                        ..Frame::default()
+                    });
+                }
+            }
         }
         let _ = self.tx.send(Live::Stats(frame));
     }
@@ -263,12 +281,18 @@ mod tests {
         for i in 0..sent {
             feed.frame(Frame {
                 time_ms: i as i64,
+                requests: 1,
+                backends: vec![BackendFrame::default()],
                 ..Frame::default()
             });
         }
         let kept = feed.history();
         assert_eq!(kept.len(), KEEP, "15 minutes of frames, no more");
         assert_eq!(kept[0].time_ms, (sent - KEEP) as i64);
+        let detailed = kept.iter().filter(|f| !f.backends.is_empty()).count();
+        assert_eq!(detailed, DETAILED, "only the newest frames keep their detail");
+        assert!(kept[KEEP - DETAILED..].iter().all(|f| !f.backends.is_empty()));
+        assert!(kept.iter().all(|f| f.requests == 1), "every frame keeps its totals");
         assert!(
             matches!(rx.try_recv(), Err(broadcast::error::TryRecvError::Lagged(_))),
             "a subscriber that fell behind is told, and nothing waited for it"
