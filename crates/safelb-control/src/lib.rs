@@ -13,6 +13,7 @@ pub mod alerts;
 pub mod clock;
 pub mod controller;
 pub mod diff;
+pub mod etcd;
 pub mod event;
 pub mod impact;
 pub mod judge;

@@ -57,7 +57,7 @@ pub struct NewVersion {
     pub fate: Fate,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct VersionRecord {
     pub id: u64,
     pub parent: Option<u64>,
@@ -83,7 +83,7 @@ pub struct NewEvent {
     pub data: serde_json::Value,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct EventRecord {
     pub id: u64,
     pub time_ms: i64,
@@ -125,7 +125,7 @@ pub trait VersionStore: Send {
     fn incident(&self, id: u64) -> StoreResult<Option<IncidentRecord>>;
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct IncidentRecord {
     pub id: u64,
     pub opened_ms: i64,

@@ -134,3 +134,60 @@ pub fn store_contract(open: &dyn Fn() -> Box<dyn crate::store::VersionStore>) {
     assert_eq!(s.incident(incidents[0].id).unwrap().unwrap().resolved_ms, None);
     assert!(s.incident(999).unwrap().is_none());
 }
+
+/// A real etcd on loopback (Debian's `etcd-server`, installed by scripts/install-test-deps), with
+/// its data in a temporary directory; stopped by pid and removed when dropped.
+pub struct Etcd {
+    pub url: String,
+    child: std::process::Child,
+    _dir: TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port()
+        };
+        let (client, peer) = (free(), free());
+        let dir = std::env::temp_dir().join(format!("safelb-etcd-{}-{}", std::process::id(), fastrand::u64(..)));
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = std::process::Command::new("etcd")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .arg("--initial-cluster")
+            .arg(format!("default={peer_url}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("etcd is installed by scripts/install-test-deps");
+        let etcd = Etcd {
+            url,
+            child,
+            _dir: TempDir(dir),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "etcd did not start within 10 s");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
