@@ -4,7 +4,8 @@
 //! in a cycle, and the data plane's modules must import only modules of lower layers, in the
 //! order ARCHITECTURE.md draws. Imports are read from the source: every `crate::name` path,
 //! grouped `use crate::{a, b}` included, with names re-exported at the crate root resolved to
-//! the module that defines them.
+//! the module that defines them. Test code is left out (everything from a file's first
+//! `#[cfg(test)]`, and the test-only `testing` helpers): a test may use any helper.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -41,8 +42,13 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Source text without `//` comments (doc links name modules without importing them).
+/// Source text without its tests and without `//` comments (doc links name modules without
+/// importing them).
 fn code(text: &str) -> String {
+    uncommented(text.split("#[cfg(test)]").next().unwrap_or(""))
+}
+
+fn uncommented(text: &str) -> String {
     text.lines()
         .map(|line| line.find("//").map_or(line, |i| &line[..i]))
         .collect::<Vec<_>>()
@@ -99,7 +105,8 @@ fn crate_paths(text: &str) -> Vec<&str> {
 /// Which module defines each name re-exported at the crate root (`pub use module::{A, B}`).
 fn reexports(lib: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for stmt in code(lib).split(';') {
+    // The whole of lib.rs: a `#[cfg(test)] mod testing;` may come before the re-exports.
+    for stmt in uncommented(lib).split(';') {
         let Some(path) = stmt.trim().strip_prefix("pub use ") else {
             continue;
         };
@@ -135,7 +142,7 @@ fn imports(krate: &str) -> BTreeMap<String, BTreeSet<String>> {
     let modules: BTreeSet<String> = files
         .iter()
         .map(|p| module_of(p))
-        .filter(|m| m != "lib" && m != "main")
+        .filter(|m| m != "lib" && m != "main" && m != "testing")
         .collect();
     let lib = fs::read_to_string(src.join("lib.rs")).unwrap_or_default();
     let reexported = reexports(&lib);
