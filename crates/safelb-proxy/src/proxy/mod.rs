@@ -73,7 +73,8 @@ impl Proxy {
         })
     }
 
-    /// A plain-HTTP proxy for a listener that routes with a `listener` condition never match.
+    /// A plain-HTTP proxy without a listener name: routes with a `listener` condition never match
+    /// its requests.
     pub fn new(handle: ProxyHandle, log: AccessLog) -> Arc<Proxy> {
         Proxy::for_listener(handle, log, "", false)
     }

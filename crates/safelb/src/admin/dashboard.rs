@@ -39,7 +39,7 @@ pub fn pages() -> Router<AdminState> {
 }
 
 /// A page with the headers every dashboard page carries.
-fn page(status: StatusCode, html: &'static str) -> Response {
+fn page(status: StatusCode, html: impl Into<String>) -> Response {
     (
         status,
         [
@@ -49,7 +49,7 @@ fn page(status: StatusCode, html: &'static str) -> Response {
             (header::REFERRER_POLICY, "same-origin"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        html,
+        html.into(),
     )
         .into_response()
 }
@@ -72,7 +72,8 @@ async fn login(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) -> 
     }
     let given = form_value(&body, "token").unwrap_or_default();
     if !super::auth::constant_time_eq(given.trim().as_bytes(), s.token.as_bytes()) {
-        return page(StatusCode::UNAUTHORIZED, LOGIN);
+        let said = "<p class=\"error\" role=\"alert\">That is not this safelb's admin token.</p>";
+        return page(StatusCode::UNAUTHORIZED, LOGIN.replace("<!-- error -->", said));
     }
     let id = match s.sessions.create() {
         Ok(id) => id,
