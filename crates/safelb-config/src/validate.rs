@@ -30,7 +30,7 @@ pub(crate) fn cross_check(
                 r.name, routes[by].0.name
             ),
         )
-        .hint("remove one, or give the earlier route a narrower condition (method, headers)");
+        .hint("remove one, or give the earlier route a narrower condition (listener, method, headers)");
     }
     // A route that failed to parse may be the pool's user: only warn on an otherwise clean file.
     let routes_complete = !d.has_errors();

@@ -44,11 +44,11 @@ pub struct Move {
     pub percent: f64,
 }
 
-/// The route a sample takes. Samples keep method, host and path only: header conditions see
-/// no headers, and listener conditions no listener.
+/// The route a sample takes. Samples keep listener, method, host and path only: header
+/// conditions see no headers.
 fn route_of<'c>(config: &'c Config, s: &Sample) -> Option<&'c Route> {
     let view = RequestView {
-        listener: "",
+        listener: &s.listener,
         method: &s.method,
         host: &s.host,
         path: &s.path,
@@ -158,6 +158,7 @@ mod tests {
 
     fn sample(path: &str, ms: u64) -> Sample {
         Sample {
+            listener: "public".into(),
             method: "GET".into(),
             host: "shop.example".into(),
             path: path.into(),
@@ -189,6 +190,17 @@ mod tests {
         assert_eq!(impact.rate_limited, 95);
         assert!(impact.rate_limited_unknown.is_empty());
         assert_eq!(impact.moved, 50, "the redirected and answered ones leave pool `web`");
+        // A redirect for one listener moves only the requests that arrived on it.
+        let scoped = config(concat!(
+            "[listener.plain]\nbind = \"127.0.0.1:2\"\n",
+            "[[route]]\nname = \"to-https\"\nlistener = \"plain\"\nredirect = { scheme = \"https\" }\n",
+            "[[route]]\nname = \"web\"\npool = \"web\"\n",
+            "[[route]]\nname = \"api\"\npath_prefix = \"/api\"\npool = \"api\"\n",
+        ));
+        let mut on_plain = sample("/", 1_500);
+        on_plain.listener = "plain".into();
+        let mixed = [on_plain, sample("/", 1_500)];
+        assert_eq!(preview(&mixed, &running, &scoped).redirected, 1);
         // Unchanged actions are not news.
         let again = preview(&samples, &candidate, &candidate);
         assert_eq!((again.redirected, again.answered, again.rewritten), (0, 0, 0));

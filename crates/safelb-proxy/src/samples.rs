@@ -1,5 +1,5 @@
 //! Recent traffic, kept for the impact preview of `safelb plan`: a ring of the last requests'
-//! method, host and path, replayed through a candidate's route table to show which share of
+//! listener, method, host and path, replayed through a candidate's route table to show which share of
 //! traffic a change would move.
 //!
 //! One request in [`EVERY`] is sampled; a slot that another thread holds is skipped rather than
@@ -13,6 +13,8 @@ pub const EVERY: usize = 4;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sample {
+    /// The listener the request arrived on (routes may match on it).
+    pub listener: String,
     pub method: String,
     pub host: String,
     pub path: String,
@@ -35,7 +37,7 @@ impl Default for Samples {
 }
 
 impl Samples {
-    pub fn record(&self, method: &str, host: &str, path: &str) {
+    pub fn record(&self, listener: &str, method: &str, host: &str, path: &str) {
         let n = self.seen.fetch_add(1, Relaxed);
         if n % EVERY != 0 {
             return;
@@ -44,7 +46,13 @@ impl Samples {
             match slot.as_mut() {
                 // Once the ring is full, overwrite in place: no allocation on the request path.
                 Some(old) => {
-                    for (to, from) in [(&mut old.method, method), (&mut old.host, host), (&mut old.path, path)] {
+                    let fields = [
+                        (&mut old.listener, listener),
+                        (&mut old.method, method),
+                        (&mut old.host, host),
+                        (&mut old.path, path),
+                    ];
+                    for (to, from) in fields {
                         to.clear();
                         to.push_str(from);
                     }
@@ -52,6 +60,7 @@ impl Samples {
                 }
                 None => {
                     *slot = Some(Sample {
+                        listener: listener.to_owned(),
                         method: method.to_owned(),
                         host: host.to_owned(),
                         path: path.to_owned(),
@@ -79,11 +88,11 @@ mod tests {
     fn keeps_one_in_every_n_up_to_capacity() {
         let s = Samples::default();
         for i in 0..(EVERY * 10) {
-            s.record("GET", "h", &format!("/{i}"));
+            s.record("public", "GET", "h", &format!("/{i}"));
         }
         assert_eq!(s.collect().len(), 10);
         for _ in 0..(EVERY * CAPACITY * 2) {
-            s.record("GET", "h", "/");
+            s.record("public", "GET", "h", "/");
         }
         assert_eq!(s.collect().len(), CAPACITY);
     }

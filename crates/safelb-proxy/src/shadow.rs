@@ -182,18 +182,20 @@ impl Shadow {
                 HeaderValue::from_static("shadow-replay"),
             );
             let parts = request.into_parts().0;
+            let listener = s.listener;
             let (shadow, stable) = (self.clone(), stable.clone());
             self.in_flight.fetch_add(1, Relaxed);
             tasks.spawn(async move {
                 let _slot = Slot(&shadow.in_flight);
-                // Samples keep no listener: replays take the routes without a `listener` condition.
-                let stable_route = route_name(&stable, "", &parts);
-                let (stable_outcome, stable_latency) = exchange(&stable, "", &parts, client, STABLE_REPLAY_LIMIT).await;
+                let stable_route = route_name(&stable, &listener, &parts);
+                let (stable_outcome, stable_latency) =
+                    exchange(&stable, &listener, &parts, client, STABLE_REPLAY_LIMIT).await;
                 if stable_outcome == Outcome::Failed {
                     // Nothing to compare against.
                     return;
                 }
-                let (outcome, latency) = exchange(&shadow.candidate, "", &parts, client, bound(stable_latency)).await;
+                let (outcome, latency) =
+                    exchange(&shadow.candidate, &listener, &parts, client, bound(stable_latency)).await;
                 shadow.record(stable_route, stable_outcome, stable_latency, outcome, latency);
             });
         }

@@ -130,7 +130,7 @@ impl Proxy {
         let host = host_value.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
         self.handle
             .samples()
-            .record(parts.method.as_str(), host, parts.uri.path());
+            .record(&self.listener, parts.method.as_str(), host, parts.uri.path());
         if done.log.enabled() {
             done.method = parts.method.clone();
             done.host = host.to_owned();
