@@ -374,20 +374,11 @@ impl Snapshot {
             HashKey::Header(name) => headers
                 .get(name.as_str())
                 .map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
-            HashKey::Cookie(name) => cookie(headers, name).map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
+            HashKey::Cookie(name) => {
+                crate::headers::cookie(headers, name).map_or_else(by_client, |v| xxh3_64(v.as_bytes()))
+            }
         }
     }
-}
-
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
 }
 
 #[cfg(test)]

@@ -67,14 +67,7 @@ impl Sessions {
 
 /// The session id in the request's `Cookie` header.
 fn cookie(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v)
+    safelb_proxy::headers::cookie(headers, COOKIE)
 }
 
 /// The `Set-Cookie` value for a new session (`Secure` when the dashboard is served over TLS).
