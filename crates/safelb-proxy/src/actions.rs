@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::{HeaderMap, StatusCode, Uri};
-use safelb_config::{replace_prefix, Action, RateKey, Route};
+use safelb_config::{Action, RateKey, Route};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::metrics::ActionCounters;
@@ -73,18 +73,15 @@ pub struct Fixed {
 /// One route's actions.
 #[derive(Debug)]
 pub struct RouteActions {
-    /// The route's `path_prefix`, which a rewrite `prefix` replaces.
-    path_prefix: String,
-    /// The route itself, for what is decided per request from its config (a redirect's
-    /// `Location`).
+    /// The route itself, for what is decided per request from its config (the path a rewrite
+    /// gives, a redirect's `Location` and status).
     route: Route,
-    pub rewrite_prefix: Option<String>,
-    pub rewrite_host: Option<HeaderValue>,
+    /// `rewrite.host`, ready to send.
+    rewrite_host: Option<HeaderValue>,
     pub request_headers: Edits,
     pub response_headers: Edits,
     pub limiter: Option<Arc<Limiter>>,
     pub fixed: Option<Fixed>,
-    pub redirect: Option<safelb_config::Redirect>,
     pub counters: Arc<ActionCounters>,
     /// A route that answers itself and that a `[[test]]` of its config exercises: its answers
     /// are intended (a maintenance page), not an accident.
@@ -109,9 +106,7 @@ impl RouteActions {
             _ => None,
         };
         RouteActions {
-            path_prefix: route.matches.path_prefix.clone(),
             route: route.clone(),
-            rewrite_prefix: route.rewrite.as_ref().and_then(|r| r.prefix.clone()),
             rewrite_host: route
                 .rewrite
                 .as_ref()
@@ -121,10 +116,6 @@ impl RouteActions {
             response_headers: Edits::compile(&route.response_headers),
             limiter: route.rate_limit.as_ref().map(|rule| limiters.get(&route.name, rule)),
             fixed,
-            redirect: match &route.action {
-                Action::Redirect(r) => Some(r.clone()),
-                _ => None,
-            },
             counters,
             tested: false,
             suspect: AtomicBool::new(false),
@@ -147,10 +138,15 @@ impl RouteActions {
             .map_err(|wait| wait.as_secs_f64().ceil().max(1.0) as u64)
     }
 
+    /// Whether a proxied request is changed before it leaves (`rewrite`, `request_headers`).
+    pub fn edits_request(&self) -> bool {
+        self.route.rewrite.is_some() || !self.request_headers.is_empty()
+    }
+
     /// Applies `rewrite` and `request_headers` to a request about to be proxied.
     pub fn prepare(&self, uri: &mut Uri, headers: &mut HeaderMap) {
-        if let Some(prefix) = &self.rewrite_prefix {
-            let path = replace_prefix(&self.path_prefix, uri.path(), prefix);
+        if self.route.rewrite.as_ref().is_some_and(|r| r.prefix.is_some()) {
+            let path = self.route.backend_path(uri.path());
             let target = match uri.query() {
                 Some(q) => format!("{path}?{q}"),
                 None => path,
@@ -171,10 +167,10 @@ impl RouteActions {
     }
 
     pub fn redirect_status(&self) -> StatusCode {
-        self.redirect
-            .as_ref()
-            .and_then(|r| StatusCode::from_u16(r.status).ok())
-            .unwrap_or(StatusCode::FOUND)
+        match &self.route.action {
+            Action::Redirect(r) => StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND),
+            _ => StatusCode::FOUND,
+        }
     }
 }
 

@@ -112,9 +112,9 @@ pub enum RateKey {
 }
 
 /// `path` with the route's matched `path_prefix` replaced by `prefix` (`/old/x` under `/old`
-/// with `/new` is `/new/x`). Shared by the data plane and route tests, so `check` predicts what
-/// the proxy does.
-pub fn replace_prefix(path_prefix: &str, path: &str, prefix: &str) -> String {
+/// with `/new` is `/new/x`), for [`Route::backend_path`] and [`Route::location`], which the data
+/// plane and route tests both use, so `check` predicts what the proxy does.
+fn replace_prefix(path_prefix: &str, path: &str, prefix: &str) -> String {
     let matched = path_prefix.trim_end_matches('/');
     let rest = path.strip_prefix(matched).unwrap_or(path);
     let mut out = String::with_capacity(prefix.len() + rest.len());

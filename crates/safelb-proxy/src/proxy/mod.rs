@@ -248,7 +248,7 @@ impl Proxy {
         } else {
             0
         };
-        if actions.rewrite_prefix.is_some() || actions.rewrite_host.is_some() || !actions.request_headers.is_empty() {
+        if actions.edits_request() {
             let req = request.as_mut().expect("route_and_forward is given a request");
             let mut uri = std::mem::take(req.uri_mut());
             actions.prepare(&mut uri, req.headers_mut());
