@@ -22,16 +22,10 @@ limit='rate_limit = { rate = "10000000/s", burst = 1000000, key = "client" }'
 run_case() { # $1 = label, $2 = route lines; prints "label req/s p99"
     proxy_config "[access_log]
 enabled = false" "" "$2" > "$work/lb.toml"
-    rm -rf "$work/store"
-    ./target/release/safelb serve --config "$work/lb.toml" --store "$work/store" --threads 1 >/dev/null 2>&1 &
-    lb_pid=$!
-    pids+=("$lb_pid")
-    for _ in $(seq 1 50); do curl -s -o /dev/null http://127.0.0.1:18080/ && break; sleep 0.1; done
+    start_proxy
     out=$(wrk -t1 -c50 -d"${secs}s" --latency http://127.0.0.1:18080/)
-    kill "$lb_pid"; wait "$lb_pid" 2>/dev/null || true
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v=v/1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v=v*1000}; print v}' <<<"$out")
-    echo "$1 $rps $p99"
+    stop_proxy
+    echo "$1 $(awk '/Requests\/sec/ {print $2}' <<<"$out") $(wrk_p99_ms "$out")"
 }
 
 echo "== wrk -t1 -c50 -d${secs}s --latency through safelb --threads 1, $rounds interleaved rounds"
@@ -44,10 +38,6 @@ for r in $(seq 1 "$rounds"); do
 $limit")")
     echo "   round $r done"
 done
-median() { # $1 = label, $2 = column
-    printf '%s\n' "${results[@]}" | awk -v k="$1" -v c="$2" '$1 == k {print $c}' | sort -n |
-        awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'
-}
 base=$(median plain 2)
 printf '\n%-11s %10s %9s %8s\n' case req/s "p99 ms" "/plain"
 for k in plain headers rate_limit both; do

@@ -17,11 +17,7 @@ start_demo_backends ./target/release/safelb
 run_case() { # $1 = label (none | browser); prints "label req/s p99"
     proxy_config "[access_log]
 enabled = false" "" "" > "$work/lb.toml"
-    rm -rf "$work/store"
-    ./target/release/safelb serve --config "$work/lb.toml" --store "$work/store" --threads 1 >/dev/null 2>&1 &
-    lb_pid=$!
-    pids+=("$lb_pid")
-    for _ in $(seq 1 50); do curl -s -o /dev/null http://127.0.0.1:18080/ && break; sleep 0.1; done
+    start_proxy
     browser_pid=
     if [ "$1" = browser ]; then
         SAFELB_ADMIN=http://127.0.0.1:18090 SAFELB_TOKEN="$(cat "$work/store/admin.token")" \
@@ -33,9 +29,9 @@ enabled = false" "" "" > "$work/lb.toml"
     out=$(wrk -t1 -c50 -d"${secs}s" --latency http://127.0.0.1:18080/)
     cpu1=$(awk '{print $14 + $15}' "/proc/$lb_pid/stat")
     [ -n "$browser_pid" ] && wait "$browser_pid" 2>/dev/null || true
-    kill "$lb_pid"; wait "$lb_pid" 2>/dev/null || true
+    stop_proxy
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v=v/1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v=v*1000}; print v}' <<<"$out")
+    p99=$(wrk_p99_ms "$out")
     n=$(awk '/requests in/ {print $1}' <<<"$out")
     # safelb's own CPU (all its threads, the control plane's included) per 1,000 requests.
     cpu=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$n" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", (b - a) * 1000 / hz / n * 1000}')
@@ -49,10 +45,6 @@ for r in $(seq 1 "$rounds"); do
     results+=("$(run_case browser)")
     echo "   round $r done"
 done
-median() {
-    printf '%s\n' "${results[@]}" | awk -v k="$1" -v c="$2" '$1 == k {print $c}' | sort -n |
-        awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'
-}
 base=$(median none 2)
 printf '\n%-9s %10s %9s %8s %20s\n' case req/s "p99 ms" "/none" "safelb CPU ms/1k req"
 for k in none browser; do

@@ -18,13 +18,9 @@ start_demo_backends ./target/release/safelb
 
 run_round() { # $1 = label, $2 = access log table
     proxy_config "$2" "" > "$work/lb.toml"
-    rm -rf "$work/store"
-    ./target/release/safelb serve --config "$work/lb.toml" --store "$work/store" --threads 1 >/dev/null 2>&1 &
-    lb_pid=$!
-    pids+=("$lb_pid")
-    for _ in $(seq 1 50); do curl -s -o /dev/null http://127.0.0.1:18080/ && break; sleep 0.1; done
+    start_proxy
     rps=$(wrk -t1 -c50 -d"${secs}s" http://127.0.0.1:18080/ | awk '/Requests\/sec/ {print $2}')
-    kill "$lb_pid"; wait "$lb_pid" 2>/dev/null || true
+    stop_proxy
     echo "$1 $rps"
 }
 
@@ -36,9 +32,8 @@ enabled = false")")
     results+=("$(run_round file "[access_log]
 path = \"$work/access.log\"")")
 done
-median() { printf '%s\n' "${results[@]}" | awk -v k="$1" '$1 == k {print $2}' | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-off=$(median off)
-on=$(median file)
+off=$(median off 2)
+on=$(median file 2)
 printf 'access log off   median %10.0f req/s   rounds: %s\n' "$off" "$(printf '%s\n' "${results[@]}" | awk '$1=="off"{printf "%s ", $2}')"
 printf 'access log file  median %10.0f req/s   rounds: %s\n' "$on" "$(printf '%s\n' "${results[@]}" | awk '$1=="file"{printf "%s ", $2}')"
 awk -v a="$on" -v b="$off" 'BEGIN {printf "access log on / off = %.3f\n", a / b}'
