@@ -244,6 +244,56 @@ pub enum Event {
         #[serde(default)]
         total: usize,
     },
+    // The fleet (fleet mode on etcd).
+    LeaderElected {
+        #[serde(default)]
+        instance: String,
+    },
+    FleetStageStarted {
+        #[serde(default)]
+        version: u64,
+        #[serde(default)]
+        stage: usize,
+        #[serde(default)]
+        stages: usize,
+        #[serde(default)]
+        instances: Vec<String>,
+    },
+    InstanceCanaryPassed {
+        #[serde(default)]
+        version: u64,
+        #[serde(default)]
+        elapsed_ms: u64,
+    },
+    FleetRolloutPromoted {
+        #[serde(default)]
+        version: u64,
+        #[serde(default)]
+        instances: Vec<String>,
+        #[serde(default)]
+        elapsed_ms: u64,
+    },
+    FleetRolloutRolledBack {
+        #[serde(default)]
+        version: u64,
+        #[serde(default)]
+        reason: String,
+        /// The instances that had served the candidate.
+        #[serde(default)]
+        instances: Vec<String>,
+        #[serde(default)]
+        elapsed_ms: u64,
+    },
+    VersionRefused {
+        #[serde(default)]
+        version: u64,
+        #[serde(default)]
+        why: String,
+    },
+    EtcdReconnected {
+        #[serde(default)]
+        after_ms: i64,
+    },
     // Alerts and incidents.
     AlertPending {
         #[serde(default)]
@@ -316,6 +366,13 @@ impl Event {
             Event::BackendEjected { .. } => "BackendEjected",
             Event::PoolPanicEntered { .. } => "PoolPanicEntered",
             Event::PoolPanicLeft { .. } => "PoolPanicLeft",
+            Event::LeaderElected { .. } => "LeaderElected",
+            Event::FleetStageStarted { .. } => "FleetStageStarted",
+            Event::InstanceCanaryPassed { .. } => "InstanceCanaryPassed",
+            Event::FleetRolloutPromoted { .. } => "FleetRolloutPromoted",
+            Event::FleetRolloutRolledBack { .. } => "FleetRolloutRolledBack",
+            Event::VersionRefused { .. } => "VersionRefused",
+            Event::EtcdReconnected { .. } => "EtcdReconnected",
             Event::AlertPending { .. } => "AlertPending",
             Event::AlertCleared { .. } => "AlertCleared",
             Event::AlertFired { .. } => "AlertFired",
@@ -345,7 +402,12 @@ impl Event {
             | Event::CanaryStepPassed { version, .. }
             | Event::RolloutAborted { version, .. }
             | Event::RolloutRolledBack { version, .. }
-            | Event::RolloutPromoted { version, .. } => Some(*version),
+            | Event::RolloutPromoted { version, .. }
+            | Event::FleetStageStarted { version, .. }
+            | Event::InstanceCanaryPassed { version, .. }
+            | Event::FleetRolloutPromoted { version, .. }
+            | Event::FleetRolloutRolledBack { version, .. }
+            | Event::VersionRefused { version, .. } => Some(*version),
             _ => None,
         }
     }
@@ -480,6 +542,49 @@ impl Event {
             }
             Event::PoolPanicLeft { pool, available, total } => {
                 format!("pool {pool} left panic mode: {available} of {total} backends available")
+            }
+            Event::LeaderElected { instance } => format!("instance {instance} is the fleet's leader"),
+            Event::FleetStageStarted {
+                version,
+                stage,
+                stages,
+                instances,
+            } => format!(
+                "fleet stage {stage}/{stages}: version {version} starts its canary on {}",
+                instances.join(", ")
+            ),
+            Event::InstanceCanaryPassed { version, elapsed_ms } => format!(
+                "version {version} passed its canary on this instance after {:.1}s; it serves it while the fleet's rollout goes on",
+                secs(*elapsed_ms)
+            ),
+            Event::FleetRolloutPromoted {
+                version,
+                instances,
+                elapsed_ms,
+            } => format!(
+                "version {version} promoted fleet-wide after {:.1}s ({} instances): now running and known-good",
+                secs(*elapsed_ms),
+                instances.len()
+            ),
+            Event::FleetRolloutRolledBack {
+                version,
+                reason,
+                instances,
+                elapsed_ms,
+            } => format!(
+                "version {version} rolled back fleet-wide after {:.1}s: {reason}; it had reached {}",
+                secs(*elapsed_ms),
+                if instances.is_empty() {
+                    "no instance".to_string()
+                } else {
+                    instances.join(", ")
+                }
+            ),
+            Event::VersionRefused { version, why } => {
+                format!("version {version} from etcd refused; the running version keeps serving: {why}")
+            }
+            Event::EtcdReconnected { after_ms } => {
+                format!("etcd reachable again after {:.1}s; catching up", *after_ms as f64 / 1000.0)
             }
             Event::AlertPending { alert, value } => format!("alert {alert} pending: {value}"),
             Event::AlertCleared { alert, value } => format!("alert {alert} cleared before firing: {value}"),

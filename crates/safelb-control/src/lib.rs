@@ -13,8 +13,8 @@ pub mod alerts;
 pub mod clock;
 pub mod controller;
 pub mod diff;
-pub mod etcd;
 pub mod event;
+pub mod fleet;
 pub mod impact;
 pub mod judge;
 pub mod live;
@@ -39,6 +39,8 @@ use store::{StoreError, StoreResult, VersionStore};
 pub struct StoreHandle {
     inner: Arc<Mutex<Box<dyn VersionStore>>>,
     live: Arc<live::LiveFeed>,
+    /// Fleet mode: the instance that records, named in each event's row.
+    instance: Option<Arc<str>>,
 }
 
 impl StoreHandle {
@@ -46,7 +48,15 @@ impl StoreHandle {
         StoreHandle {
             inner: Arc::new(Mutex::new(Box::new(store))),
             live: Arc::default(),
+            instance: None,
         }
+    }
+
+    /// Fleet mode: every event this handle records names `instance` (in its data, and at the
+    /// start of its message), so the cluster's one history says where each thing happened.
+    pub fn for_instance(mut self, instance: &str) -> StoreHandle {
+        self.instance = Some(Arc::from(instance));
+        self
     }
 
     pub async fn call<T: Send + 'static>(
@@ -65,7 +75,13 @@ impl StoreHandle {
     /// Records an event and writes its log line: the one way the control plane records what it
     /// did. A store failure is logged as such (the event's line is still in the log).
     pub async fn record(&self, event: &event::Event) {
-        let row = event.record();
+        let mut row = event.record();
+        if let Some(name) = &self.instance {
+            if let Some(data) = row.data.as_object_mut() {
+                data.insert("instance".into(), serde_json::Value::from(name.as_ref()));
+            }
+            row.message = format!("{name}: {}", row.message);
+        }
         tracing::info!(event = row.kind, version = row.version, "{}", row.message);
         self.live.event(serde_json::json!({
             "time_ms": clock::unix_ms(),

@@ -91,6 +91,11 @@ impl Monitor {
         let rules = stable.config.alerts.clone();
         let targets = stable.config.notify.clone();
         self.sample(now, &rules, &stable);
+        // In a fleet, alerts and incidents are the leader's: one evaluation, one notification,
+        // one incident for the fleet, not one per instance.
+        if self.controller.fleet().is_some_and(|f| !f.is_leader()) {
+            return;
+        }
 
         let (rollbacks, last_rollback_ms, rollback_note) = self.controller.rollbacks();
         if rollbacks > self.rollbacks_seen {

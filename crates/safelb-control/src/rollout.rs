@@ -65,6 +65,9 @@ pub struct RolloutStatus {
     /// The current step's window for the candidate and the stable version.
     pub candidate: WindowView,
     pub stable: WindowView,
+    /// Both since the canary began (what a fleet's leader sums over its instances).
+    pub candidate_total: WindowView,
+    pub stable_total: WindowView,
     /// Why it ended as it did.
     pub verdict: Option<String>,
     pub preflight: Option<PreflightReport>,
@@ -72,6 +75,40 @@ pub struct RolloutStatus {
     pub finished_ms: Option<i64>,
     /// One line per step taken, for people.
     pub progress: Vec<String>,
+}
+
+impl RolloutStatus {
+    /// A rollout of version `id` replacing `from`, about to start its preflight.
+    pub fn new(
+        id: u64,
+        from: u64,
+        policy: &safelb_config::Rollout,
+        skip_preflight: bool,
+        skip_shadow: bool,
+    ) -> RolloutStatus {
+        RolloutStatus {
+            id,
+            from_version: from,
+            phase: Phase::Preflight,
+            steps: policy.canary_steps.clone(),
+            step: 0,
+            percent: 0,
+            step_bake_ms: policy.step_bake.as_millis() as u64,
+            step_started_ms: None,
+            skip_preflight,
+            skip_shadow,
+            shadow: None,
+            candidate: WindowView::default(),
+            stable: WindowView::default(),
+            candidate_total: WindowView::default(),
+            stable_total: WindowView::default(),
+            verdict: None,
+            preflight: None,
+            started_ms: unix_ms(),
+            finished_ms: None,
+            progress: Vec::new(),
+        }
+    }
 }
 
 pub(crate) struct RolloutTask {
@@ -83,6 +120,10 @@ pub(crate) struct RolloutTask {
     pub cancel: CancellationToken,
     pub abort_reason: Arc<Mutex<Option<String>>>,
     pub confirm: bool,
+    /// A member's canary in a fleet rollout: the leader records fates and moves the running
+    /// pointer; a pass here only means this instance serves the candidate until the fleet's
+    /// verdict.
+    pub fleet_member: bool,
 }
 
 impl RolloutTask {
@@ -103,8 +144,10 @@ impl RolloutTask {
     /// finds its fate in the history and may apply the next change at once.
     async fn finish(&self, phase: Phase, fate: Fate, verdict: String) -> Phase {
         let id = self.id();
-        if let Err(e) = self.store.call(move |s| s.set_fate(id, fate)).await {
-            tracing::error!(error = %e, "recording a version's fate failed");
+        if !self.fleet_member {
+            if let Err(e) = self.store.call(move |s| s.set_fate(id, fate)).await {
+                tracing::error!(error = %e, "recording a version's fate failed");
+            }
         }
         self.update(|s| {
             s.phase = phase;
@@ -172,6 +215,7 @@ impl RolloutTask {
         let stable = self.handle.snapshot();
         self.update(|s| s.phase = Phase::Canary);
         let steps = policy.canary_steps.clone();
+        let (c_begin, s_begin) = (candidate.stats.read(), stable.stats.read());
         for (i, &percent) in steps.iter().enumerate() {
             if let Err(e) = self.handle.set_canary_percent(percent) {
                 return self
@@ -208,6 +252,8 @@ impl RolloutTask {
                 self.update(|s| {
                     s.candidate = WindowView::from(&wc);
                     s.stable = WindowView::from(&ws);
+                    s.candidate_total = WindowView::from(&candidate.stats.read().since(&c_begin));
+                    s.stable_total = WindowView::from(&stable.stats.read().since(&s_begin));
                 });
                 let elapsed = step_start.elapsed();
                 // A pool under min_healthy fails the candidate even without traffic to judge.
@@ -259,6 +305,9 @@ impl RolloutTask {
             .await;
         }
 
+        if self.fleet_member {
+            return self.member_passed(started).await;
+        }
         // Store first, then traffic: a promotion the store did not record must not serve. A
         // crash between the two restarts on this version, which passed every step.
         let recorded = self
@@ -307,6 +356,28 @@ impl RolloutTask {
             Phase::Promoted,
             Fate::KnownGood,
             "promoted: every step passed its bake".into(),
+        )
+        .await
+    }
+
+    /// A fleet member's canary passed: it serves the candidate (the store is the leader's to
+    /// write) and reports the pass in its heartbeat.
+    async fn member_passed(&self, started: Instant) -> Phase {
+        let id = self.id();
+        if let Err(e) = self.handle.promote_canary() {
+            return self
+                .finish(Phase::RolledBack, Fate::RolledBack, format!("promotion failed: {e}"))
+                .await;
+        }
+        self.event(Event::InstanceCanaryPassed {
+            version: id,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+        .await;
+        self.finish(
+            Phase::Promoted,
+            Fate::KnownGood,
+            "passed on this instance: every step passed its bake".into(),
         )
         .await
     }
@@ -460,26 +531,7 @@ mod tests {
             })
             .expect("appending a version");
         let running = config(RUNNING);
-        let status = Arc::new(Mutex::new(RolloutStatus {
-            id,
-            from_version: 1,
-            phase: Phase::Preflight,
-            steps: running.rollout.canary_steps.clone(),
-            step: 0,
-            percent: 0,
-            step_bake_ms: running.rollout.step_bake.as_millis() as u64,
-            step_started_ms: None,
-            skip_preflight: true,
-            skip_shadow: false,
-            shadow: None,
-            candidate: WindowView::default(),
-            stable: WindowView::default(),
-            verdict: None,
-            preflight: None,
-            started_ms: 0,
-            finished_ms: None,
-            progress: Vec::new(),
-        }));
+        let status = Arc::new(Mutex::new(RolloutStatus::new(id, 1, &running.rollout, true, false)));
         let task = RolloutTask {
             handle: handle.clone(),
             store,
@@ -489,6 +541,7 @@ mod tests {
             cancel: CancellationToken::new(),
             abort_reason: Arc::new(Mutex::new(None)),
             confirm: false,
+            fleet_member: false,
         };
         (task, status, dir)
     }

@@ -14,17 +14,28 @@ use crate::role::Role;
 /// Writes families of the text format: HELP and TYPE once, then samples.
 pub struct Exposition {
     out: String,
+    /// A label every sample carries first (fleet mode: `instance`), already rendered.
+    constant: Option<String>,
 }
 
 impl Default for Exposition {
     fn default() -> Self {
         Exposition {
             out: String::with_capacity(16 * 1024),
+            constant: None,
         }
     }
 }
 
 impl Exposition {
+    /// An exposition whose every sample carries `name="value"`.
+    pub fn labelled(name: &str, value: &str) -> Exposition {
+        Exposition {
+            constant: Some(format!("{name}=\"{}\"", escape(value))),
+            ..Exposition::default()
+        }
+    }
+
     pub fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.out, "# HELP {name} {help}");
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
@@ -32,10 +43,13 @@ impl Exposition {
 
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.out.push_str(name);
-        if !labels.is_empty() {
+        if !labels.is_empty() || self.constant.is_some() {
             self.out.push('{');
+            if let Some(c) = &self.constant {
+                self.out.push_str(c);
+            }
             for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
+                if i > 0 || self.constant.is_some() {
                     self.out.push(',');
                 }
                 let _ = write!(self.out, "{k}=\"{}\"", escape(v));

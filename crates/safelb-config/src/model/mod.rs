@@ -76,6 +76,23 @@ pub struct Listener {
     pub tls: Option<Vec<TlsCert>>,
 }
 
+impl ValidConfig {
+    /// Puts the listeners named in `binds` on other addresses: one config for many instances
+    /// on one machine (`serve --bind NAME=ADDR`). Names that are not listeners are ignored here;
+    /// `serve` refuses them at start. For a config fresh from [`crate::check`] (not yet shared).
+    pub fn bind_overrides(&mut self, binds: &[(String, SocketAddr)]) {
+        if binds.is_empty() {
+            return;
+        }
+        let config = Arc::get_mut(&mut self.inner).expect("a config fresh from check is not shared yet");
+        for (name, addr) in binds {
+            if let Some(l) = config.listeners.get_mut(name) {
+                l.bind = *addr;
+            }
+        }
+    }
+}
+
 /// One certificate of a TLS listener. The first one is the default for clients that send no
 /// SNI or a name no certificate lists.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -384,6 +401,10 @@ pub struct Rollout {
     pub hedge_after: Option<HedgeAfter>,
     /// The shadow stage between preflight and canary (`None`: `shadow = false`).
     pub shadow: Option<ShadowPolicy>,
+    /// Fleet mode: cumulative instance counts of the stages before the last, which takes the
+    /// rest (`[1]`: one instance first, then all the others). Each instance of a stage runs the
+    /// canary steps above.
+    pub fleet_stages: Vec<u32>,
 }
 
 /// `[rollout] shadow = { duration, share, min_requests, concurrency }`: copies of live safe
@@ -426,6 +447,7 @@ impl Default for Rollout {
             preflight_timeout: Duration::from_secs(1),
             hedge_after: Some(HedgeAfter::Auto),
             shadow: Some(ShadowPolicy::default()),
+            fleet_stages: vec![1],
         }
     }
 }

@@ -17,6 +17,7 @@ pub(super) fn rollout(d: &mut Diagnostics, s: &Section<'_, '_>) -> Rollout {
             "preflight",
             "hedge_after",
             "shadow",
+            "fleet_stages",
         ],
     );
     let def = Rollout::default();
@@ -47,6 +48,27 @@ pub(super) fn rollout(d: &mut Diagnostics, s: &Section<'_, '_>) -> Rollout {
             }
         }
     };
+    let fleet_stages = match s.get("fleet_stages") {
+        None => def.fleet_stages.clone(),
+        Some(v) => {
+            let stages: Vec<u32> = as_array(d, v, "`fleet_stages` in [rollout]")
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|i| as_uint(d, i, "a fleet stage", 100_000).map(|n| n as u32))
+                .collect();
+            if stages.is_empty() || stages[0] == 0 || !stages.windows(2).all(|w| w[0] < w[1]) {
+                d.error(
+                    Rule::InvalidValue,
+                    v.span(),
+                    "`fleet_stages` must be ascending instance counts above 0 (a last stage takes the rest)",
+                )
+                .hint("e.g. fleet_stages = [1, 3]: one instance, then two more, then the rest");
+                def.fleet_stages.clone()
+            } else {
+                stages
+            }
+        }
+    };
     let (probes, timeout) = match s.section(d, "preflight") {
         None => (def.preflight_probes, def.preflight_timeout),
         Some(p) => {
@@ -73,6 +95,7 @@ pub(super) fn rollout(d: &mut Diagnostics, s: &Section<'_, '_>) -> Rollout {
         preflight_timeout: timeout,
         hedge_after,
         shadow: shadow(d, s),
+        fleet_stages,
     }
 }
 

@@ -7,7 +7,7 @@ impl Controller {
     /// Validates and records a candidate, then starts its rollout in the background.
     pub async fn apply(&self, req: ApplyRequest) -> Result<Accepted, ApplyError> {
         let _serial = self.inner.serial.lock().await;
-        if let Some(id) = self.running_rollout() {
+        if let Some(id) = self.running_rollout().or_else(|| self.fleet_rollout_in_progress()) {
             return Err(ApplyError::Busy(id));
         }
         let stable = self.inner.handle.snapshot();
@@ -28,10 +28,9 @@ impl Controller {
                 });
             }
         }
-        let checked = safelb_config::check(&req.file_name, &req.source);
-        let valid = checked.config.is_some();
+        let checked = self.check(&req.file_name, &req.source);
         let parent = Some(stable.version);
-        let record = NewVersion {
+        let record = |fate| NewVersion {
             parent,
             author: req.author.clone(),
             reason: req.reason.clone(),
@@ -39,10 +38,11 @@ impl Controller {
             origin: req.origin.clone(),
             skip_preflight: req.skip_preflight,
             emergency: req.emergency,
-            fate: if valid { Fate::Pending } else { Fate::Rejected },
+            fate,
         };
-        let version = self.inner.store.call(move |s| s.append_version(record)).await?;
         let Some(candidate) = checked.config else {
+            let rejected = record(Fate::Rejected);
+            let version = self.inner.store.call(move |s| s.append_version(rejected)).await?;
             let rendered = checked.diagnostics.render();
             let diagnostics = serde_json::to_value(checked.diagnostics.located()).unwrap_or_default();
             self.event(Event::ChangeRejected {
@@ -60,10 +60,8 @@ impl Controller {
         };
         if stable.config.listeners != candidate.listeners || stable.config.access_log != candidate.access_log {
             let message = "it changes listeners or the access log, which need a restart".to_string();
-            self.inner
-                .store
-                .call(move |s| s.set_fate(version, Fate::Rejected))
-                .await?;
+            let rejected = record(Fate::Rejected);
+            let version = self.inner.store.call(move |s| s.append_version(rejected)).await?;
             self.event(Event::ChangeRejected {
                 version,
                 author: req.author.clone(),
@@ -73,6 +71,17 @@ impl Controller {
             .await;
             return Err(ApplyError::NotSwappable { version, message });
         }
+        let version = match &self.inner.fleet {
+            // The leader drives it; this instance's canary starts when its stage comes.
+            Some(fleet) => {
+                self.submit_to_fleet(fleet, &req, record(Fate::Pending), stable.version)
+                    .await?
+            }
+            None => {
+                let pending = record(Fate::Pending);
+                self.inner.store.call(move |s| s.append_version(pending)).await?
+            }
+        };
         self.event(Event::ChangeSubmitted {
             version,
             author: req.author.clone(),
@@ -83,28 +92,33 @@ impl Controller {
             emergency: req.emergency,
         })
         .await;
+        if self.inner.fleet.is_none() {
+            self.start_rollout(version, candidate, &stable, &req, false);
+        }
+        Ok(Accepted {
+            version,
+            rollout: version,
+        })
+    }
 
+    /// Starts the rollout of `version` in the background, replacing `stable`: the whole
+    /// pipeline, or a fleet member's part of it (its own canary, no store writes).
+    pub(super) fn start_rollout(
+        &self,
+        version: u64,
+        candidate: ValidConfig,
+        stable: &safelb_proxy::Snapshot,
+        req: &ApplyRequest,
+        fleet_member: bool,
+    ) {
         let policy = &stable.config.rollout;
-        let status = Arc::new(Mutex::new(RolloutStatus {
-            id: version,
-            from_version: stable.version,
-            phase: Phase::Preflight,
-            steps: policy.canary_steps.clone(),
-            step: 0,
-            percent: 0,
-            step_bake_ms: policy.step_bake.as_millis() as u64,
-            step_started_ms: None,
-            skip_preflight: req.skip_preflight,
-            skip_shadow: req.skip_shadow,
-            shadow: None,
-            candidate: WindowView::default(),
-            stable: WindowView::default(),
-            verdict: None,
-            preflight: None,
-            started_ms: unix_ms(),
-            finished_ms: None,
-            progress: Vec::new(),
-        }));
+        let status = Arc::new(Mutex::new(RolloutStatus::new(
+            version,
+            stable.version,
+            policy,
+            req.skip_preflight,
+            req.skip_shadow,
+        )));
         let cancel = CancellationToken::new();
         let abort_reason = Arc::new(Mutex::new(None));
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
@@ -117,6 +131,7 @@ impl Controller {
             cancel: cancel.clone(),
             abort_reason: abort_reason.clone(),
             confirm: req.confirm,
+            fleet_member,
         };
         self.inner
             .rollouts
@@ -145,16 +160,17 @@ impl Controller {
             }
             let _ = done_tx.send(true);
         });
-        Ok(Accepted {
-            version,
-            rollout: version,
-        })
     }
 
     /// Aborts the running rollout, or puts a known-good version back for all traffic at once.
     pub async fn rollback(&self, to: Option<u64>, author: &str, reason: &str) -> Result<RollbackDone, RollbackError> {
         let started = std::time::Instant::now();
         let _serial = self.inner.serial.lock().await;
+        if let Some(fleet) = &self.inner.fleet {
+            if let Some(done) = self.abort_fleet_rollout(fleet, author, reason, started).await? {
+                return Ok(done);
+            }
+        }
         let running_rollout = {
             let current = self.inner.current.lock().expect("current lock");
             current
@@ -195,7 +211,8 @@ impl Controller {
             .await?
             .ok_or(RollbackError::UnknownVersion(target))?;
         let source = record.source.unwrap_or_default();
-        let config = safelb_config::check(&format!("version {target}"), &source)
+        let config = self
+            .check(&format!("version {target}"), &source)
             .into_result()
             .map_err(|d| RollbackError::Unservable(target, d.render()))?;
         let new = NewVersion {
@@ -252,7 +269,7 @@ impl Controller {
     /// What applying `source` would do, without changing anything.
     pub async fn plan(&self, file_name: &str, source: &str, confirm: bool) -> PlanReport {
         let stable = self.inner.handle.snapshot();
-        let checked = safelb_config::check(file_name, source);
+        let checked = self.check(file_name, source);
         let diff = unified(
             &stable.config.source,
             source,

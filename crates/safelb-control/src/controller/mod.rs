@@ -20,13 +20,13 @@ use crate::clock::unix_ms;
 use crate::diff::unified;
 use crate::event::Event;
 use crate::impact::{preview, Impact};
-use crate::judge::WindowView;
 use crate::preflight::{self, PreflightReport};
 use crate::rollout::{Phase, RolloutStatus, RolloutTask};
 use crate::store::{content_hash, EventRecord, Fate, NewVersion, StoreError, VersionRecord, VersionStore};
 use crate::StoreHandle;
 
 mod change;
+mod fleet;
 mod queries;
 mod recover;
 
@@ -114,6 +114,9 @@ pub struct Status {
     pub pools: Vec<PoolStatus>,
     /// Alert rules pending or firing, as the monitor last saw them.
     pub alerts: Vec<AlertStatus>,
+    /// Fleet mode: the instances, the leader, etcd.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetStatus>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -185,10 +188,27 @@ struct Inner {
     rollbacks: Mutex<(u64, Option<i64>, String)>,
     /// Alert rules and their state, as the monitor last saw them.
     alert_states: Mutex<Vec<(String, String, crate::alerts::State)>>,
+    /// Fleet mode: the link to etcd.
+    fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// This instance's listener addresses (`--bind`), put into every config it checks.
+    binds: Vec<(String, std::net::SocketAddr)>,
+    /// Fleet mode: the version from etcd this instance refused to serve, and why.
+    refused: Mutex<Option<(u64, String)>>,
 }
 
 impl Controller {
     pub fn new(handle: ProxyHandle, store: StoreHandle) -> Controller {
+        Controller::placed(handle, store, None, Vec::new())
+    }
+
+    /// An instance with listeners of its own (`binds`), and in fleet mode a member of `fleet`:
+    /// its history is then the cluster's in etcd.
+    pub fn placed(
+        handle: ProxyHandle,
+        store: StoreHandle,
+        fleet: Option<Arc<crate::fleet::Fleet>>,
+        binds: Vec<(String, std::net::SocketAddr)>,
+    ) -> Controller {
         Controller {
             inner: Arc::new(Inner {
                 handle,
@@ -199,8 +219,24 @@ impl Controller {
                 verdicts: Mutex::new(BTreeMap::new()),
                 rollbacks: Mutex::new((0, None, String::new())),
                 alert_states: Mutex::new(Vec::new()),
+                fleet,
+                binds,
+                refused: Mutex::new(None),
             }),
         }
+    }
+
+    pub fn fleet(&self) -> Option<&Arc<crate::fleet::Fleet>> {
+        self.inner.fleet.as_ref()
+    }
+
+    /// `safelb_config::check`, with this instance's `--bind` addresses in the listeners.
+    pub fn check(&self, file_name: &str, source: &str) -> safelb_config::Checked {
+        let mut checked = safelb_config::check(file_name, source);
+        if let Some(c) = checked.config.as_mut() {
+            c.bind_overrides(&self.inner.binds);
+        }
+        checked
     }
 
     pub fn handle(&self) -> &ProxyHandle {

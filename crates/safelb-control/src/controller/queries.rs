@@ -11,7 +11,10 @@ impl Controller {
             v.source = None;
             v
         });
-        let rollout = self.running_rollout().and_then(|id| self.rollout(id));
+        let rollout = match self.fleet_rollout_in_progress() {
+            Some(id) => self.rollout_view(id),
+            None => self.running_rollout().and_then(|id| self.rollout(id)),
+        };
         let now = safelb_proxy::clock::now_ms();
         let pools = stable
             .pools
@@ -59,6 +62,7 @@ impl Controller {
             rollout,
             alerts,
             pools,
+            fleet: self.inner.fleet.as_ref().map(|f| f.status()),
         })
     }
 
@@ -159,6 +163,45 @@ impl Controller {
         );
         for (kind, n) in crate::event::EVENTS.read() {
             e.sample("safelb_events_total", &[("kind", kind)], n as f64);
+        }
+        if let Some(f) = &self.inner.fleet {
+            let flag = |b: bool| if b { 1.0 } else { 0.0 };
+            let gauges = [
+                (
+                    "safelb_fleet_etcd_reachable",
+                    "1 while etcd answers this instance; 0: it serves its running version on its own.",
+                    flag(f.reachable()),
+                ),
+                (
+                    "safelb_fleet_etcd_last_contact_seconds",
+                    "Seconds since etcd last answered this instance.",
+                    (unix_ms() - f.last_contact_ms()).max(0) as f64 / 1000.0,
+                ),
+                (
+                    "safelb_fleet_leader",
+                    "1 while this instance leads the fleet.",
+                    flag(f.is_leader()),
+                ),
+                (
+                    "safelb_fleet_instances",
+                    "Instances with a live heartbeat in etcd, as this instance last read them.",
+                    crate::fleet::leader::live(&f.seen().instances, unix_ms()).len() as f64,
+                ),
+                (
+                    "safelb_fleet_refused_version",
+                    "The version from etcd this instance refused to serve (0: none).",
+                    self.inner
+                        .refused
+                        .lock()
+                        .expect("refused lock")
+                        .as_ref()
+                        .map_or(0.0, |(v, _)| *v as f64),
+                ),
+            ];
+            for (name, help, value) in gauges {
+                e.family(name, "gauge", help);
+                e.sample(name, &[], value);
+            }
         }
     }
 

@@ -70,7 +70,10 @@ pub fn app(state: AdminState) -> Router {
 
 /// Prometheus text format; unauthenticated, like `/healthz`, so scrapers need no secret.
 async fn metrics(State(s): State<AdminState>) -> Response {
-    let mut e = safelb_proxy::exposition::Exposition::default();
+    let mut e = match s.controller.fleet() {
+        Some(f) => safelb_proxy::exposition::Exposition::labelled("instance", f.instance()),
+        None => safelb_proxy::exposition::Exposition::default(),
+    };
     safelb_proxy::exposition::render(s.controller.handle(), &mut e);
     s.controller.render_metrics(&mut e);
     (
@@ -229,7 +232,7 @@ async fn rollback(State(s): State<AdminState>, Json(b): Json<RollbackBody>) -> R
 }
 
 async fn rollout(State(s): State<AdminState>, Path(id): Path<u64>) -> Response {
-    match s.controller.rollout(id) {
+    match s.controller.rollout_view(id) {
         Some(r) => Json(r).into_response(),
         None => error(
             StatusCode::NOT_FOUND,

@@ -194,7 +194,7 @@ async fn drill(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let store_dir = dir.join("store");
     let store = StoreHandle::new(SqliteStore::open(&store_dir)?);
     let startup = store.blocking(|s| recover(s, &file.display().to_string(), &good))?;
-    let running = serve::start(startup, store, &store_dir, false, 2).await?;
+    let running = serve::start(startup, store, &store_dir, false, 2, serve::Placement::default()).await?;
     let controller = running.controller.clone();
     let addr = running.listeners[0];
     say(

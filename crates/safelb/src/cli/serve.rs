@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use safelb_config::ValidConfig;
 use safelb_control::controller::{recover, ApplyRequest, Startup};
+use safelb_control::fleet::{cache, Fleet, FleetOptions};
 use safelb_control::sqlite::SqliteStore;
 use safelb_control::{Controller, StoreHandle};
 use safelb_proxy::tls::CertResolver;
@@ -43,6 +44,42 @@ pub struct ServeArgs {
     /// without servers of your own.
     #[arg(long)]
     demo_backends: bool,
+    /// Fleet mode: etcd endpoints (`http://host:port`, comma-separated). The cluster's history
+    /// in etcd is the truth; the config file only seeds an empty cluster.
+    #[arg(long, requires_all = ["cluster", "instance"])]
+    etcd: Option<String>,
+    /// Fleet mode: the cluster's name (its keys live under `/safelb/NAME/`).
+    #[arg(long, requires = "etcd")]
+    cluster: Option<String>,
+    /// Fleet mode: this instance's name, unique in the cluster.
+    #[arg(long, requires = "etcd")]
+    instance: Option<String>,
+    /// Puts a listener of the config on another address on this instance: `NAME=ADDR`
+    /// (repeatable; several instances can share a machine and a config).
+    #[arg(long = "bind", value_name = "LISTENER=ADDR", value_parser = parse_bind)]
+    binds: Vec<(String, SocketAddr)>,
+    /// The admin API's address on this instance (instead of the config's `[admin] bind`).
+    #[arg(long)]
+    admin_bind: Option<SocketAddr>,
+}
+
+fn parse_bind(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected LISTENER=ADDR, e.g. public=127.0.0.1:8081"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("`{addr}` is not an address (ip:port): {e}"))?;
+    Ok((name.to_string(), addr))
+}
+
+/// Where this instance differs from the config it shares: listener and admin addresses, and
+/// its fleet.
+#[derive(Default)]
+pub struct Placement {
+    pub binds: Vec<(String, SocketAddr)>,
+    pub admin_bind: Option<SocketAddr>,
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -53,6 +90,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !checked.diagnostics.is_empty() {
         eprint!("{}", checked.diagnostics.render());
     }
+    if let Some(c) = checked.config.as_ref() {
+        if let Some((name, _)) = args.binds.iter().find(|(n, _)| !c.listeners.contains_key(n)) {
+            eprintln!("safelb: --bind names listener `{name}`, which {file_name} does not have; nothing was started");
+            return Ok(ExitCode::from(2));
+        }
+    }
+    if args.etcd.is_some() {
+        return run_in_fleet(args, file_name, source, checked.config.is_some());
+    }
     let store = StoreHandle::new(SqliteStore::open(&args.store).context("opening the version store")?);
     let has_running = store
         .blocking(|s| s.running())
@@ -62,11 +108,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("safelb: {file_name} is not valid and the store has no running version; nothing was started");
         return Ok(ExitCode::from(1));
     }
-    let startup = store.blocking(|s| recover(s, &file_name, &source))?;
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+    let mut startup = store.blocking(|s| recover(s, &file_name, &source))?;
+    startup.config.bind_overrides(&args.binds);
+    runtime(&args)?.block_on(serve(args, source, startup, store))
+}
+
+/// The runtime of the data plane: `--threads` workers (one per core by default).
+fn runtime(args: &ServeArgs) -> anyhow::Result<tokio::runtime::Runtime> {
+    let threads = threads(args);
     // One thread: the current-thread scheduler (no work-stealing machinery to pay for).
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -75,20 +124,127 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         b.worker_threads(threads);
         b
     };
-    let runtime = builder
+    builder
         .enable_all()
         .thread_name("safelb-worker")
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(serve(args, source, startup, store, threads))
+        .context("starting the async runtime")
 }
 
-async fn serve(
+fn threads(args: &ServeArgs) -> usize {
+    args.threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
+/// Fleet mode's start: the cluster's running version from etcd (the file seeds an empty
+/// cluster, and is never submitted at start), or, when etcd cannot be reached, the last
+/// version this instance ran, from local disk.
+fn run_in_fleet(args: ServeArgs, file_name: String, source: String, file_valid: bool) -> anyhow::Result<ExitCode> {
+    let (Some(endpoints), Some(cluster), Some(instance)) =
+        (args.etcd.clone(), args.cluster.clone(), args.instance.clone())
+    else {
+        bail!("--etcd needs --cluster and --instance");
+    };
+    std::fs::create_dir_all(&args.store).with_context(|| format!("creating {}", args.store.display()))?;
+    let fleet = Arc::new(
+        Fleet::new(FleetOptions {
+            endpoints,
+            cluster: cluster.clone(),
+            instance: instance.clone(),
+            cache_dir: args.store.clone(),
+        })
+        .context("the --etcd endpoints")?,
+    );
+    let check = |what: &str, text: &str| {
+        let mut c = safelb_config::check(what, text).into_result();
+        if let Ok(c) = c.as_mut() {
+            c.bind_overrides(&args.binds);
+        }
+        c
+    };
+    let from_etcd = match fleet.running_source() {
+        Ok(Some((version, text))) => Some(Ok((version, text))),
+        Ok(None) if file_valid => match fleet.seed(&file_name, &source) {
+            Ok(version) => {
+                let text = fleet.running_source().ok().flatten().map_or(source.clone(), |(_, t)| t);
+                tracing::info!(
+                    version,
+                    cluster,
+                    "the cluster had no history: seeded it from the config file"
+                );
+                Some(Ok((version, text)))
+            }
+            Err(e) => Some(Err(e)),
+        },
+        Ok(None) => {
+            eprintln!(
+                "safelb: cluster `{cluster}` has no history in etcd and {file_name} is not valid; nothing was started"
+            );
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => Some(Err(e)),
+    };
+    let (version, text) = match from_etcd {
+        Some(Ok((version, text))) if check("", &text).is_ok() => (version, text),
+        other => {
+            let why = match other {
+                Some(Err(e)) => format!("etcd cannot be reached ({e})"),
+                _ => "the running version in etcd does not pass check".to_string(),
+            };
+            match cache::load(&args.store, &cluster) {
+                Ok(Some(c)) => {
+                    tracing::warn!(version = c.version, %why, "serving the last known-good version from local disk");
+                    (c.version, c.source)
+                }
+                Ok(None) => {
+                    eprintln!("safelb: {why}, and this instance has no version of cluster `{cluster}` on local disk; nothing was started");
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => {
+                    eprintln!("safelb: {why}, and {e}; nothing was started");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+    };
+    let config = match check(&format!("version {version}"), &text) {
+        Ok(c) => c,
+        Err(d) => {
+            eprint!("{}", d.render());
+            eprintln!("safelb: version {version} does not pass check; nothing was started");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let store = StoreHandle::new(fleet.store()).for_instance(&instance);
+    let startup = Startup {
+        config,
+        version,
+        file_differs: false,
+    };
+    let placement = Placement {
+        binds: args.binds.clone(),
+        admin_bind: args.admin_bind,
+        fleet: Some(fleet),
+    };
+    runtime(&args)?.block_on(serve_placed(args, source, startup, store, placement))
+}
+
+async fn serve(args: ServeArgs, file_source: String, startup: Startup, store: StoreHandle) -> anyhow::Result<ExitCode> {
+    let placement = Placement {
+        binds: args.binds.clone(),
+        admin_bind: args.admin_bind,
+        fleet: None,
+    };
+    serve_placed(args, file_source, startup, store, placement).await
+}
+
+async fn serve_placed(
     args: ServeArgs,
     file_source: String,
     startup: Startup,
     store: StoreHandle,
-    threads: usize,
+    placement: Placement,
 ) -> anyhow::Result<ExitCode> {
     // Before anything is announced: a SIGHUP or SIGTERM during start-up must not kill the
     // process with the default action.
@@ -96,7 +252,15 @@ async fn serve(
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let file_differs = startup.file_differs;
-    let running = start(startup, store, &args.store, args.demo_backends, threads).await?;
+    let running = start(
+        startup,
+        store,
+        &args.store,
+        args.demo_backends,
+        threads(&args),
+        placement,
+    )
+    .await?;
     let file_name = args.config.display().to_string();
     if file_differs {
         submit(
@@ -199,6 +363,7 @@ pub async fn start(
     store_dir: &Path,
     demo_backends: bool,
     threads: usize,
+    placement: Placement,
 ) -> anyhow::Result<Running> {
     let config = startup.config;
     let demo = if demo_backends {
@@ -228,10 +393,12 @@ pub async fn start(
             server::bind(l.bind).with_context(|| format!("cannot bind listener `{}` on {}", l.name, l.bind))?;
         bound.push((l.name.clone(), listener, tls));
     }
-    let admin_bind: SocketAddr = config
-        .admin
-        .as_ref()
-        .map_or_else(|| DEFAULT_ADMIN.parse().expect("a valid address"), |a| a.bind);
+    let admin_bind: SocketAddr = placement.admin_bind.unwrap_or_else(|| {
+        config
+            .admin
+            .as_ref()
+            .map_or_else(|| DEFAULT_ADMIN.parse().expect("a valid address"), |a| a.bind)
+    });
     let admin_listener = tokio::net::TcpListener::bind(admin_bind)
         .await
         .with_context(|| format!("cannot bind the admin API on {admin_bind}"))?;
@@ -245,7 +412,10 @@ pub async fn start(
     // checked backend has its first verdict: a cold start must not send traffic to a backend
     // that would fail its first check.
     handle.first_verdicts().await;
-    let controller = Controller::new(handle.clone(), store);
+    if let Some(fleet) = &placement.fleet {
+        fleet.set_admin(admin.to_string());
+    }
+    let controller = Controller::placed(handle.clone(), store, placement.fleet.clone(), placement.binds.clone());
     let shutdown = CancellationToken::new();
     for c in &certs {
         c.watch(CERT_POLL, shutdown.clone());
@@ -278,6 +448,9 @@ pub async fn start(
     }));
     let monitor = safelb_control::monitor::Monitor::new(controller.clone(), Some(store_dir.join("postmortems")));
     tasks.push(control.handle.spawn(monitor.run(shutdown.clone())));
+    if placement.fleet.is_some() {
+        tasks.push(control.handle.spawn(controller.clone().run_fleet(shutdown.clone())));
+    }
     tracing::info!(addr = %admin, store = %store_dir.display(), "admin API listening");
     Ok(Running {
         controller,

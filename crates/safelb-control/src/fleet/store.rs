@@ -1,96 +1,47 @@
 //! The version store in etcd, for fleet mode: the same [`VersionStore`] contract as SQLite, with
 //! the cluster's history under `/safelb/<cluster>/`.
 //!
-//! It speaks etcd's v3 JSON gateway (`POST /v3/kv/range`, `/put`, `/txn`: JSON with base64 keys
-//! and values) over plain HTTP/1.1 on a blocking socket: the store's calls already run on tokio's
-//! blocking pool, and no gRPC stack is needed for a handful of unary calls. Ids are allocated in a
-//! transaction that compares the counter key's revision, so two instances appending at once get
-//! two different ids, never one twice.
+//! It talks to etcd through [`super::gateway`]; the store's calls already run on tokio's blocking
+//! pool. Ids are allocated in a transaction that compares the counter key's revision, so two
+//! instances appending at once get two different ids, never one twice.
 //!
 //! Layout, with ids zero-padded so that key order is id order:
 //! `versions/<id>` (a `VersionRecord` with its source), `events/<id>`, `incidents/<id>`,
-//! `next/<kind>` (the last id given out) and `running`.
-
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+//! `next/<kind>` (the last id given out) and `state/running` (watched by every instance, with the
+//! rest of `state/`, see [`super`]).
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use super::gateway::{self, err, Gateway};
 use crate::clock::unix_ms;
 use crate::store::*;
 
-/// How long one call to etcd may take (connect, write, read).
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts at a compare-and-set before giving up (others kept winning the race).
 const CAS_ATTEMPTS: usize = 50;
 
 pub struct EtcdStore {
-    addr: SocketAddr,
-    host: String,
+    gateway: std::sync::Arc<Gateway>,
     /// `/safelb/<cluster>/`.
     prefix: String,
 }
 
-fn err(what: impl std::fmt::Display) -> StoreError {
-    StoreError(format!("etcd: {what}"))
-}
-
 impl EtcdStore {
-    /// A store for `cluster` at the etcd endpoint `url` (`http://host:port`); checks that etcd
-    /// answers.
-    pub fn connect(url: &str, cluster: &str) -> StoreResult<EtcdStore> {
-        let host = url
-            .strip_prefix("http://")
-            .ok_or_else(|| err(format!("`{url}`: only http:// endpoints are supported so far")))?
-            .trim_end_matches('/')
-            .to_string();
-        let addr = host
-            .to_socket_addrs()
-            .map_err(|e| err(format!("`{url}`: {e}")))?
-            .next()
-            .ok_or_else(|| err(format!("`{url}` resolves to no address")))?;
-        let store = EtcdStore {
-            addr,
-            host,
-            prefix: format!("/safelb/{cluster}/"),
-        };
-        store.get_raw("running")?;
+    /// A store for `cluster` at the etcd endpoints `urls` (`http://host:port`, comma-separated);
+    /// checks that etcd answers.
+    pub fn connect(urls: &str, cluster: &str) -> StoreResult<EtcdStore> {
+        let store = EtcdStore::on(std::sync::Arc::new(Gateway::new(urls)?), cluster);
+        store.get_raw(super::RUNNING)?;
         Ok(store)
     }
 
-    /// One JSON call to the gateway.
-    fn call(&self, path: &str, body: &Value) -> StoreResult<Value> {
-        let body = body.to_string();
-        let mut stream =
-            TcpStream::connect_timeout(&self.addr, CALL_TIMEOUT).map_err(|e| err(format!("{}: {e}", self.addr)))?;
-        stream.set_read_timeout(Some(CALL_TIMEOUT)).map_err(err)?;
-        stream.set_write_timeout(Some(CALL_TIMEOUT)).map_err(err)?;
-        write!(
-            stream,
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.host,
-            body.len()
-        )
-        .map_err(err)?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).map_err(err)?;
-        let text = String::from_utf8(raw).map_err(|_| err("a response that is not UTF-8"))?;
-        let (head, payload) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| err("a response without a body"))?;
-        let status = head.split(' ').nth(1).unwrap_or("");
-        let payload = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            dechunk(payload)?
-        } else {
-            payload.to_string()
-        };
-        if status != "200" {
-            return Err(err(format!("{path} answered {status}: {}", payload.trim())));
+    /// A store on an existing gateway, without checking that etcd answers.
+    pub fn on(gateway: std::sync::Arc<Gateway>, cluster: &str) -> EtcdStore {
+        EtcdStore {
+            gateway,
+            prefix: super::prefix(cluster),
         }
-        serde_json::from_str(&payload).map_err(|e| err(format!("{path}: {e}")))
     }
 
     fn key(&self, rest: &str) -> String {
@@ -99,14 +50,10 @@ impl EtcdStore {
 
     /// The value and modification revision of a key (revision 0 when it does not exist).
     fn get_raw(&self, rest: &str) -> StoreResult<(Option<Vec<u8>>, i64)> {
-        let answer = self.call("/v3/kv/range", &json!({ "key": b64(self.key(rest).as_bytes()) }))?;
-        match answer["kvs"].as_array().and_then(|kvs| kvs.first()) {
-            Some(kv) => Ok((
-                Some(unb64(kv["value"].as_str().unwrap_or(""))?),
-                revision(&kv["mod_revision"]),
-            )),
-            None => Ok((None, 0)),
-        }
+        Ok(match self.gateway.get(&self.key(rest))? {
+            Some(kv) => (Some(kv.value), kv.mod_revision),
+            None => (None, 0),
+        })
     }
 
     fn get<T: DeserializeOwned>(&self, rest: &str) -> StoreResult<Option<(T, i64)>> {
@@ -119,39 +66,21 @@ impl EtcdStore {
     /// Values of the keys in `[from, to)` (relative), in key order (descending if asked), at most
     /// `limit` (0: all).
     fn range<T: DeserializeOwned>(&self, from: &str, to: &str, descending: bool, limit: usize) -> StoreResult<Vec<T>> {
-        let mut request = json!({
-            "key": b64(self.key(from).as_bytes()),
-            "range_end": b64(self.key(to).as_bytes()),
-            "sort_target": "KEY",
-            "sort_order": if descending { "DESCEND" } else { "ASCEND" },
-        });
-        if limit > 0 {
-            request["limit"] = json!(limit);
-        }
-        let answer = self.call("/v3/kv/range", &request)?;
-        answer["kvs"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .map(|kv| {
-                let bytes = unb64(kv["value"].as_str().unwrap_or(""))?;
-                serde_json::from_slice(&bytes).map_err(err)
-            })
+        let (kvs, _) = self.gateway.range(&self.key(from), &self.key(to), descending, limit)?;
+        kvs.iter()
+            .map(|kv| serde_json::from_slice(&kv.value).map_err(err))
             .collect()
     }
 
     /// Puts `key = value` if the key's modification revision is still `rev` (0: absent), with
     /// `also` written in the same transaction. Whether it won.
     fn put_if(&self, rest: &str, rev: i64, value: &[u8], also: &[(String, Vec<u8>)]) -> StoreResult<bool> {
-        let key = b64(self.key(rest).as_bytes());
-        let mut success = vec![json!({ "request_put": { "key": key, "value": b64(value) } })];
+        let key = self.key(rest);
+        let mut success = vec![gateway::put(&key, value, None)];
         for (k, v) in also {
-            success.push(json!({ "request_put": { "key": b64(self.key(k).as_bytes()), "value": b64(v) } }));
+            success.push(gateway::put(&self.key(k), v, None));
         }
-        let compare = json!({ "key": key, "target": "MOD", "result": "EQUAL", "mod_revision": rev.to_string() });
-        let answer = self.call("/v3/kv/txn", &json!({ "compare": [compare], "success": success }))?;
-        Ok(answer["succeeded"].as_bool().unwrap_or(false))
+        self.gateway.txn(vec![gateway::mod_is(&key, rev)], success)
     }
 
     /// Gives out the next id of `kind` and writes `record(id)` under `<kind>/<id>` with it.
@@ -190,15 +119,8 @@ impl EtcdStore {
     }
 }
 
-fn id_key(kind: &str, id: u64) -> String {
+pub(super) fn id_key(kind: &str, id: u64) -> String {
     format!("{kind}/{id:020}")
-}
-
-fn revision(v: &Value) -> i64 {
-    v.as_str()
-        .and_then(|s| s.parse().ok())
-        .or_else(|| v.as_i64())
-        .unwrap_or(0)
 }
 
 impl VersionStore for EtcdStore {
@@ -224,21 +146,18 @@ impl VersionStore for EtcdStore {
     }
 
     fn set_running(&mut self, id: u64) -> StoreResult<()> {
-        let (_, rev) = self.get_raw("running")?;
-        if self.put_if("running", rev, id.to_string().as_bytes(), &[])? {
+        let (_, rev) = self.get_raw(super::RUNNING)?;
+        if self.put_if(super::RUNNING, rev, id.to_string().as_bytes(), &[])? {
             Ok(())
         } else {
             // Another writer moved it in between: the last writer wins, as with SQLite.
-            self.call(
-                "/v3/kv/put",
-                &json!({ "key": b64(self.key("running").as_bytes()), "value": b64(id.to_string().as_bytes()) }),
-            )
-            .map(|_| ())
+            self.gateway
+                .put(&self.key(super::RUNNING), id.to_string().as_bytes(), None)
         }
     }
 
     fn running(&self) -> StoreResult<Option<u64>> {
-        match self.get_raw("running")? {
+        match self.get_raw(super::RUNNING)? {
             (Some(bytes), _) => Ok(Some(String::from_utf8_lossy(&bytes).parse().map_err(err)?)),
             (None, _) => Ok(None),
         }
@@ -311,63 +230,6 @@ impl VersionStore for EtcdStore {
     }
 }
 
-/// The body of a `Transfer-Encoding: chunked` response.
-fn dechunk(mut text: &str) -> StoreResult<String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = text.split_once("\r\n").ok_or_else(|| err("a bad chunk"))?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).map_err(err)?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = rest.get(..size).ok_or_else(|| err("a short chunk"))?;
-        out.push_str(chunk);
-        text = rest
-            .get(size + 2..)
-            .ok_or_else(|| err("a chunk without its line end"))?;
-    }
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding (RFC 4648 §4), as etcd's gateway expects bytes.
-fn b64(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for group in bytes.chunks(3) {
-        let n = (u32::from(group[0]) << 16)
-            | (u32::from(*group.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*group.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= group.len() {
-                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn unb64(text: &str) -> StoreResult<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|&c| c != b'=') {
-        let v = B64
-            .iter()
-            .position(|&b| b == c)
-            .ok_or_else(|| err("a value that is not base64"))? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,24 +288,5 @@ mod tests {
             .err()
             .expect("an error");
         assert!(e.to_string().starts_with("version store: etcd: 127.0.0.1:"), "{e}");
-    }
-
-    #[test]
-    fn base64_round_trips() {
-        for s in [
-            "",
-            "f",
-            "fo",
-            "foo",
-            "foob",
-            "fooba",
-            "foobar",
-            "/safelb/x/versions/00000000000000000001",
-        ] {
-            assert_eq!(unb64(&b64(s.as_bytes())).unwrap(), s.as_bytes());
-        }
-        assert_eq!(b64(b"foo"), "Zm9v");
-        assert_eq!(b64(b"fo"), "Zm8=");
-        assert_eq!(dechunk("4\r\nab\"c\r\n2\r\n}{\r\n0\r\n\r\n").unwrap(), "ab\"c}{");
     }
 }
