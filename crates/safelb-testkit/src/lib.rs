@@ -5,8 +5,11 @@
 //! Paths every backend serves: `/healthz` (follows the behaviour like any path), `/headers`
 //! (echoes the request headers, one `name: value` per line), `/bytes/N` (a body of N bytes),
 //! `/echo` (streams the request body back), `/ws` (a WebSocket echo that prefixes each message
-//! with the backend's name); any other path answers `backend NAME`.
+//! with the backend's name); any other path answers `backend NAME`. [`etcd::Etcd`] runs a real
+//! etcd for the fleet's tests.
 #![forbid(unsafe_code)]
+
+pub mod etcd;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -7,10 +7,27 @@ impl Controller {
     pub async fn status(&self) -> Result<Status, StoreError> {
         let stable = self.inner.handle.snapshot();
         let id = stable.version;
-        let running = self.inner.store.call(move |s| s.version(id)).await?.map(|mut v| {
-            v.source = None;
-            v
-        });
+        let running = match self.inner.store.call(move |s| s.version(id)).await {
+            Ok(v) => v.map(|mut v| {
+                v.source = None;
+                v
+            }),
+            // Fleet mode with etcd away: what this instance serves, from its own memory.
+            Err(e) if self.inner.fleet.is_some() => Some(VersionRecord {
+                id,
+                parent: None,
+                author: String::new(),
+                reason: format!("the history cannot be read ({e}); this is the version this instance serves"),
+                created_ms: 0,
+                hash: content_hash(&stable.config.source),
+                origin: String::new(),
+                skip_preflight: false,
+                emergency: false,
+                fate: Fate::Promoted,
+                source: None,
+            }),
+            Err(e) => return Err(e),
+        };
         let rollout = match self.fleet_rollout_in_progress() {
             Some(id) => self.rollout_view(id),
             None => self.running_rollout().and_then(|id| self.rollout(id)),

@@ -10,6 +10,7 @@ mod check_cli;
 mod dashboard;
 mod deploy;
 mod failures;
+mod fleet;
 pub mod lifecycle;
 mod observability;
 mod protocols;

@@ -113,12 +113,19 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).await.expect("connecting to the proxy");
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        Client::try_connect(addr).await.expect("connecting to the proxy")
+    }
+
+    /// A connection, or why there is none (a proxy that is down refuses it).
+    pub async fn try_connect(addr: SocketAddr) -> Result<Client, String> {
+        let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Client { sender }
+        Ok(Client { sender })
     }
 
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Reply, String> {
@@ -239,13 +246,25 @@ pub async fn load_until(
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut report = LoadReport::default();
-            let mut client = Client::connect(addr).await;
+            let mut client = None;
             for _ in 0..per_client {
                 if Instant::now() >= deadline || stop.is_cancelled() {
                     break;
                 }
                 let started = Instant::now();
-                match client.get(&host, &path).await {
+                let c = match client.as_mut() {
+                    Some(c) => c,
+                    None => match Client::try_connect(addr).await {
+                        Ok(c) => client.insert(c),
+                        Err(_) => {
+                            // A proxy that is down: a failed request, and a pause before the next.
+                            report.errors += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    },
+                };
+                match c.get(&host, &path).await {
                     Ok(r) => {
                         *report.statuses.entry(r.status).or_default() += 1;
                         if r.status < 400 {
@@ -253,12 +272,12 @@ pub async fn load_until(
                             *report.by_backend.entry(r.backend().to_string()).or_default() += 1;
                         }
                         if r.headers.get("connection").is_some_and(|v| v == "close") {
-                            client = Client::connect(addr).await;
+                            client = None;
                         }
                     }
                     Err(_) => {
                         report.errors += 1;
-                        client = Client::connect(addr).await;
+                        client = None;
                     }
                 }
                 report.slowest = report.slowest.max(started.elapsed());
