@@ -175,7 +175,11 @@ fn impact(md: &mut String, r: &Report) {
             b.slo * 100.0
         ),
     };
-    let _ = writeln!(md, "| error budget burned | {budget} |\n");
+    let _ = writeln!(md, "| error budget burned | {budget} |");
+    if !r.instances.is_empty() {
+        let _ = writeln!(md, "| instances involved | {} |", r.instances.join(", "));
+    }
+    md.push('\n');
     if imp.affected.is_empty() {
         let _ = writeln!(md, "No route served a failed request.\n");
         return;

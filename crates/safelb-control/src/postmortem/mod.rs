@@ -54,7 +54,10 @@ fn is_change(e: &Event) -> bool {
 fn is_mitigation(e: &Event) -> bool {
     matches!(
         e,
-        Event::RolloutRolledBack { .. } | Event::RolloutAborted { .. } | Event::RollbackApplied { .. }
+        Event::RolloutRolledBack { .. }
+            | Event::RolloutAborted { .. }
+            | Event::RollbackApplied { .. }
+            | Event::FleetRolloutRolledBack { .. }
     )
 }
 
@@ -83,6 +86,9 @@ pub struct Report {
     /// Set when the event history could not be read: the trigger is then unknown, not absent.
     pub history_error: Option<String>,
     pub lessons: Vec<String>,
+    /// Fleet mode: the instances named in the incident's events (where things happened, and
+    /// those a fleet-wide rollback says the candidate reached).
+    pub instances: Vec<String>,
 }
 
 /// What the incident cost clients.
@@ -271,7 +277,15 @@ pub async fn gather(
     let detection = typed
         .iter()
         .find(|(e, t)| {
-            e.time_ms >= start_ms && matches!(t, Some(Event::AlertFired { .. } | Event::RolloutRolledBack { .. }))
+            e.time_ms >= start_ms
+                && matches!(
+                    t,
+                    Some(
+                        Event::AlertFired { .. }
+                            | Event::RolloutRolledBack { .. }
+                            | Event::FleetRolloutRolledBack { .. }
+                    )
+                )
         })
         .map(|(e, _)| Detection {
             signal: e.message.clone(),
@@ -350,9 +364,24 @@ pub async fn gather(
         timeline,
         history_error,
         lessons: Vec::new(),
+        instances: instances_named(&typed, start_ms.min(opened_ms) - 1000),
     };
     report.lessons = lessons(&report);
     report
+}
+
+/// The instances events since `since` name, in name order.
+fn instances_named(typed: &[(&EventRecord, Option<Event>)], since: i64) -> Vec<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for (e, t) in typed.iter().filter(|(e, _)| e.time_ms >= since) {
+        if let Some(name) = e.data["instance"].as_str() {
+            names.insert(name.to_string());
+        }
+        if let Some(Event::FleetRolloutRolledBack { instances, .. }) = t {
+            names.extend(instances.iter().cloned());
+        }
+    }
+    names.into_iter().collect()
 }
 
 /// The version an event names, with its diff against its parent and its effect on routing.

@@ -146,6 +146,50 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        if let Some(f) = s["fleet"].as_object() {
+            print_fleet(f);
+        }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The fleet section of `safelb status`: one line per instance.
+fn print_fleet(f: &serde_json::Map<String, Value>) {
+    println!(
+        "fleet {} (seen from instance {}): leader {}, running version {}, etcd {}",
+        f["cluster"].as_str().unwrap_or(""),
+        f["instance"].as_str().unwrap_or(""),
+        f["leader"].as_str().unwrap_or("none"),
+        f["running"],
+        if f["etcd_reachable"] == Value::Bool(true) {
+            "reachable"
+        } else {
+            "UNREACHABLE (serving the running version on its own)"
+        }
+    );
+    if let Some(r) = f["rollout"].as_object().filter(|r| r["finished_ms"].is_null()) {
+        println!(
+            "  fleet rollout of version {}: {}, stage {} of {}",
+            r["version"],
+            r["phase"].as_str().unwrap_or(""),
+            r["stage"].as_u64().unwrap_or(0) + 1,
+            r["stages"].as_array().map_or(0, Vec::len)
+        );
+    }
+    for i in f["instances"].as_array().into_iter().flatten() {
+        let candidate = i["candidate"]
+            .as_u64()
+            .map_or(String::new(), |c| format!(" + version {c} at {}%", i["percent"]));
+        let refused = i["refused"][0]
+            .as_u64()
+            .map_or(String::new(), |v| format!(" REFUSED version {v}"));
+        println!(
+            "  {:<12}{} serving {}{candidate}{refused}  admin {}  heartbeat {:.1}s ago",
+            i["name"].as_str().unwrap_or(""),
+            if i["leader"] == Value::Bool(true) { "*" } else { " " },
+            i["serving"],
+            i["admin"].as_str().unwrap_or(""),
+            i["heartbeat_age_ms"].as_i64().unwrap_or(0) as f64 / 1000.0
+        );
+    }
 }

@@ -400,6 +400,25 @@ async fn a_bad_change_stops_at_the_first_stage_and_a_killed_leader_is_replaced()
     for i in all {
         assert_eq!(fleet.serving(i).await, 1, "instance {i} serves the known-good version");
     }
+    // The leader opened one incident for the fleet; its postmortem names the instance.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let incident = loop {
+        let (_, incidents) = fleet.api(2, "GET", "/incidents", None).await;
+        if let Some(i) = incidents
+            .as_array()
+            .and_then(|l| l.iter().find(|i| !i["resolved_ms"].is_null()))
+        {
+            break i.clone();
+        }
+        assert!(Instant::now() < deadline, "no resolved incident: {incidents:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        incident["report"]["instances"]
+            .as_array()
+            .is_some_and(|l| l.contains(&json!(first[0]))),
+        "{incident:#}"
+    );
 
     // A good change; the leader dies in the middle of its rollout.
     let load = loads(&fleet, &all);
