@@ -148,6 +148,10 @@ impl Controller {
             self.adopt(fleet, target, rollout).await;
         }
         let served = self.inner.handle.snapshot().version;
+        if served == target {
+            // A refusal is reported until the fleet runs a version this instance serves.
+            self.inner.refused.lock().expect("refused lock").take();
+        }
         if served == target && member.cached != Some(served) {
             let source = self.inner.handle.snapshot().config.source.clone();
             let cached = cache::Cached {

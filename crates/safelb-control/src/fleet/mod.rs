@@ -386,10 +386,13 @@ impl Fleet {
     pub fn submit(&self, mut version: VersionRecord, rollout: FleetRollout) -> StoreResult<Result<u64, Busy>> {
         let counter = "next/versions";
         for _ in 0..50 {
-            if let Some((r, _)) = self.read_rollout()?.filter(|(r, _)| !r.phase.is_final()) {
-                return Ok(Err(Busy(r.version)));
-            }
-            let rollout_rev = self.gateway.get(&self.key(ROLLOUT))?.map_or(0, |kv| kv.mod_revision);
+            // One read gives both the verdict and the revision the transaction compares: a
+            // rollout created after it makes the transaction fail, never slip through.
+            let rollout_rev = match self.read_rollout()? {
+                Some((r, _)) if !r.phase.is_final() => return Ok(Err(Busy(r.version))),
+                Some((_, rev)) => rev,
+                None => 0,
+            };
             let (last, counter_rev) = match self.gateway.get(&self.key(counter))? {
                 Some(kv) => (
                     String::from_utf8_lossy(&kv.value).parse::<u64>().map_err(err)?,
@@ -612,5 +615,97 @@ impl Fleet {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(url: &str, instance: &str) -> Fleet {
+        Fleet::new(FleetOptions {
+            endpoints: url.to_string(),
+            cluster: "t".into(),
+            instance: instance.into(),
+            cache_dir: std::env::temp_dir(),
+        })
+        .unwrap()
+    }
+
+    fn change(n: usize) -> (VersionRecord, FleetRollout) {
+        let version = VersionRecord {
+            id: 0,
+            parent: Some(1),
+            author: format!("writer {n}"),
+            reason: "race".into(),
+            created_ms: 0,
+            hash: String::new(),
+            origin: "apply".into(),
+            skip_preflight: false,
+            emergency: false,
+            fate: Fate::Pending,
+            source: Some(String::new()),
+        };
+        let rollout = FleetRollout {
+            version: 0,
+            from: 1,
+            author: format!("writer {n}"),
+            confirm: false,
+            skip_preflight: false,
+            skip_shadow: false,
+            phase: FleetPhase::Pending,
+            stages: Vec::new(),
+            stage: 0,
+            verdict: None,
+            progress: Vec::new(),
+            started_ms: 0,
+            finished_ms: None,
+        };
+        (version, rollout)
+    }
+
+    /// Of many applies at once on many instances, one starts a rollout; the others are told
+    /// which one is running, and record nothing.
+    #[test]
+    fn concurrent_submits_start_one_rollout() {
+        const ROUNDS: usize = 60;
+        const WRITERS: usize = 6;
+        let etcd = crate::testing::Etcd::start();
+        for round in 0..ROUNDS {
+            let barrier = Arc::new(std::sync::Barrier::new(WRITERS));
+            let results: Vec<Result<u64, Busy>> = (0..WRITERS)
+                .map(|n| {
+                    let (url, barrier) = (etcd.url.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        let f = fleet(&url, &format!("i{n}"));
+                        let (v, r) = change(n);
+                        barrier.wait();
+                        f.submit(v, r).unwrap()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            let won: Vec<u64> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+            assert_eq!(won.len(), 1, "round {round}: {results:?}");
+            assert!(
+                results
+                    .iter()
+                    .all(|r| r.as_ref().err().is_none_or(|Busy(id)| *id == won[0])),
+                "the losers name the winner: {results:?}"
+            );
+            let f = fleet(&etcd.url, "check");
+            let (r, _) = f.read_rollout().unwrap().unwrap();
+            assert_eq!(r.version, won[0]);
+            assert_eq!(f.abort("next round").unwrap(), Some(won[0]));
+        }
+        let f = fleet(&etcd.url, "check");
+        use crate::store::VersionStore;
+        assert_eq!(
+            f.store().versions(1_000).unwrap().len(),
+            ROUNDS,
+            "one version per round, no more"
+        );
     }
 }

@@ -197,6 +197,15 @@ fn loads(fleet: &Fleet, alive: &[usize]) -> Vec<SteadyLoad> {
     alive.iter().map(|&i| SteadyLoad::start(fleet.addr(i), 2)).collect()
 }
 
+/// Prints what each instance's clients saw (for the record of a run: `--nocapture`).
+fn report(what: &str, reports: &[LoadReport]) {
+    let line: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{} of {} failed", r.failed(), r.total()))
+        .collect();
+    eprintln!("fleet: {what}: {}", line.join("; "));
+}
+
 async fn finish(loads: Vec<SteadyLoad>) -> Vec<LoadReport> {
     let mut out = Vec::new();
     for l in loads {
@@ -250,6 +259,7 @@ async fn three_instances_change_together_and_outlive_an_etcd_outage() {
     let ended = fleet.until_rollout_ends(0, version, Duration::from_secs(30)).await;
     assert_eq!(ended["phase"], "promoted", "{ended:#}");
     let reports = finish(load).await;
+    report("during the rollout", &reports);
     for (i, r) in reports.iter().enumerate() {
         assert!(r.total() > 100, "instance {i} served its load: {r:?}");
         assert_eq!(r.failed(), 0, "instance {i} failed requests during the rollout: {r:?}");
@@ -309,6 +319,7 @@ async fn three_instances_change_together_and_outlive_an_etcd_outage() {
     assert_eq!(fleet.serving(2).await, version);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let reports = finish(load).await;
+    report("while etcd was down (c restarted)", &reports);
     for (i, r) in reports.iter().enumerate().take(2) {
         assert_eq!(r.failed(), 0, "instance {i} failed requests while etcd was down: {r:?}");
     }
@@ -337,6 +348,7 @@ async fn three_instances_change_together_and_outlive_an_etcd_outage() {
     let next = next["version"].as_u64().unwrap();
     fleet.until_all_serve(&all, next, Duration::from_secs(300)).await;
     let reports = finish(load).await;
+    report("the apply after etcd came back", &reports);
     for (i, r) in reports.iter().enumerate() {
         assert_eq!(r.failed(), 0, "instance {i} failed requests: {r:?}");
     }
@@ -368,6 +380,7 @@ async fn a_bad_change_stops_at_the_first_stage_and_a_killed_leader_is_replaced()
     let ended = fleet.until_rollout_ends(1, bad, Duration::from_secs(180)).await;
     assert_ne!(ended["phase"], "promoted", "{ended:#}");
     let reports = finish(load).await;
+    report("the bad change", &reports);
     let events = fleet.events(0).await;
     let stage = events
         .iter()
@@ -467,6 +480,7 @@ async fn a_bad_change_stops_at_the_first_stage_and_a_killed_leader_is_replaced()
     let expect = if ended["phase"] == "promoted" { next } else { 1 };
     fleet.until_all_serve(&survivors, expect, Duration::from_secs(10)).await;
     let reports = finish(load).await;
+    report(&format!("the leader ({leader}) killed mid-rollout"), &reports);
     for &i in &survivors {
         assert_eq!(reports[i].failed(), 0, "survivor {i} failed requests: {:?}", reports[i]);
     }
@@ -532,6 +546,15 @@ async fn a_version_written_into_etcd_by_hand_that_fails_validation_is_refused() 
             fleet.members[i].name
         );
         assert!(metrics.contains(&line), "{metrics}");
+        // Every fleet metric the shipped alerting rules name is exposed.
+        let rules = std::fs::read_to_string(crate::deploy::deploy("prometheus/alerts.yml")).unwrap();
+        let exposed = crate::deploy::metric_names(&metrics);
+        for name in crate::deploy::metric_names(&rules) {
+            assert!(
+                !name.starts_with("safelb_fleet_") || exposed.contains(&name),
+                "{name} is named by the rules but not exposed"
+            );
+        }
     }
     let refused: Vec<String> = fleet
         .events(0)
