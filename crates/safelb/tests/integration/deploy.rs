@@ -39,7 +39,7 @@ fn the_prometheus_rules_pass_promtool() {
         .expect("promtool is installed by scripts/install-test-deps");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("SUCCESS: 7 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 9 rules found"), "{text}");
 }
 
 #[test]

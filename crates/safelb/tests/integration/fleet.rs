@@ -175,6 +175,29 @@ impl Fleet {
         }
     }
 
+    /// Waits until instance `i` reports that it refused `version`; the reason it gives.
+    async fn until_refused(&self, i: usize, version: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.status(i).await;
+            let me = s["fleet"]["instances"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["name"] == self.members[i].name)
+                .cloned()
+                .unwrap_or_default();
+            if me["refused"][0] == version {
+                return me["refused"][1].as_str().unwrap_or("").to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "instance {i} did not report refusing version {version}: {s:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn events(&self, i: usize) -> Vec<Value> {
         self.api(i, "GET", "/events?limit=100000", None)
             .await
@@ -511,26 +534,8 @@ async fn a_version_written_into_etcd_by_hand_that_fails_validation_is_refused() 
     put("versions/00000000000000000002", &bad.to_string());
     put("state/running", "2");
     for i in 0..2 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let s = fleet.status(i).await;
-            let me = s["fleet"]["instances"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|m| m["name"] == fleet.members[i].name)
-                .cloned()
-                .unwrap_or_default();
-            if me["refused"][0] == 2 {
-                assert!(me["refused"][1].as_str().unwrap().contains("nowhere"), "{me}");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "instance {i} did not report the refusal: {s:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let why = fleet.until_refused(i, 2).await;
+        assert!(why.contains("nowhere"), "{why}");
         assert_eq!(fleet.serving(i).await, 1, "instance {i} still serves version 1");
         let reply = get(fleet.addr(i), "x", "/").await;
         assert_eq!((reply.status, reply.backend()), (200, "ok"));
@@ -566,4 +571,17 @@ async fn a_version_written_into_etcd_by_hand_that_fails_validation_is_refused() 
     let mut refused = refused;
     refused.sort();
     assert_eq!(refused, ["a", "b"], "each instance recorded its refusal once");
+
+    // A valid version without a single route, put in by hand (no `--confirm` anywhere): refused.
+    let mut empty = bad.clone();
+    empty["id"] = json!(3);
+    empty["source"] = json!("[listener.public]\nbind = \"127.0.0.1:8080\"\n");
+    put("versions/00000000000000000003", &empty.to_string());
+    put("state/running", "3");
+    for i in 0..2 {
+        let why = fleet.until_refused(i, 3).await;
+        assert!(why.contains("no routes"), "{why}");
+        assert_eq!(fleet.serving(i).await, 1, "instance {i} still serves version 1");
+        assert_eq!(get(fleet.addr(i), "x", "/").await.status, 200);
+    }
 }
