@@ -57,6 +57,9 @@ pub struct ClientIo<S> {
     /// idle timeout applies, and no HTTP/1 answer may ever be written into its framing.
     h2: Option<bool>,
     head_bytes: usize,
+    /// Where the request line of the head being read ends, once seen: hyper answers 431 for
+    /// any head over the limit; one that is mostly its request line gets 414 instead.
+    head_line: Option<usize>,
     timer: Pin<Box<Sleep>>,
     header_timeout: Duration,
     keepalive_timeout: Duration,
@@ -82,6 +85,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
             phase: Phase::Head,
             h2: None,
             head_bytes: 0,
+            head_line: None,
             timer: Box::pin(tokio::time::sleep(header_timeout)),
             header_timeout,
             keepalive_timeout,
@@ -94,6 +98,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
     fn arm(&mut self, phase: Phase, after: Duration) {
         self.phase = phase;
         self.timer.as_mut().reset(tokio::time::Instant::now() + after);
+    }
+
+    /// When `buf` is hyper's own answer to a request head it could not parse, writes ours
+    /// instead (414 for a head that is mostly its request line, where hyper says 431); whether
+    /// it did.
+    fn replace_automatic_answer(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> bool {
+        if self.h2 != Some(false)
+            || self.phase != Phase::Head
+            || self.state.in_flight.load(Relaxed) != 0
+            || self.state.upgraded.load(Relaxed)
+        {
+            return false;
+        }
+        let Some(status) = automatic_error_status(buf) else {
+            return false;
+        };
+        let long_line = self.head_line.is_none_or(|line| line * 2 > self.head_bytes);
+        self.answer(cx, if status == 431 && long_line { 414 } else { status })
     }
 
     /// Writes a complete local answer directly to the transport. Small enough for the socket
@@ -153,10 +175,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
             }
             if n > 0 && this.phase == Phase::Idle {
                 this.head_bytes = 0;
+                this.head_line = None;
                 let after = this.header_timeout;
                 this.arm(Phase::Head, after);
             }
             if this.phase == Phase::Head {
+                if this.head_line.is_none() {
+                    let at = buf.filled()[before..].iter().position(|&b| b == b'\n');
+                    this.head_line = at.map(|i| this.head_bytes + i);
+                }
                 this.head_bytes += n;
             }
             return Poll::Ready(result);
@@ -179,17 +206,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.h2 == Some(false)
-            && this.phase == Phase::Head
-            && this.state.in_flight.load(Relaxed) == 0
-            && !this.state.upgraded.load(Relaxed)
-        {
-            if let Some(status) = automatic_error_status(buf) {
-                if this.answer(cx, status) {
-                    // The connection closes after this; hyper's own bytes are replaced.
-                    return Poll::Ready(Ok(buf.len()));
-                }
-            }
+        if this.replace_automatic_answer(cx, buf) {
+            // The connection closes after this; hyper's own bytes are replaced.
+            return Poll::Ready(Ok(buf.len()));
         }
         Pin::new(&mut this.stream).poll_write(cx, buf)
     }
@@ -200,17 +219,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.h2 == Some(false)
-            && this.phase == Phase::Head
-            && this.state.in_flight.load(Relaxed) == 0
-            && !this.state.upgraded.load(Relaxed)
-        {
-            if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-                if let Some(status) = automatic_error_status(first) {
-                    if this.answer(cx, status) {
-                        return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
-                    }
-                }
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            if this.replace_automatic_answer(cx, first) {
+                return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
             }
         }
         Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)

@@ -20,6 +20,13 @@ pub enum ErrorKind {
     BodyTooLarge,
     /// The request itself cannot be forwarded (e.g. an invalid target).
     BadRequest,
+    /// Both `Content-Length` and `Transfer-Encoding`: two framings, the shape of request
+    /// smuggling (RFC 9112 §6.3); refused, and the connection closed.
+    AmbiguousFraming,
+    /// An HTTP/1.1 request without a `Host` field, or with more than one (RFC 9112 §3.2).
+    BadHost,
+    /// `CONNECT`: safelb is a reverse proxy, not a tunnel to anywhere a client names.
+    ConnectMethod,
     /// Reading the client's request body failed (it went away or sent bad framing).
     ClientBody,
     /// The version serving the request was rolled back before a response head arrived, and
@@ -40,6 +47,9 @@ impl ErrorKind {
             ErrorKind::UpstreamProtocol => "upstream_protocol",
             ErrorKind::BodyTooLarge => "body_too_large",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::AmbiguousFraming => "ambiguous_framing",
+            ErrorKind::BadHost => "bad_host",
+            ErrorKind::ConnectMethod => "connect_method",
             ErrorKind::ClientBody => "client_body",
             ErrorKind::RolledBack => "rolled_back",
         }
@@ -100,6 +110,18 @@ pub fn client_answer(err: &ProxyError) -> (StatusCode, String) {
             "request body exceeds the configured limit".into(),
         ),
         ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "request cannot be forwarded".into()),
+        ErrorKind::AmbiguousFraming => (
+            StatusCode::BAD_REQUEST,
+            "both Content-Length and Transfer-Encoding: the body's length is ambiguous".into(),
+        ),
+        ErrorKind::BadHost => (
+            StatusCode::BAD_REQUEST,
+            "an HTTP/1.1 request needs exactly one Host field".into(),
+        ),
+        ErrorKind::ConnectMethod => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported: this is a reverse proxy".into(),
+        ),
         ErrorKind::ClientBody => (StatusCode::BAD_REQUEST, "request body could not be read".into()),
         ErrorKind::RolledBack => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -207,7 +207,14 @@ pub(super) fn falls_back(err: &ProxyError, stable: &Snapshot, listener: &str, pa
         ErrorKind::NoRoute => stable
             .find_route(listener, &parts.method, &parts.uri, &parts.headers)
             .is_some(),
-        ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::ClientBody | ErrorKind::RolledBack => false,
+        // The client's own doing: the stable version would refuse it too.
+        ErrorKind::BodyTooLarge
+        | ErrorKind::BadRequest
+        | ErrorKind::ClientBody
+        | ErrorKind::RolledBack
+        | ErrorKind::AmbiguousFraming
+        | ErrorKind::BadHost
+        | ErrorKind::ConnectMethod => false,
     }
 }
 

@@ -92,6 +92,22 @@ impl Proxy {
         let upgrade = (hop_by_hop && req.version() == Version::HTTP_11)
             .then(|| upgrade_protocol(req.headers()))
             .flatten();
+        if let Some(kind) = hostile_head(&req, hop_by_hop) {
+            // Refused before anything is routed or counted as the site's traffic; the
+            // connection closes, so no byte after this head is read as another request.
+            let done = Completion::start(&self.log, client, conn, self.handle.snapshot(), Role::Stable);
+            let mut response = local(done, ProxyError::new(kind));
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            if kind == ErrorKind::ConnectMethod {
+                response.headers_mut().insert(
+                    http::header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
+            return response;
+        }
         let on_client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let conn_state = conn.clone();
         let routing = self.handle.routing();
@@ -321,6 +337,24 @@ fn to_h2(req: &mut Request<RequestBody>) {
 struct TeTrailers;
 
 /// Route lookup with the request's own host, path, method and headers.
+/// Request heads refused outright (hyper has already refused what it cannot parse): a second
+/// framing, a missing or repeated `Host` on HTTP/1.1, `CONNECT` (other than HTTP/2's extended
+/// CONNECT of a WebSocket).
+/// `hop_by_hop`: whether any hop-by-hop field is present (`Transfer-Encoding` is one).
+fn hostile_head<B>(req: &Request<B>, hop_by_hop: bool) -> Option<ErrorKind> {
+    let headers = req.headers();
+    if hop_by_hop && headers.contains_key(http::header::TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+        return Some(ErrorKind::AmbiguousFraming);
+    }
+    if req.version() == Version::HTTP_11 && headers.get_all(HOST).iter().count() != 1 {
+        return Some(ErrorKind::BadHost);
+    }
+    if req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_none() {
+        return Some(ErrorKind::ConnectMethod);
+    }
+    None
+}
+
 fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,

@@ -11,6 +11,7 @@ mod dashboard;
 mod deploy;
 mod failures;
 mod fleet;
+mod hostile;
 pub mod lifecycle;
 mod observability;
 mod protocols;
