@@ -170,6 +170,38 @@ pub fn render(handle: &ProxyHandle, e: &mut Exposition) {
         m.in_flight.load(std::sync::atomic::Ordering::Relaxed) as f64,
     );
 
+    let listeners: Vec<(std::sync::Arc<str>, std::sync::Arc<crate::metrics::ListenerCounters>)> = m
+        .listeners
+        .read()
+        .expect("metrics lock is never poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    e.family(
+        "safelb_connections_open",
+        "gauge",
+        "Client connections open, by listener (bounded by limits.max_connections).",
+    );
+    for (name, c) in &listeners {
+        e.sample(
+            "safelb_connections_open",
+            &[("listener", name)],
+            c.open.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
+    }
+    e.family(
+        "safelb_connections_refused_total",
+        "counter",
+        "Client connections answered 503 and closed because the listener was at limits.max_connections.",
+    );
+    for (name, c) in &listeners {
+        e.sample(
+            "safelb_connections_refused_total",
+            &[("listener", name)],
+            c.refused.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
+    }
+
     e.family(
         "safelb_upstream_retries_total",
         "counter",

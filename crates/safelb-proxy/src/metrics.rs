@@ -169,6 +169,7 @@ pub struct Metrics {
     pub(crate) head_latency: RwLock<HashMap<Arc<str>, Arc<HeadLatency>>>,
     pub(crate) hedging: RwLock<HashMap<Arc<str>, Arc<HedgeCounters>>>,
     pub(crate) route_actions: RwLock<HashMap<Arc<str>, Arc<ActionCounters>>>,
+    pub(crate) listeners: RwLock<HashMap<Arc<str>, Arc<ListenerCounters>>>,
     pub in_flight: AtomicI64,
     /// Every candidate's hedges, fallbacks and rescues since start.
     pub canary: CanaryCounters,
@@ -189,7 +190,19 @@ fn get_or_insert<K: std::hash::Hash + Eq + Clone, V: Default>(map: &RwLock<HashM
         .clone()
 }
 
+/// A listener's client connections: open now (what `limits.max_connections` bounds), and
+/// refused at the limit since start.
+#[derive(Default)]
+pub struct ListenerCounters {
+    pub open: std::sync::atomic::AtomicUsize,
+    pub refused: AtomicU64,
+}
+
 impl Metrics {
+    pub fn listener(&self, name: &Arc<str>) -> Arc<ListenerCounters> {
+        get_or_insert(&self.listeners, name)
+    }
+
     pub fn requests(&self, route: &Arc<str>, pool: &Arc<str>, backend: &Arc<str>) -> Arc<ClassCounters> {
         get_or_insert(&self.requests, &(route.clone(), pool.clone(), backend.clone()))
     }

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client_io::{ClientIo, ConnState};
+use crate::metrics::ListenerCounters;
 use crate::proxy::Proxy;
 
 /// Binds a listening socket with a deep accept backlog (bursts of new connections are common
@@ -47,6 +49,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let counters = proxy.handle.metrics().listener(&proxy.listener);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -61,8 +64,63 @@ pub async fn serve(
                 }
             },
         };
+        let max = proxy.handle.snapshot().config.limits.max_connections;
+        if counters.open.load(Relaxed) >= max {
+            counters.refused.fetch_add(1, Relaxed);
+            tracker.spawn(refuse(stream, max, proxy.listener.clone(), tls.is_some()));
+            continue;
+        }
         let _ = stream.set_nodelay(true);
-        tracker.spawn(connection(stream, peer, proxy.clone(), tls.clone(), shutdown.clone()));
+        let open = OpenConnection::count(counters.clone());
+        let conn = connection(stream, peer, proxy.clone(), tls.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            conn.await;
+            drop(open);
+        });
+    }
+}
+
+/// One open connection of a listener, counted until dropped.
+struct OpenConnection(Arc<ListenerCounters>);
+
+impl OpenConnection {
+    fn count(c: Arc<ListenerCounters>) -> OpenConnection {
+        c.open.fetch_add(1, Relaxed);
+        OpenConnection(c)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A connection past the listener's limit: a short 503 on plain HTTP (a TLS one is closed, there
+/// is no handshake to spend on it), then close. Bounded: one write with a one-second timeout.
+async fn refuse(mut stream: tokio::net::TcpStream, max: usize, listener: Arc<str>, tls: bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !tls {
+        let body = format!("503 Service Unavailable: connection limit ({max}) of listener `{listener}` reached\n");
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.shutdown()).await;
+        // Read what the client sent (bounded) before the socket closes: closing over unread
+        // bytes resets the connection, and the client could lose the answer.
+        let mut sink = [0u8; 4096];
+        let drain = async {
+            let mut total = 0;
+            while total < 64 * 1024 {
+                match stream.read(&mut sink).await {
+                    Ok(n) if n > 0 => total += n,
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
     }
 }
 

@@ -127,6 +127,9 @@ pub struct Limits {
     /// A request with an `Idempotency-Key` and a body up to this size is buffered so it can be
     /// sent twice (fallback, hedge, rescue); a larger one is streamed and never sent twice.
     pub replay_body_bytes: u64,
+    /// Open client connections per listener; past it a new connection is answered 503 at once
+    /// and closed, so a flood of connections cannot exhaust file descriptors or memory.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -138,6 +141,7 @@ impl Default for Limits {
             max_body_bytes: 16 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
             replay_body_bytes: 64 * 1024,
+            max_connections: 10_000,
         }
     }
 }

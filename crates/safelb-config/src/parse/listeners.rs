@@ -108,6 +108,7 @@ pub(super) fn limits(d: &mut Diagnostics, s: &Section<'_, '_>) -> Limits {
             "max_body_bytes",
             "drain_timeout",
             "replay_body_bytes",
+            "max_connections",
         ],
     );
     let def = Limits::default();
@@ -128,6 +129,9 @@ pub(super) fn limits(d: &mut Diagnostics, s: &Section<'_, '_>) -> Limits {
         replay_body_bytes: s
             .uint(d, "replay_body_bytes", 16 << 20)
             .unwrap_or(def.replay_body_bytes),
+        max_connections: s
+            .uint(d, "max_connections", 10_000_000)
+            .map_or(def.max_connections, |n| n.max(1) as usize),
     }
 }
 

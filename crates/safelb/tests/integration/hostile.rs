@@ -593,3 +593,73 @@ async fn an_http2_continuation_flood_is_cut_off() {
     assert!(sent < 10 * 1024 * 1024, "{sent} bytes of one header block were read");
     assert_eq!(backend.hits(), 0);
 }
+
+/// A flood of connections meets `limits.max_connections` (the setting under test, set low):
+/// past it, a new connection is answered 503 at once, saying why, and counted; the open ones are
+/// untouched, and a closed one frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_listener_limit_get_503_at_once() {
+    let backend = safelb_testkit::TestBackend::start("b").await;
+    let lb = Lb::start(&format!(
+        "[limits]\nmax_connections = 5\n{}",
+        pool_config(&[backend.addr.to_string()], "")
+    ))
+    .await;
+    let counters = lb.handle.metrics().listener(&std::sync::Arc::from("public"));
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(TcpStream::connect(lb.addr).await.unwrap());
+    }
+    assert!(
+        wait_until(Duration::from_secs(2), || counters
+            .open
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 5)
+        .await,
+        "five connections are counted open"
+    );
+    let started = std::time::Instant::now();
+    let refused = raw(lb.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(3)).await;
+    assert!(refused.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{refused}");
+    assert!(refused.contains("retry-after: 1\r\n"), "{refused}");
+    assert!(
+        refused.contains("connection limit (5) of listener `public` reached"),
+        "{refused}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert_eq!(counters.refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(backend.hits(), 0);
+    let mut e = safelb_proxy::exposition::Exposition::default();
+    safelb_proxy::exposition::render(&lb.handle, &mut e);
+    let text = e.finish();
+    assert!(
+        text.contains("safelb_connections_refused_total{listener=\"public\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("safelb_connections_open{listener=\"public\"} 5\n"),
+        "{text}"
+    );
+
+    // An open connection is still served; closing one frees a place for a new one.
+    let mut first = idle.remove(0);
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(3), first.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        wait_until(Duration::from_secs(2), || counters
+            .open
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 4)
+        .await,
+        "the closed connection is no longer counted"
+    );
+    assert_eq!(get(lb.addr, "x", "/").await.status, 200);
+}
