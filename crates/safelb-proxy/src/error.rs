@@ -11,6 +11,8 @@ pub enum ErrorKind {
     NoHealthyBackend,
     /// The pool is under its panic threshold and its policy is `fail_closed`.
     PanicFailClosed,
+    /// Every available backend of the pool carries its `max_in_flight` requests.
+    PoolAtCapacity,
     ConnectRefused,
     ConnectTimeout,
     /// The backend accepted the request but sent no response head in time.
@@ -41,6 +43,7 @@ impl ErrorKind {
             ErrorKind::NoRoute => "no_route",
             ErrorKind::NoHealthyBackend => "no_healthy_backend",
             ErrorKind::PanicFailClosed => "panic_fail_closed",
+            ErrorKind::PoolAtCapacity => "pool_at_capacity",
             ErrorKind::ConnectRefused => "connect_failed",
             ErrorKind::ConnectTimeout => "connect_timeout",
             ErrorKind::ResponseTimeout => "response_timeout",
@@ -88,6 +91,10 @@ pub fn client_answer(err: &ProxyError) -> (StatusCode, String) {
         ErrorKind::PanicFailClosed => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("pool `{pool}` is below its panic threshold and fails closed"),
+        ),
+        ErrorKind::PoolAtCapacity => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("every backend of pool `{pool}` is at its max_in_flight; try again shortly"),
         ),
         ErrorKind::ConnectRefused => (
             StatusCode::BAD_GATEWAY,

@@ -140,6 +140,8 @@ pub struct PoolRuntime {
     max_ejected_percent: u8,
     /// `slow_start` in milliseconds; 0 when the pool has none.
     slow_start_ms: u64,
+    /// `max_in_flight` per backend (0: no limit).
+    max_in_flight: u32,
     /// Request durations of this pool, by role.
     pub durations: Arc<[Histogram; 2]>,
     /// Per backend, in `backends` order.
@@ -188,6 +190,7 @@ impl PoolRuntime {
             panic_policy: pool.panic_policy,
             max_ejected_percent: pool.outlier.max_ejected_percent,
             slow_start_ms: pool.slow_start.map_or(0, |d| d.as_millis() as u64),
+            max_in_flight: pool.max_in_flight.unwrap_or(0),
         }
     }
 
@@ -226,13 +229,29 @@ impl PoolRuntime {
             if panic {
                 return match self.panic_policy {
                     PanicPolicy::FailClosed => Err(ErrorKind::PanicFailClosed),
-                    PanicPolicy::FailOpen => self.pick(hash, &usable).ok_or(ErrorKind::NoHealthyBackend),
+                    PanicPolicy::FailOpen => {
+                        let open = |i: usize| {
+                            usable(i) && (self.max_in_flight == 0 || self.backends[i].in_flight() < self.max_in_flight)
+                        };
+                        self.pick(hash, &open).ok_or(ErrorKind::NoHealthyBackend)
+                    }
                 };
             }
         }
-        let eligible = |i: usize| usable(i) && self.backends[i].is_available(now);
+        let max = self.max_in_flight;
+        let room = |i: usize| max == 0 || self.backends[i].in_flight() < max;
+        let eligible = |i: usize| usable(i) && self.backends[i].is_available(now) && room(i);
+        // Every available backend is full: the pool is at capacity, not down.
+        let none_left = || {
+            let full = max > 0 && (0..self.backends.len()).any(|i| usable(i) && self.backends[i].is_available(now));
+            if full {
+                ErrorKind::PoolAtCapacity
+            } else {
+                ErrorKind::NoHealthyBackend
+            }
+        };
         if self.slow_start_ms == 0 {
-            return self.pick(hash, &eligible).ok_or(ErrorKind::NoHealthyBackend);
+            return self.pick(hash, &eligible).ok_or_else(none_left);
         }
         // Slow start: a ramping backend is eligible for a request with the probability of its
         // ramp, drawn once per request and backend (so a policy that asks twice gets one
@@ -247,7 +266,7 @@ impl PoolRuntime {
         };
         self.pick(hash, &ramped)
             .or_else(|| self.pick(hash, &eligible))
-            .ok_or(ErrorKind::NoHealthyBackend)
+            .ok_or_else(none_left)
     }
 
     fn pick(&self, hash: u64, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {

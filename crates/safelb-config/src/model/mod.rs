@@ -245,6 +245,10 @@ pub struct Pool {
     /// A backend new to the pool, or back from ejection, failed checks or draining, ramps from
     /// a small share to its full one over this time. `None`: at once.
     pub slow_start: Option<Duration>,
+    /// Requests in flight one backend may carry (circuit breaking); a full backend gets no new
+    /// request, and a pool whose available backends are all full answers 503 at once. `None`:
+    /// no limit.
+    pub max_in_flight: Option<u32>,
 }
 
 /// When a replayable request still has no response head, also send it elsewhere.

@@ -17,6 +17,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "outlier",
     "hedge",
     "slow_start",
+    "max_in_flight",
 ];
 
 pub(super) fn pools(d: &mut Diagnostics, section: &Section<'_, '_>) -> Vec<(Pool, Range<usize>)> {
@@ -147,9 +148,11 @@ pub(super) fn pool(d: &mut Diagnostics, s: &Section<'_, '_>, name: String, name_
     let outlier = s.section(d, "outlier").map(|o| outlier(d, &o)).unwrap_or_default();
     let hedge = hedge(d, s, &name);
     let slow_start = s.duration(d, "slow_start").filter(|d| !d.is_zero());
+    let max_in_flight = s.uint(d, "max_in_flight", 1_000_000).map(|n| n.max(1) as u32);
     Some(Pool {
         hedge,
         slow_start,
+        max_in_flight,
         protocol,
         balance,
         hash_key,

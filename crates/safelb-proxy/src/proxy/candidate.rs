@@ -203,6 +203,7 @@ pub(super) fn falls_back(err: &ProxyError, stable: &Snapshot, listener: &str, pa
         | ErrorKind::ResponseTimeout
         | ErrorKind::NoHealthyBackend
         | ErrorKind::PanicFailClosed
+        | ErrorKind::PoolAtCapacity
         | ErrorKind::UpstreamProtocol => true,
         ErrorKind::NoRoute => stable
             .find_route(listener, &parts.method, &parts.uri, &parts.headers)

@@ -1,4 +1,4 @@
-//! Hostile HTTP/1: request smuggling and desync cases (CL.TE, TE.CL, obfuscated
+//! Hostile clients and the limits that bound them. Hostile HTTP/1: request smuggling and desync cases (CL.TE, TE.CL, obfuscated
 //! `Transfer-Encoding`, duplicate lengths, chunk extensions and oversized chunk sizes, bare LF,
 //! obs-fold, control bytes, absolute form, `CONNECT`, a missing `Host`, an over-long target),
 //! sent as raw bytes to safelb and, side by side, to nginx (Debian's, installed by
@@ -8,7 +8,8 @@
 //! The rules, for safelb: no request the backend receives has a target the client hid inside
 //! another request's bytes (`/smuggled`); every refusal has the status the case calls for; the
 //! backend parses every byte it got as whole requests. `cargo test hostile -- --nocapture`
-//! prints the table (docs/reliability.md has a copy).
+//! prints the table (docs/reliability.md has a copy). Then HTTP/2 floods (rapid reset,
+//! CONTINUATION), a connection flood against `limits.max_connections`, and `max_in_flight`.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -662,4 +663,46 @@ async fn connections_past_the_listener_limit_get_503_at_once() {
         "the closed connection is no longer counted"
     );
     assert_eq!(get(lb.addr, "x", "/").await.status, 200);
+}
+
+/// Circuit breaking: a pool's `max_in_flight` (the setting under test) bounds the requests one
+/// backend carries; past it the pool answers 503 at once, saying why, rather than queueing on a
+/// backend that is already slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backend_takes_no_more_requests_and_the_pool_says_so() {
+    let slow = safelb_testkit::TestBackend::start("slow").await;
+    slow.set(safelb_testkit::Behavior::Delay(Duration::from_millis(1500)));
+    let lb = Lb::start(&pool_config(&[slow.addr.to_string()], "max_in_flight = 2")).await;
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = lb.addr;
+            tokio::spawn(async move { get(addr, "x", "/").await.status })
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(2), || slow.hits() == 2).await,
+        "two requests reach the slow backend"
+    );
+    let started = std::time::Instant::now();
+    let third = get(lb.addr, "x", "/").await;
+    assert_eq!(third.status, 503, "{third:?}");
+    assert!(
+        third.body.contains("pool `p` is at its max_in_flight"),
+        "{}",
+        third.body
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(slow.hits(), 2, "the full backend got no third request");
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(
+        get(lb.addr, "x", "/").await.status,
+        200,
+        "room again once they finished"
+    );
 }
