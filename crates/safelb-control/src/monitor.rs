@@ -306,8 +306,13 @@ impl Monitor {
             match self.controller.incident(id).await {
                 Ok(Some(incident)) => {
                     let path = dir.join(format!("incident-{id}.md"));
-                    let written = std::fs::create_dir_all(dir)
-                        .and_then(|_| std::fs::write(&path, postmortem::markdown(&incident)));
+                    let (dir, file, text) = (dir.clone(), path.clone(), postmortem::markdown(&incident));
+                    // A file write blocks (a slow or full disk): on the blocking pool.
+                    let written = tokio::task::spawn_blocking(move || {
+                        std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&file, text))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
                     match written {
                         Ok(()) => tracing::info!(incident = id, path = %path.display(), "postmortem written"),
                         Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the postmortem failed"),

@@ -145,7 +145,12 @@ impl CertResolver {
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(every) => me.reload_if_changed(),
+                    // File metadata and reads block: on the blocking pool, never on a worker
+                    // that serves requests.
+                    _ = tokio::time::sleep(every) => {
+                        let me = me.clone();
+                        let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
+                    }
                 }
             }
         });

@@ -276,11 +276,19 @@ async fn serve_placed(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                for certs in &running.certs {
-                    // A bad new certificate is refused and logged; the old one keeps serving.
-                    let _ = certs.reload();
-                }
-                match std::fs::read_to_string(&args.config) {
+                // File reads block: on the blocking pool, not on a worker serving requests.
+                let certs = running.certs.clone();
+                let path = args.config.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    for c in &certs {
+                        // A bad new certificate is refused and logged; the old one keeps serving.
+                        let _ = c.reload();
+                    }
+                    std::fs::read_to_string(&path)
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match read {
                     Ok(source) => submit(&running, &file_name, source, "sighup", "SIGHUP: configuration file re-read"),
                     Err(e) => tracing::error!(file = %file_name, error = %e, "SIGHUP: cannot read the config file; nothing changes"),
                 }
