@@ -130,6 +130,8 @@ pub struct Limits {
     /// Open client connections per listener; past it a new connection is answered 503 at once
     /// and closed, so a flood of connections cannot exhaust file descriptors or memory.
     pub max_connections: usize,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -142,6 +144,7 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(30),
             replay_body_bytes: 64 * 1024,
             max_connections: 10_000,
+            tunnel_idle_timeout: Duration::from_secs(300),
         }
     }
 }

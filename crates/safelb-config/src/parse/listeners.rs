@@ -109,6 +109,7 @@ pub(super) fn limits(d: &mut Diagnostics, s: &Section<'_, '_>) -> Limits {
             "drain_timeout",
             "replay_body_bytes",
             "max_connections",
+            "tunnel_idle_timeout",
         ],
     );
     let def = Limits::default();
@@ -132,6 +133,10 @@ pub(super) fn limits(d: &mut Diagnostics, s: &Section<'_, '_>) -> Limits {
         max_connections: s
             .uint(d, "max_connections", 10_000_000)
             .map_or(def.max_connections, |n| n.max(1) as usize),
+        tunnel_idle_timeout: s
+            .duration(d, "tunnel_idle_timeout")
+            .filter(|t| !t.is_zero())
+            .unwrap_or(def.tunnel_idle_timeout),
     }
 }
 

@@ -65,14 +65,22 @@ impl Proxy {
         let on_upstream = hyper::upgrade::on(&mut response);
         conn.upgraded.store(true, Relaxed);
         let peer = backend.addr;
+        let idle_limit = snapshot.config.limits.tunnel_idle_timeout;
         tokio::spawn(async move {
             let (Ok(client), Ok(upstream)) = (on_client.await, on_upstream.await) else {
                 return;
             };
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                Ok((up, down)) => tracing::debug!(backend = %peer, up, down, "upgraded connection closed"),
-                Err(e) => tracing::debug!(backend = %peer, error = %e, "upgraded connection ended with an error"),
+            let last = Arc::new(AtomicU64::new(crate::clock::now_ms()));
+            let mut client = Touched(TokioIo::new(client), last.clone());
+            let mut upstream = Touched(TokioIo::new(upstream), last.clone());
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+                    Ok((up, down)) => tracing::debug!(backend = %peer, up, down, "upgraded connection closed"),
+                    Err(e) => tracing::debug!(backend = %peer, error = %e, "upgraded connection ended with an error"),
+                },
+                _ = idle(&last, idle_limit) => {
+                    tracing::debug!(backend = %peer, idle_ms = idle_limit.as_millis() as u64, "upgraded connection closed: idle");
+                }
             }
         });
         let mut out = Response::new(ResponseBody::local(Bytes::new(), Some(done)));
@@ -94,5 +102,59 @@ pub(super) fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue>
         headers.get(http::header::UPGRADE).cloned()
     } else {
         None
+    }
+}
+
+/// Returns once no byte has crossed the tunnel for `limit` (checked a few times per limit).
+async fn idle(last: &AtomicU64, limit: Duration) {
+    let limit_ms = limit.as_millis() as u64;
+    loop {
+        let quiet = crate::clock::now_ms().saturating_sub(last.load(Relaxed));
+        if quiet >= limit_ms {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis((limit_ms - quiet).max(10))).await;
+    }
+}
+
+/// One side of a tunnel that notes when bytes last came through it.
+struct Touched<T>(T, Arc<AtomicU64>);
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Touched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.1.store(crate::clock::now_ms(), Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

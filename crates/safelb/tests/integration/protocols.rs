@@ -58,6 +58,41 @@ async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>
     reply.into_text().unwrap().to_string()
 }
 
+/// `limits.tunnel_idle_timeout` (the setting under test, set to 1 s): a WebSocket that talks
+/// stays up past it; one that goes quiet for longer is closed by safelb.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_is_closed_and_a_talking_one_is_not() {
+    let backend = TestBackend::start("ws").await;
+    let lb = Lb::start(&format!(
+        "[limits]\ntunnel_idle_timeout = \"1s\"\n{}",
+        pool_config(&[backend.addr.to_string()], "")
+    ))
+    .await;
+    let mut ws = ws_connect(lb.addr).await;
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            echo(&mut ws, &format!("m{i}")).await,
+            format!("ws: m{i}"),
+            "alive at {i}"
+        );
+    }
+    let quiet = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    let closed = match end {
+        Ok(None) | Ok(Some(Err(_))) => true,
+        Ok(Some(Ok(Message::Close(_)))) => true,
+        Ok(Some(Ok(other))) => panic!("unexpected message {other:?}"),
+        Err(_) => false,
+    };
+    assert!(closed, "the idle tunnel was still open after 5 s");
+    let after = quiet.elapsed();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        "closed after {after:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_keeps_its_backend_across_a_config_swap() {
     let old = TestBackend::start("old").await;
