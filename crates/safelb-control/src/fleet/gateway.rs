@@ -398,10 +398,11 @@ mod tests {
             let url = etcd.url.clone();
             std::thread::spawn(move || {
                 let g = Gateway::new(&url).unwrap();
+                // etcd may report both puts in one message: stop at the first report.
                 let mut seen = Vec::new();
                 let _ = g.watch("/t/", rev + 1, |e| {
                     seen.push(format!("{e:?}"));
-                    seen.len() < 2
+                    false
                 });
                 seen
             })
@@ -409,7 +410,7 @@ mod tests {
         g.put("/t/b", b"1", None).unwrap();
         g.put("/t/c", b"1", None).unwrap();
         let seen = watcher.join().unwrap();
-        assert!(seen.iter().all(|s| s.starts_with("Changed")), "{seen:?}");
+        assert!(seen.len() == 1 && seen[0].starts_with("Changed"), "{seen:?}");
         // Compact past the revision a resuming watch would ask for.
         let (_, now) = g.range("/t/", &prefix_end("/t/"), false, 0).unwrap();
         g.call("/v3/kv/compaction", &json!({ "revision": now.to_string() }))
