@@ -93,11 +93,12 @@ impl Monitor {
         self.sample(now, &rules, &stable);
         // In a fleet, alerts and incidents are the leader's: one evaluation, one notification,
         // one incident for the fleet, not one per instance.
+        let (rollbacks, last_rollback_ms, rollback_note) = self.controller.rollbacks();
         if self.controller.fleet().is_some_and(|f| !f.is_leader()) {
+            // Seen, so that an instance elected later does not open incidents for them.
+            self.rollbacks_seen = rollbacks;
             return;
         }
-
-        let (rollbacks, last_rollback_ms, rollback_note) = self.controller.rollbacks();
         if rollbacks > self.rollbacks_seen {
             self.rollbacks_seen = rollbacks;
             self.open_incident(now, format!("Rollback: {rollback_note}")).await;

@@ -82,6 +82,14 @@ fn number(v: f64) -> String {
     }
 }
 
+/// A per-listener family: name, type, help, and how to read it from a listener's counters.
+type ListenerFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::metrics::ListenerCounters) -> f64,
+);
+
 /// Appends every data-plane family to `e`.
 pub fn render(handle: &ProxyHandle, e: &mut Exposition) {
     let m = handle.metrics();
@@ -177,29 +185,25 @@ pub fn render(handle: &ProxyHandle, e: &mut Exposition) {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    e.family(
-        "safelb_connections_open",
-        "gauge",
-        "Client connections open, by listener (bounded by limits.max_connections).",
-    );
-    for (name, c) in &listeners {
-        e.sample(
+    let families: [ListenerFamily; 2] = [
+        (
             "safelb_connections_open",
-            &[("listener", name)],
-            c.open.load(std::sync::atomic::Ordering::Relaxed) as f64,
-        );
-    }
-    e.family(
-        "safelb_connections_refused_total",
-        "counter",
-        "Client connections answered 503 and closed because the listener was at limits.max_connections.",
-    );
-    for (name, c) in &listeners {
-        e.sample(
+            "gauge",
+            "Client connections open, by listener (bounded by limits.max_connections).",
+            |c| c.open.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
+        (
             "safelb_connections_refused_total",
-            &[("listener", name)],
-            c.refused.load(std::sync::atomic::Ordering::Relaxed) as f64,
-        );
+            "counter",
+            "Client connections answered 503 and closed because the listener was at limits.max_connections.",
+            |c| c.refused.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
+    ];
+    for (family, kind, help, value) in families {
+        e.family(family, kind, help);
+        for (name, c) in &listeners {
+            e.sample(family, &[("listener", name)], value(c));
+        }
     }
 
     e.family(

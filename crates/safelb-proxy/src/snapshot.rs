@@ -198,6 +198,8 @@ impl PoolRuntime {
     pub fn select(&self, hash: u64, tried: &[usize]) -> Result<usize, ErrorKind> {
         let now = now_ms();
         let usable = |i: usize| self.weights[i] > 0 && !tried.contains(&i);
+        let max = self.max_in_flight;
+        let room = |i: usize| max == 0 || self.backends[i].in_flight() < max;
         if self.panic_threshold > 0 {
             let total = self
                 .backends
@@ -229,17 +231,12 @@ impl PoolRuntime {
             if panic {
                 return match self.panic_policy {
                     PanicPolicy::FailClosed => Err(ErrorKind::PanicFailClosed),
-                    PanicPolicy::FailOpen => {
-                        let open = |i: usize| {
-                            usable(i) && (self.max_in_flight == 0 || self.backends[i].in_flight() < self.max_in_flight)
-                        };
-                        self.pick(hash, &open).ok_or(ErrorKind::NoHealthyBackend)
-                    }
+                    PanicPolicy::FailOpen => self
+                        .pick(hash, &|i| usable(i) && room(i))
+                        .ok_or(ErrorKind::NoHealthyBackend),
                 };
             }
         }
-        let max = self.max_in_flight;
-        let room = |i: usize| max == 0 || self.backends[i].in_flight() < max;
         let eligible = |i: usize| usable(i) && self.backends[i].is_available(now) && room(i);
         // Every available backend is full: the pool is at capacity, not down.
         let none_left = || {

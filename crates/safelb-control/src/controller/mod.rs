@@ -232,11 +232,7 @@ impl Controller {
 
     /// `safelb_config::check`, with this instance's `--bind` addresses in the listeners.
     pub fn check(&self, file_name: &str, source: &str) -> safelb_config::Checked {
-        let mut checked = safelb_config::check(file_name, source);
-        if let Some(c) = checked.config.as_mut() {
-            c.bind_overrides(&self.inner.binds);
-        }
-        checked
+        check_placed(file_name, source, &self.inner.binds)
     }
 
     pub fn handle(&self) -> &ProxyHandle {
@@ -255,6 +251,15 @@ impl Controller {
     async fn event(&self, event: Event) {
         self.inner.store.record(&event).await;
     }
+}
+
+/// `safelb_config::check`, with the listeners moved to `binds` (an instance's `--bind`).
+pub fn check_placed(file_name: &str, source: &str, binds: &[(String, std::net::SocketAddr)]) -> safelb_config::Checked {
+    let mut checked = safelb_config::check(file_name, source);
+    if let Some(c) = checked.config.as_mut() {
+        c.bind_overrides(binds);
+    }
+    checked
 }
 
 fn note_rollback(rollbacks: &Mutex<(u64, Option<i64>, String)>, what: String) {

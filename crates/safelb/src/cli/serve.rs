@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use safelb_config::ValidConfig;
-use safelb_control::controller::{recover, ApplyRequest, Startup};
+use safelb_control::controller::{check_placed, recover, ApplyRequest, Startup};
 use safelb_control::fleet::{cache, Fleet, FleetOptions};
 use safelb_control::sqlite::SqliteStore;
 use safelb_control::{Controller, StoreHandle};
@@ -110,7 +110,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let mut startup = store.blocking(|s| recover(s, &file_name, &source))?;
     startup.config.bind_overrides(&args.binds);
-    runtime(&args)?.block_on(serve(args, source, startup, store))
+    let placement = Placement {
+        binds: args.binds.clone(),
+        admin_bind: args.admin_bind,
+        fleet: None,
+    };
+    runtime(&args)?.block_on(serve(args, source, startup, store, placement))
 }
 
 /// The runtime of the data plane: `--threads` workers (one per core by default).
@@ -156,13 +161,6 @@ fn run_in_fleet(args: ServeArgs, file_name: String, source: String, file_valid: 
         })
         .context("the --etcd endpoints")?,
     );
-    let check = |what: &str, text: &str| {
-        let mut c = safelb_config::check(what, text).into_result();
-        if let Ok(c) = c.as_mut() {
-            c.bind_overrides(&args.binds);
-        }
-        c
-    };
     let from_etcd = match fleet.running_source() {
         Ok(Some((version, text))) => Some(Ok((version, text))),
         Ok(None) if file_valid => match fleet.seed(&file_name, &source) {
@@ -185,18 +183,16 @@ fn run_in_fleet(args: ServeArgs, file_name: String, source: String, file_valid: 
         }
         Err(e) => Some(Err(e)),
     };
-    let (version, text) = match from_etcd {
-        Some(Ok((version, text))) if check("", &text).is_ok() => (version, text),
+    let checked = |version: u64, text: &str| check_placed(&format!("version {version}"), text, &args.binds);
+    let (version, config) = match from_etcd.map(|r| r.map(|(v, text)| (v, checked(v, &text)))) {
+        Some(Ok((version, c))) if c.config.is_some() => (version, c.config.expect("checked above")),
         other => {
             let why = match other {
                 Some(Err(e)) => format!("etcd cannot be reached ({e})"),
                 _ => "the running version in etcd does not pass check".to_string(),
             };
-            match cache::load(&args.store, &cluster) {
-                Ok(Some(c)) => {
-                    tracing::warn!(version = c.version, %why, "serving the last known-good version from local disk");
-                    (c.version, c.source)
-                }
+            let cached = match cache::load(&args.store, &cluster) {
+                Ok(Some(c)) => c,
                 Ok(None) => {
                     eprintln!("safelb: {why}, and this instance has no version of cluster `{cluster}` on local disk; nothing was started");
                     return Ok(ExitCode::from(1));
@@ -205,15 +201,21 @@ fn run_in_fleet(args: ServeArgs, file_name: String, source: String, file_valid: 
                     eprintln!("safelb: {why}, and {e}; nothing was started");
                     return Ok(ExitCode::from(1));
                 }
+            };
+            match checked(cached.version, &cached.source).into_result() {
+                Ok(c) => {
+                    tracing::warn!(version = cached.version, %why, "serving the last known-good version from local disk");
+                    (cached.version, c)
+                }
+                Err(d) => {
+                    eprint!("{}", d.render());
+                    eprintln!(
+                        "safelb: {why}, and version {} on local disk does not pass check; nothing was started",
+                        cached.version
+                    );
+                    return Ok(ExitCode::from(1));
+                }
             }
-        }
-    };
-    let config = match check(&format!("version {version}"), &text) {
-        Ok(c) => c,
-        Err(d) => {
-            eprint!("{}", d.render());
-            eprintln!("safelb: version {version} does not pass check; nothing was started");
-            return Ok(ExitCode::from(1));
         }
     };
     let store = StoreHandle::new(fleet.store()).for_instance(&instance);
@@ -227,19 +229,10 @@ fn run_in_fleet(args: ServeArgs, file_name: String, source: String, file_valid: 
         admin_bind: args.admin_bind,
         fleet: Some(fleet),
     };
-    runtime(&args)?.block_on(serve_placed(args, source, startup, store, placement))
+    runtime(&args)?.block_on(serve(args, source, startup, store, placement))
 }
 
-async fn serve(args: ServeArgs, file_source: String, startup: Startup, store: StoreHandle) -> anyhow::Result<ExitCode> {
-    let placement = Placement {
-        binds: args.binds.clone(),
-        admin_bind: args.admin_bind,
-        fleet: None,
-    };
-    serve_placed(args, file_source, startup, store, placement).await
-}
-
-async fn serve_placed(
+async fn serve(
     args: ServeArgs,
     file_source: String,
     startup: Startup,
