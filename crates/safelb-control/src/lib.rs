@@ -65,11 +65,13 @@ impl StoreHandle {
     ) -> StoreResult<T> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut store = inner.lock().map_err(|_| StoreError("store lock poisoned".into()))?;
+            let mut store = inner
+                .lock()
+                .map_err(|_| StoreError::Failed("store lock poisoned".into()))?;
             f(store.as_mut())
         })
         .await
-        .map_err(|e| StoreError(format!("store task failed: {e}")))?
+        .map_err(|e| StoreError::Failed(format!("store task failed: {e}")))?
     }
 
     /// Records an event and writes its log line: the one way the control plane records what it

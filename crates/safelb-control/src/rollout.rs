@@ -310,13 +310,7 @@ impl RolloutTask {
         }
         // Store first, then traffic: a promotion the store did not record must not serve. A
         // crash between the two restarts on this version, which passed every step.
-        let recorded = self
-            .store
-            .call(move |s| {
-                s.set_fate(id, Fate::KnownGood)?;
-                s.set_running(id)
-            })
-            .await;
+        let recorded = self.store.call(move |s| s.settle(id, Fate::KnownGood, id)).await;
         if let Err(e) = recorded {
             self.handle.abort_canary();
             let why = format!(
@@ -337,7 +331,7 @@ impl RolloutTask {
         }
         if let Err(e) = self.handle.promote_canary() {
             let back = stable.version;
-            if let Err(e) = self.store.call(move |s| s.set_running(back)).await {
+            if let Err(e) = self.store.call(move |s| s.settle(id, Fate::RolledBack, back)).await {
                 tracing::error!(error = %e, version = back, "restoring the running version in the store failed");
             }
             return self

@@ -16,7 +16,10 @@ pub struct SqliteStore {
 }
 
 fn err(e: rusqlite::Error) -> StoreError {
-    StoreError(e.to_string())
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
+        _ => StoreError::Failed(e.to_string()),
+    }
 }
 
 const SCHEMA: &str = "
@@ -56,14 +59,36 @@ CREATE TABLE IF NOT EXISTS meta (
 ";
 
 impl SqliteStore {
-    /// Opens (creating if needed) `dir/safelb.db`.
+    /// Opens (creating if needed) `dir/safelb.db`. A file that is not a SQLite database, or
+    /// one whose pages fail SQLite's quick check, is refused with its path: serving from a
+    /// history that may have lost versions would break the promise that it has them all.
     pub fn open(dir: &Path) -> StoreResult<SqliteStore> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("creating {}: {e}", dir.display())))?;
-        let conn = Connection::open(dir.join("safelb.db")).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Failed(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join("safelb.db");
+        let damaged = |e: rusqlite::Error| {
+            match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => StoreError::Failed(format!(
+                "{} is not a safelb version store, or it is damaged ({e}); restore it from a backup, or move it aside to start with an empty history",
+                path.display()
+            )),
+            _ => err(e),
+        }
+        };
+        let conn = Connection::open(&path).map_err(damaged)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(damaged)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(damaged)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(damaged)?;
+        // Reads every page once (milliseconds for a store of thousands of versions).
+        let check: String = conn
+            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+            .map_err(damaged)?;
+        if check != "ok" {
+            return Err(StoreError::Failed(format!(
+                "{} is damaged (SQLite's quick check: {check}); restore it from a backup, or move it aside to start with an empty history",
+                path.display()
+            )));
+        }
+        conn.execute_batch(SCHEMA).map_err(damaged)?;
         Ok(SqliteStore { conn })
     }
 
@@ -127,6 +152,21 @@ impl VersionStore for SqliteStore {
             )
             .map_err(err)?;
         Ok(())
+    }
+
+    fn settle(&mut self, id: u64, fate: Fate, running: u64) -> StoreResult<()> {
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute(
+            "UPDATE versions SET fate = ?1 WHERE id = ?2",
+            params![fate.as_str(), id as i64],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('running', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![running.to_string()],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
     }
 
     fn running(&self) -> StoreResult<Option<u64>> {

@@ -94,8 +94,16 @@ pub struct EventRecord {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("version store: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    #[error("version store: {0}")]
+    Failed(String),
+    /// The filesystem under the store has no room: nothing was written. Callers answer this
+    /// apart (HTTP 507), because freeing space is the fix, not a retry.
+    #[error(
+        "version store: the disk is full ({0}); nothing was recorded or changed: free space on it, then try again"
+    )]
+    Full(String),
+}
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -105,6 +113,13 @@ pub trait VersionStore: Send {
     fn set_fate(&mut self, id: u64, fate: Fate) -> StoreResult<()>;
     /// Moves the running pointer (durably).
     fn set_running(&mut self, id: u64) -> StoreResult<()>;
+    /// Sets version `id`'s fate and moves the running pointer to `running` as one durable step,
+    /// so a crash leaves both or neither: a promotion is never recorded without the version it
+    /// made run. A store that cannot do both at once writes the pointer last.
+    fn settle(&mut self, id: u64, fate: Fate, running: u64) -> StoreResult<()> {
+        self.set_fate(id, fate)?;
+        self.set_running(running)
+    }
     fn running(&self) -> StoreResult<Option<u64>>;
     /// One version with its source.
     fn version(&self, id: u64) -> StoreResult<Option<VersionRecord>>;

@@ -64,8 +64,7 @@ pub fn store_contract(open: &dyn Fn() -> Box<dyn crate::store::VersionStore>) {
         assert_eq!((a, b, c), (1, 2, 3), "ids are allocated in order from 1");
         s.set_running(a).unwrap();
         s.set_fate(b, Fate::RolledBack).unwrap();
-        s.set_fate(c, Fate::KnownGood).unwrap();
-        s.set_running(c).unwrap();
+        s.settle(c, Fate::KnownGood, c).unwrap();
         let e1 = s
             .append_event(NewEvent {
                 kind: "ChangeSubmitted",

@@ -229,18 +229,12 @@ impl Controller {
         // Store first, then traffic: the history says what serves before it serves.
         self.inner
             .store
-            .call(move |s| {
-                s.set_fate(version, Fate::Promoted)?;
-                s.set_running(version)
-            })
+            .call(move |s| s.settle(version, Fate::Promoted, version))
             .await?;
         if let Err(e) = self.inner.handle.roll_back_to(config, version) {
             self.inner
                 .store
-                .call(move |s| {
-                    s.set_fate(version, Fate::Rejected)?;
-                    s.set_running(running)
-                })
+                .call(move |s| s.settle(version, Fate::Rejected, running))
                 .await?;
             return Err(RollbackError::Unservable(target, e.to_string()));
         }

@@ -379,7 +379,7 @@ impl Controller {
         let f = fleet.clone();
         let submitted = tokio::task::spawn_blocking(move || f.submit(record, rollout))
             .await
-            .map_err(|e| StoreError(format!("the submit task failed: {e}")))??;
+            .map_err(|e| StoreError::Failed(format!("the submit task failed: {e}")))??;
         fleet.wake.notify_one();
         submitted.map_err(|Busy(id)| ApplyError::Busy(id))
     }
@@ -397,7 +397,7 @@ impl Controller {
         let verdict = format!("aborted by a manual rollback: {reason} (by {author})");
         let aborted = tokio::task::spawn_blocking(move || f.abort(&verdict))
             .await
-            .map_err(|e| StoreError(format!("the abort task failed: {e}")))??;
+            .map_err(|e| StoreError::Failed(format!("the abort task failed: {e}")))??;
         let Some(id) = aborted else {
             return Ok(None);
         };

@@ -20,7 +20,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub fn err(what: impl std::fmt::Display) -> StoreError {
-    StoreError(format!("etcd: {what}"))
+    StoreError::Failed(format!("etcd: {what}"))
 }
 
 struct Endpoint {

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use safelb_control::controller::ApplyRequest;
+use safelb_control::store::StoreError;
 use safelb_control::{ApplyError, Controller, RollbackError};
 use serde::Deserialize;
 use serde_json::json;
@@ -90,8 +91,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-fn store_error(e: impl std::fmt::Display) -> Response {
-    error(StatusCode::INTERNAL_SERVER_ERROR, format!("version store: {e}"))
+fn store_error(e: StoreError) -> Response {
+    let status = match e {
+        StoreError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
+        StoreError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
 }
 
 async fn status(State(s): State<AdminState>) -> Response {

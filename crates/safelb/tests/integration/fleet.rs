@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use safelb_testkit::etcd::Etcd;
 use safelb_testkit::{Behavior, TestBackend};
 use serde_json::{json, Value};
@@ -102,22 +101,10 @@ impl Fleet {
     async fn api(&self, i: usize, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let m = &self.members[i];
         let token = std::fs::read_to_string(self.dir.join(&m.name).join("admin.token")).unwrap();
-        let body = body.map_or(Bytes::new(), |b| Bytes::from(b.to_string()));
-        let mut req = request(method, "admin", &format!("/api/v1{path}"), body);
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {}", token.trim()).parse().unwrap());
-        req.headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
         let admin = format!("127.0.0.1:{}", m.admin).parse().unwrap();
-        let reply = Client::connect(admin)
+        admin_call(admin, &token, method, path, body)
             .await
-            .send(req)
-            .await
-            .expect("the admin API answers");
-        (
-            reply.status,
-            serde_json::from_str(&reply.body).unwrap_or(Value::String(reply.body)),
-        )
+            .expect("the admin API answers")
     }
 
     async fn status(&self, i: usize) -> Value {

@@ -7,6 +7,7 @@ mod common;
 mod actions;
 mod change_control;
 mod check_cli;
+mod crash;
 mod dashboard;
 mod deploy;
 mod failures;

@@ -44,11 +44,10 @@ impl Site {
     }
 
     async fn api(&self, path: &str) -> Value {
-        let mut req = request("GET", "admin", &format!("/api/v1{path}"), Bytes::new());
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {}", self.token()).parse().unwrap());
-        let reply = Client::connect(self.admin).await.send(req).await.unwrap();
-        serde_json::from_str(&reply.body).unwrap_or(Value::String(reply.body))
+        admin_call(self.admin, &self.token(), "GET", path, None)
+            .await
+            .expect("the admin API answers")
+            .1
     }
 
     /// Waits until an event of `kind` mentioning `alert` is logged; returns it.

@@ -331,3 +331,23 @@ pub fn shared<T>(t: T) -> Arc<T> {
 pub fn safelb_bin() -> &'static str {
     env!("CARGO_BIN_EXE_safelb")
 }
+
+/// One admin API call (`/api/v1` + `path`) with a bearer token: status and JSON body (a body
+/// that is not JSON comes back as a string), or why there was no answer.
+pub async fn admin_call(
+    admin: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, serde_json::Value), String> {
+    let body = body.map_or(Bytes::new(), |b| Bytes::from(b.to_string()));
+    let mut req = request(method, "admin", &format!("/api/v1{path}"), body);
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {}", token.trim()).parse().unwrap());
+    req.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    let reply = Client::try_connect(admin).await?.send(req).await?;
+    let value = serde_json::from_str(&reply.body).unwrap_or(serde_json::Value::String(reply.body));
+    Ok((reply.status, value))
+}
