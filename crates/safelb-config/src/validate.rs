@@ -44,16 +44,19 @@ pub(crate) fn cross_check(
         }
     }
     if let Some((admin, span)) = admin {
-        if !admin.bind.ip().is_loopback() {
-            d.warning(
-                Rule::AdminNotLoopback,
-                span.clone(),
-                format!(
-                    "the admin API binds {}, which is reachable from other machines",
-                    admin.bind
-                ),
-            )
-            .hint("bind it to 127.0.0.1 or [::1] and reach it through an SSH tunnel or a private network");
+        if !admin.bind.ip().is_loopback() && admin.tls.is_none() {
+            // Tokens in clear text across a network: refused unless the operator says the
+            // network is safe; even then, a warning.
+            let message = format!(
+                "the admin API binds {}, which is reachable from other machines, without TLS",
+                admin.bind
+            );
+            let hint = "bind it to 127.0.0.1 or [::1], add `tls = { cert = \"admin.pem\", key = \"admin.key\" }`, or set `insecure = true` if a private network protects it";
+            if admin.insecure {
+                d.warning(Rule::AdminNotLoopback, span.clone(), message).hint(hint);
+            } else {
+                d.error(Rule::AdminNotLoopback, span.clone(), message).hint(hint);
+            }
         }
     }
     for (test, span) in tests {

@@ -142,14 +142,48 @@ fn shadowed_route_is_an_error() {
 }
 
 #[test]
-fn unused_pool_and_public_admin_are_warnings() {
-    let src = format!("{BASE}\n[pool.spare]\nbackends = [\"127.0.0.1:9009\"]\n\n[admin]\nbind = \"0.0.0.0:9090\"\n");
+fn unused_pool_and_public_admin_marked_insecure_are_warnings() {
+    let src = format!(
+        "{BASE}\n[pool.spare]\nbackends = [\"127.0.0.1:9009\"]\n\n[admin]\nbind = \"0.0.0.0:9090\"\ninsecure = true\n"
+    );
     expect(
         &src,
         &[
             (Rule::UnusedPool, 12, 7, "pool `spare` is not used"),
-            (Rule::AdminNotLoopback, 16, 8, "reachable from other machines"),
+            (
+                Rule::AdminNotLoopback,
+                16,
+                8,
+                "reachable from other machines, without TLS",
+            ),
         ],
+    );
+}
+
+#[test]
+fn a_public_admin_api_needs_tls_or_insecure() {
+    let public = format!("{BASE}\n[admin]\nbind = \"0.0.0.0:9090\"\n");
+    expect(
+        &public,
+        &[(
+            Rule::AdminNotLoopback,
+            13,
+            8,
+            "reachable from other machines, without TLS",
+        )],
+    );
+    let checked = check("safelb.toml", &public);
+    assert!(
+        checked.diagnostics.render().contains("insecure = true"),
+        "the hint names the way out"
+    );
+    let with_tls =
+        format!("{BASE}\n[admin]\nbind = \"0.0.0.0:9090\"\ntls = {{ cert = \"admin.pem\", key = \"admin.key\" }}\n");
+    expect(&with_tls, &[]);
+    let both = format!("{BASE}\n[admin]\nbind = \"127.0.0.1:9090\"\ntoken_file = \"a\"\ntokens_file = \"b\"\n");
+    expect(
+        &both,
+        &[(Rule::InvalidValue, 15, 15, "both name the admin API's tokens")],
     );
 }
 

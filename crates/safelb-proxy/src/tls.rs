@@ -158,13 +158,18 @@ impl CertResolver {
 
     /// The acceptor for this listener: TLS 1.2+, ALPN h2 and http/1.1.
     pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, String> {
+        self.acceptor_for(&[b"h2", b"http/1.1"])
+    }
+
+    /// An acceptor offering only the `alpn` protocols (the admin API speaks HTTP/1.1 only).
+    pub fn acceptor_for(self: &Arc<Self>, alpn: &[&[u8]]) -> Result<TlsAcceptor, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
 }

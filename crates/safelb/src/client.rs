@@ -24,12 +24,17 @@ pub struct AdminArgs {
         global = true
     )]
     token_file: PathBuf,
+    /// PEM certificate(s) to trust for an `https://` admin API (its own, or its CA's).
+    #[arg(long, env = "SAFELB_ADMIN_CA", global = true)]
+    ca_file: Option<PathBuf>,
 }
 
 pub struct AdminClient {
     addr: SocketAddr,
     authority: String,
     token: Option<String>,
+    /// For `https://`: the connector and the name the certificate must carry.
+    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
 }
 
 pub struct Reply {
@@ -39,23 +44,38 @@ pub struct Reply {
 
 impl AdminClient {
     pub fn new(args: &AdminArgs) -> anyhow::Result<AdminClient> {
-        let authority = args
-            .admin
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow!("--admin must be an http:// URL, got `{}`", args.admin))?
-            .trim_end_matches('/')
-            .to_string();
+        let (https, rest) = match (args.admin.strip_prefix("http://"), args.admin.strip_prefix("https://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => bail!("--admin must be an http:// or https:// URL, got `{}`", args.admin),
+        };
+        let authority = rest.trim_end_matches('/').to_string();
         let addr: SocketAddr = authority
             .replace("localhost", "127.0.0.1")
             .parse()
-            .with_context(|| format!("--admin `{}` must be http://IP:port", args.admin))?;
+            .with_context(|| format!("--admin `{}` must be http(s)://IP:port or localhost:port", args.admin))?;
+        let tls = if https {
+            let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            Some((
+                connector(args.ca_file.as_deref())?,
+                rustls::pki_types::ServerName::try_from(host.to_string())?,
+            ))
+        } else {
+            None
+        };
         let token = match std::env::var("SAFELB_TOKEN") {
             Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
             _ => std::fs::read_to_string(&args.token_file)
                 .ok()
                 .map(|t| t.trim().to_string()),
         };
-        Ok(AdminClient { addr, authority, token })
+        Ok(AdminClient {
+            addr,
+            authority,
+            token,
+            tls,
+        })
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Reply> {
@@ -74,10 +94,16 @@ impl AdminClient {
                     self.addr
                 )
             })?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let mut sender = match &self.tls {
+                None => handshake(stream).await?,
+                Some((connector, name)) => {
+                    let tls = connector
+                        .connect(name.clone(), stream)
+                        .await
+                        .with_context(|| format!("TLS with the admin API at {}", self.addr))?;
+                    handshake(tls).await?
+                }
+            };
             let mut req = http::Request::builder()
                 .method(method)
                 .uri(format!("/api/v1{path}"))
@@ -106,6 +132,50 @@ impl AdminClient {
             _ => Ok(reply),
         }
     }
+}
+
+/// An HTTP/1.1 connection over `io`, driven in the background.
+async fn handshake<T>(io: T) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// A TLS client trusting the certificates of `ca_file` (required: an admin API's certificate is
+/// most often its own, which no public authority signed).
+fn connector(ca_file: Option<&std::path::Path>) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let path = ca_file.ok_or_else(|| {
+        anyhow!("an https:// admin API needs --ca-file (or SAFELB_ADMIN_CA): the PEM certificate to trust")
+    })?;
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pem_certs(&pem, path)? {
+        roots
+            .add(cert)
+            .with_context(|| format!("{}: not a usable certificate", path.display()))?;
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
+}
+
+fn pem_certs(pem: &[u8], path: &std::path::Path) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{}: no PEM certificate in it", path.display());
+    }
+    Ok(certs)
 }
 
 /// The `error` text of a JSON error body.

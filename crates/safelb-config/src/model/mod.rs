@@ -108,7 +108,14 @@ pub struct TlsCert {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Admin {
     pub bind: SocketAddr,
+    /// One token (named `admin`, role `operate`).
     pub token_file: Option<PathBuf>,
+    /// Named tokens with a role each, one `NAME ROLE SECRET` per line (read at start).
+    pub tokens_file: Option<PathBuf>,
+    /// The admin API over HTTPS.
+    pub tls: Option<Vec<TlsCert>>,
+    /// Allows a non-loopback bind without TLS (a network of its own protects it).
+    pub insecure: bool,
 }
 
 /// Limits that protect the proxy from clients.

@@ -85,14 +85,28 @@ pub(super) fn tls_certs(d: &mut Diagnostics, v: &Value<'_>, listener: &str) -> O
 }
 
 pub(super) fn admin(d: &mut Diagnostics, s: &Section<'_, '_>) -> Option<(Admin, Range<usize>)> {
-    s.deny_unknown(d, &["bind", "token_file"]);
+    s.deny_unknown(d, &["bind", "token_file", "tokens_file", "tls", "insecure"]);
     s.require(d, "bind", "\"127.0.0.1:9090\"")?;
     let bind = s.addr(d, "bind")?;
     let token_file = s.str(d, "token_file").map(|t| PathBuf::from(*t.get_ref()));
+    let tokens_file = s.str(d, "tokens_file");
+    if let (Some(_), Some(both)) = (&token_file, &tokens_file) {
+        d.error(
+            Rule::InvalidValue,
+            both.span(),
+            "`token_file` and `tokens_file` both name the admin API's tokens",
+        )
+        .hint("keep `tokens_file` (named tokens with roles) and put the single token in it as a line `admin operate SECRET`");
+    }
+    let tls = s.get("tls").and_then(|v| tls_certs(d, v, "admin"));
+    let insecure = s.bool(d, "insecure").unwrap_or(false);
     Some((
         Admin {
             bind: *bind.get_ref(),
             token_file,
+            tokens_file: tokens_file.map(|t| PathBuf::from(*t.get_ref())),
+            tls,
+            insecure,
         },
         bind.span(),
     ))

@@ -6,10 +6,11 @@
 //! from the admin address only, and no inline script; the token never appears in a page.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -55,7 +56,7 @@ fn page(status: StatusCode, html: impl Into<String>) -> Response {
 }
 
 async fn index(State(s): State<AdminState>, headers: HeaderMap) -> Response {
-    if !s.sessions.valid(&headers) {
+    if s.sessions.caller(&headers).is_none() {
         return Redirect::to("/login").into_response();
     }
     page(StatusCode::OK, INDEX)
@@ -66,16 +67,25 @@ async fn login_page() -> Response {
 }
 
 /// `POST /login` with `token=...` (a form): a session cookie and back to `/`, or 401.
-async fn login(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn login(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if !session::same_origin(&axum::http::Method::POST, &headers) {
         return (StatusCode::FORBIDDEN, "cross-site login refused\n").into_response();
     }
-    let given = form_value(&body, "token").unwrap_or_default();
-    if !super::auth::constant_time_eq(given.trim().as_bytes(), s.token.as_bytes()) {
-        let said = "<p class=\"error\" role=\"alert\">That is not this safelb's admin token.</p>";
-        return page(StatusCode::UNAUTHORIZED, LOGIN.replace("<!-- error -->", said));
+    if let Some(retry) = s.failures.blocked(peer.ip()) {
+        return s.failures.too_many(retry);
     }
-    let id = match s.sessions.create() {
+    let given = form_value(&body, "token").unwrap_or_default();
+    let Some(caller) = s.tokens.find(&given) else {
+        s.failures.record(peer.ip());
+        let said = "<p class=\"error\" role=\"alert\">That is not one of this safelb's admin tokens.</p>";
+        return page(StatusCode::UNAUTHORIZED, LOGIN.replace("<!-- error -->", said));
+    };
+    let id = match s.sessions.create(caller) {
         Ok(id) => id,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     };

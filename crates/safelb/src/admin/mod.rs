@@ -3,18 +3,21 @@
 //! `app(state)` returns the router, so tests can drive it without a port. Every error is JSON
 //! `{"error": "..."}` with a message a person can act on; each outcome has one status code.
 
-mod auth;
+pub mod auth;
+mod listener;
+pub use listener::AdminListener;
 mod dashboard;
 pub mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use auth::Caller;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use safelb_control::controller::ApplyRequest;
 use safelb_control::store::StoreError;
 use safelb_control::{ApplyError, Controller, RollbackError};
@@ -24,20 +27,22 @@ use serde_json::json;
 #[derive(Clone)]
 pub struct AdminState {
     pub controller: Controller,
-    /// The bearer token every `/api/v1` call must carry (or a dashboard session instead).
-    pub token: Arc<str>,
+    /// The bearer tokens `/api/v1` calls may carry (or a dashboard session instead).
+    pub tokens: Arc<auth::Tokens>,
     pub sessions: Arc<session::Sessions>,
+    pub failures: Arc<auth::Failures>,
     /// Whether the admin listener is served over TLS (session cookies get `Secure`).
     pub tls: bool,
 }
 
 impl AdminState {
-    pub fn new(controller: Controller, token: Arc<str>) -> AdminState {
+    pub fn new(controller: Controller, tokens: auth::Tokens, tls: bool) -> AdminState {
         AdminState {
             controller,
-            token,
+            tokens: Arc::new(tokens),
             sessions: Arc::default(),
-            tls: false,
+            failures: Arc::default(),
+            tls,
         }
     }
 }
@@ -77,6 +82,18 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     };
     safelb_proxy::exposition::render(s.controller.handle(), &mut e);
     s.controller.render_metrics(&mut e);
+    e.family(
+        "safelb_admin_auth_failures_total",
+        "counter",
+        "Admin API authentications that failed (missing or wrong token), and attempts refused unchecked (429) after too many failures from one address.",
+    );
+    for (result, n) in [("failed", &s.failures.failed), ("limited", &s.failures.limited)] {
+        e.sample(
+            "safelb_admin_auth_failures_total",
+            &[("result", result)],
+            n.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -176,7 +193,11 @@ struct ApplyBody {
     emergency: bool,
 }
 
-async fn apply(State(s): State<AdminState>, Json(b): Json<ApplyBody>) -> Response {
+async fn apply(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Json(b): Json<ApplyBody>,
+) -> Response {
     if b.reason.trim().is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -186,7 +207,7 @@ async fn apply(State(s): State<AdminState>, Json(b): Json<ApplyBody>) -> Respons
     let req = ApplyRequest {
         source: b.source,
         file_name: b.file.unwrap_or_else(|| "candidate.toml".into()),
-        author: b.author.unwrap_or_else(|| "unknown".into()),
+        author: caller.author(b.author.as_deref()),
         reason: b.reason,
         origin: "apply".into(),
         skip_preflight: b.skip_preflight,
@@ -218,14 +239,18 @@ struct RollbackBody {
     author: Option<String>,
 }
 
-async fn rollback(State(s): State<AdminState>, Json(b): Json<RollbackBody>) -> Response {
+async fn rollback(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Json(b): Json<RollbackBody>,
+) -> Response {
     if b.reason.trim().is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
             "a reason is required: say why you roll back (-m \"...\")",
         );
     }
-    let author = b.author.unwrap_or_else(|| "unknown".into());
+    let author = caller.author(b.author.as_deref());
     match s.controller.rollback(b.to, &author, &b.reason).await {
         Ok(done) => Json(done).into_response(),
         Err(e @ (RollbackError::NoTarget(_) | RollbackError::UnknownVersion(_))) => {
@@ -259,22 +284,27 @@ async fn events(State(s): State<AdminState>, Query(q): Query<EventsQuery>) -> Re
     }
 }
 
-async fn drain(state: State<AdminState>, addr: Path<String>) -> Response {
-    set_draining(state, addr, true).await
+async fn drain(state: State<AdminState>, caller: Extension<Caller>, addr: Path<String>) -> Response {
+    set_draining(state, caller, addr, true).await
 }
 
-async fn undrain(state: State<AdminState>, addr: Path<String>) -> Response {
-    set_draining(state, addr, false).await
+async fn undrain(state: State<AdminState>, caller: Extension<Caller>, addr: Path<String>) -> Response {
+    set_draining(state, caller, addr, false).await
 }
 
-async fn set_draining(State(s): State<AdminState>, Path(addr): Path<String>, draining: bool) -> Response {
+async fn set_draining(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(addr): Path<String>,
+    draining: bool,
+) -> Response {
     let Ok(parsed) = addr.parse::<SocketAddr>() else {
         return error(
             StatusCode::BAD_REQUEST,
             format!("`{addr}` is not an IP:port backend address"),
         );
     };
-    if s.controller.set_draining(parsed, draining, "admin-api").await {
+    if s.controller.set_draining(parsed, draining, &caller.name).await {
         Json(json!({ "backend": addr, "draining": draining })).into_response()
     } else {
         error(

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, Method};
 
+use super::auth::Caller;
+
 pub const COOKIE: &str = "safelb_session";
 /// How long a session lasts after login.
 pub const LIFETIME: Duration = Duration::from_secs(12 * 3600);
@@ -31,30 +33,33 @@ pub fn secret_hex(n: usize) -> Result<String, String> {
 
 #[derive(Default)]
 pub struct Sessions {
-    live: Mutex<HashMap<String, Instant>>,
+    /// Session id -> when it ends and whose token opened it.
+    live: Mutex<HashMap<String, (Instant, Caller)>>,
 }
 
 impl Sessions {
-    /// A new session; its id goes into the cookie.
-    pub fn create(&self) -> Result<String, String> {
+    /// A new session for `caller`; its id goes into the cookie.
+    pub fn create(&self, caller: Caller) -> Result<String, String> {
         let id = secret_hex(32)?;
         let mut live = self.live.lock().expect("session lock is never poisoned");
         let now = Instant::now();
-        live.retain(|_, until| *until > now);
+        live.retain(|_, (until, _)| *until > now);
         if live.len() >= MAX_SESSIONS {
-            if let Some(oldest) = live.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone()) {
+            if let Some(oldest) = live.iter().min_by_key(|(_, (until, _))| *until).map(|(k, _)| k.clone()) {
                 live.remove(&oldest);
             }
         }
-        live.insert(id.clone(), now + LIFETIME);
+        live.insert(id.clone(), (now + LIFETIME, caller));
         Ok(id)
     }
 
-    /// Whether the request carries a live session cookie.
-    pub fn valid(&self, headers: &HeaderMap) -> bool {
-        let Some(id) = cookie(headers) else { return false };
+    /// Whose live session the request's cookie names, if any.
+    pub fn caller(&self, headers: &HeaderMap) -> Option<Caller> {
+        let id = cookie(headers)?;
         let live = self.live.lock().expect("session lock is never poisoned");
-        live.get(id).is_some_and(|until| *until > Instant::now())
+        live.get(id)
+            .filter(|(until, _)| *until > Instant::now())
+            .map(|(_, caller)| caller.clone())
     }
 
     /// Ends the request's session, if it has one.
@@ -119,16 +124,20 @@ mod tests {
     }
 
     #[test]
-    fn a_session_is_valid_until_logout() {
+    fn a_session_is_valid_until_logout_and_keeps_its_caller() {
         let s = Sessions::default();
-        let id = s.create().unwrap();
+        let viewer = Caller {
+            name: "viewer".into(),
+            role: super::super::auth::Role::Read,
+        };
+        let id = s.create(viewer.clone()).unwrap();
         assert_eq!(id.len(), 64);
         let with = headers(&[("cookie", &format!("theme=dark; {COOKIE}={id}"))]);
-        assert!(s.valid(&with));
-        assert!(!s.valid(&headers(&[("cookie", &format!("{COOKIE}=guess"))])));
-        assert!(!s.valid(&HeaderMap::new()));
+        assert_eq!(s.caller(&with), Some(viewer));
+        assert_eq!(s.caller(&headers(&[("cookie", &format!("{COOKIE}=guess"))])), None);
+        assert_eq!(s.caller(&HeaderMap::new()), None);
         s.end(&with);
-        assert!(!s.valid(&with));
+        assert_eq!(s.caller(&with), None);
     }
 
     #[test]

@@ -21,7 +21,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminListener, AdminState};
+use axum::serve::ListenerExt;
 
 /// How often TLS certificate and key files are checked for changes.
 const CERT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
@@ -400,11 +401,38 @@ pub async fn start(
             .as_ref()
             .map_or_else(|| DEFAULT_ADMIN.parse().expect("a valid address"), |a| a.bind)
     });
+    let admin_config = config.admin.clone().unwrap_or(safelb_config::model::Admin {
+        bind: admin_bind,
+        token_file: None,
+        tokens_file: None,
+        tls: None,
+        insecure: false,
+    });
+    // `check` refuses this for the config's own bind; `--admin-bind` must not get around it.
+    if !admin_bind.ip().is_loopback() && admin_config.tls.is_none() && !admin_config.insecure {
+        bail!(
+            "the admin API would listen on {admin_bind}, reachable from other machines, without TLS: add `tls = {{ cert, key }}` to [admin], bind it to loopback, or set `insecure = true` in [admin] if a private network protects it"
+        );
+    }
+    let admin_tls = match &admin_config.tls {
+        None => None,
+        Some(specs) => {
+            let resolver = CertResolver::load("admin", specs).map_err(anyhow::Error::msg)?;
+            let acceptor = resolver.acceptor_for(&[b"http/1.1"]).map_err(anyhow::Error::msg)?;
+            certs.push(resolver);
+            Some(acceptor)
+        }
+    };
     let admin_listener = tokio::net::TcpListener::bind(admin_bind)
         .await
         .with_context(|| format!("cannot bind the admin API on {admin_bind}"))?;
     let admin = admin_listener.local_addr()?;
-    let token = admin_token(config.admin.as_ref().and_then(|a| a.token_file.as_deref()), store_dir)?;
+    let store_path = store_dir.to_path_buf();
+    let tokens = {
+        let admin_config = admin_config.clone();
+        tokio::task::spawn_blocking(move || admin_tokens(&admin_config, &store_path)).await??
+    };
+    tracing::info!(tokens = ?tokens.names(), tls = admin_tls.is_some(), "admin API tokens");
     let drain_timeout = config.limits.drain_timeout;
 
     let control = ControlRuntime::start()?;
@@ -437,10 +465,19 @@ pub async fn start(
             tracker.clone(),
         )));
     }
-    let app = admin::app(AdminState::new(controller.clone(), Arc::from(token)));
+    let app = admin::app(AdminState::new(controller.clone(), tokens, admin_tls.is_some()));
     let admin_shutdown = shutdown.clone();
     tasks.push(control.handle.spawn(async move {
-        let served = axum::serve(admin_listener, app)
+        // `tap_io` (here doing nothing) is axum's way to hand a custom listener's peer address
+        // to handlers as `ConnectInfo<SocketAddr>`: the failed-login limit is per address.
+        let listener = match AdminListener::new(admin_listener, admin_tls) {
+            Ok(l) => l.tap_io(|_| {}),
+            Err(e) => {
+                tracing::error!(error = %e, "admin API: cannot start its listener");
+                return;
+            }
+        };
+        let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
             .await;
         if let Err(e) = served {
@@ -509,6 +546,22 @@ fn submit(running: &Running, file_name: &str, source: String, origin: &str, reas
             Err(e) => tracing::error!(error = %e, "configuration file refused; the running version keeps serving"),
         }
     });
+}
+
+/// The admin API's tokens: the named ones of `tokens_file`, or the one token of `token_file`
+/// or of the store directory (see [`admin_token`]) named `admin` with role `operate`.
+fn admin_tokens(admin: &safelb_config::model::Admin, store: &Path) -> anyhow::Result<admin::auth::Tokens> {
+    match &admin.tokens_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the admin tokens file {}", path.display()))?;
+            admin::auth::Tokens::parse(path, &text).map_err(anyhow::Error::msg)
+        }
+        None => Ok(admin::auth::Tokens::single(&admin_token(
+            admin.token_file.as_deref(),
+            store,
+        )?)),
+    }
 }
 
 /// The admin token: from `token_file` if the config names one, else generated once into the

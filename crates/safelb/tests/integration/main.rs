@@ -5,6 +5,7 @@
 mod common;
 
 mod actions;
+mod admin;
 mod change_control;
 mod check_cli;
 mod crash;
@@ -19,4 +20,4 @@ mod protocols;
 mod proxying;
 mod safety;
 mod swap;
-mod tls;
+pub mod tls;

@@ -459,7 +459,7 @@ async fn postmortem_figures_match_what_clients_saw() {
         "durations differ by more than a second"
     );
     assert_eq!(report["trigger"]["skip_preflight"], true);
-    assert_eq!(report["trigger"]["author"], "tester");
+    assert_eq!(report["trigger"]["author"], "admin (tester)");
     assert_eq!(report["mitigation"]["how"], "automatic rollback");
 
     let (code, md) = site.cli(&["postmortem", "1"]);
@@ -477,7 +477,7 @@ async fn postmortem_figures_match_what_clients_saw() {
     }
     assert!(md.contains(&format!("{} failed of", failures.len())), "{md}");
     assert!(
-        md.contains("Preflight was skipped with --skip-preflight by tester"),
+        md.contains("Preflight was skipped with --skip-preflight by admin (tester)"),
         "{md}"
     );
     assert!(md.contains("```diff"), "{md}");

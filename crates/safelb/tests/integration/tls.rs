@@ -16,12 +16,12 @@ use safelb_testkit::TestBackend;
 use crate::lifecycle::{free_port, spawn_serve, tempdir, wait_for_log, Process};
 
 /// A self-signed certificate for `name`: (cert PEM, key PEM, cert DER).
-fn certificate(name: &str) -> (String, String, Vec<u8>) {
+pub(crate) fn certificate(name: &str) -> (String, String, Vec<u8>) {
     let rcgen::CertifiedKey { cert, key_pair } = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
     (cert.pem(), key_pair.serialize_pem(), cert.der().to_vec())
 }
 
-fn write(dir: &Path, file: &str, text: &str) {
+pub(crate) fn write(dir: &Path, file: &str, text: &str) {
     // Write then rename, as deployment tools do, so a reload never sees half a file.
     let tmp = dir.join(format!("{file}.tmp"));
     std::fs::write(&tmp, text).unwrap();
@@ -64,10 +64,10 @@ async fn start(backend: &TestBackend) -> TlsSite {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+pub(crate) type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// A TLS connection with SNI `name`, trusting `roots`; returns the sender and the server's leaf.
-async fn connect(port: u16, name: &str, roots: &[Vec<u8>]) -> Result<(Sender, Vec<u8>), String> {
+pub(crate) async fn connect(port: u16, name: &str, roots: &[Vec<u8>]) -> Result<(Sender, Vec<u8>), String> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(CertificateDer::from(r.clone())).map_err(|e| e.to_string())?;
