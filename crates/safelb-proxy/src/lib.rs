@@ -19,6 +19,8 @@ pub mod clock;
 pub mod error;
 pub mod exposition;
 pub mod failures;
+#[doc(hidden)]
+pub mod fuzzing;
 mod h1;
 mod handle;
 pub mod headers;

@@ -24,7 +24,7 @@ const PROXY_LAYERS: &[&[&str]] = &[
     &["shadow"],
     &["handle"],
     &["proxy", "exposition"],
-    &["server"],
+    &["server", "fuzzing"],
 ];
 
 fn crates_dir() -> PathBuf {

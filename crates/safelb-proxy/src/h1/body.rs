@@ -4,7 +4,7 @@
 
 use super::*;
 
-pub(super) enum State {
+pub(crate) enum State {
     /// Bytes of the body still to come.
     Length(u64),
     Chunked(Chunk),
@@ -14,7 +14,7 @@ pub(super) enum State {
     Done,
 }
 
-pub(super) enum Chunk {
+pub(crate) enum Chunk {
     Size,
     Data(u64),
     /// The CRLF after a chunk's data.
@@ -24,10 +24,10 @@ pub(super) enum Chunk {
 
 /// A response body read straight off the backend connection.
 pub struct H1Body {
-    pub(super) conn: Option<Conn>,
-    pub(super) state: State,
-    pub(super) keep_alive: bool,
-    pub(super) home: Arc<IdleConns>,
+    pub(crate) conn: Option<Conn>,
+    pub(crate) state: State,
+    pub(crate) keep_alive: bool,
+    pub(crate) home: Arc<IdleConns>,
 }
 
 impl H1Body {

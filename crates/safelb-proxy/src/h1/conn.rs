@@ -9,7 +9,7 @@ use super::*;
 /// An upstream HTTP/1.1 connection with its read buffer.
 pub(crate) struct Conn {
     pub(super) io: TcpStream,
-    pub(super) buf: BytesMut,
+    pub(crate) buf: BytesMut,
 }
 
 impl Conn {

@@ -3,18 +3,18 @@
 
 use super::*;
 
-pub(super) struct Head {
-    pub(super) status: StatusCode,
-    pub(super) version: Version,
-    pub(super) headers: HeaderMap,
-    pub(super) keep_alive: bool,
-    pub(super) content_length: Option<u64>,
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) keep_alive: bool,
+    pub(crate) content_length: Option<u64>,
     /// `Transfer-Encoding: chunked` (the only transfer coding accepted).
-    pub(super) chunked: bool,
+    pub(crate) chunked: bool,
 }
 
 /// Parses one response head off the front of `buf`; `None` until it is complete.
-pub(super) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
+pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
     // Uninitialised slots: zeroing 128 of them per response showed in the profile.
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
@@ -100,7 +100,7 @@ pub(super) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
 }
 
 /// How the body of a response is delimited (RFC 9112 §6.3).
-pub(super) fn framing(head: &Head, method: &Method) -> State {
+pub(crate) fn framing(head: &Head, method: &Method) -> State {
     if *method == Method::HEAD || head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED {
         return State::Length(0);
     }

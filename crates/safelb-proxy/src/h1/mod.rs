@@ -34,9 +34,11 @@ mod conn;
 mod head;
 
 pub use body::H1Body;
-use body::*;
+// Crate-wide (not only for `conn.rs`) so that `crate::fuzzing` can drive the parser and the
+// body's framing without a backend.
+pub(crate) use body::{Chunk, State};
 pub(crate) use conn::{exchange, Conn, IdleConns};
-use head::*;
+pub(crate) use head::{framing, parse_head, Head};
 
 /// Longest response head (status line and headers) or trailer section accepted.
 const MAX_HEAD: usize = 64 * 1024;

@@ -341,7 +341,7 @@ struct TeTrailers;
 /// framing, a missing or repeated `Host` on HTTP/1.1, `CONNECT` (other than HTTP/2's extended
 /// CONNECT of a WebSocket).
 /// `hop_by_hop`: whether any hop-by-hop field is present (`Transfer-Encoding` is one).
-fn hostile_head<B>(req: &Request<B>, hop_by_hop: bool) -> Option<ErrorKind> {
+pub(crate) fn hostile_head<B>(req: &Request<B>, hop_by_hop: bool) -> Option<ErrorKind> {
     let headers = req.headers();
     if hop_by_hop && headers.contains_key(http::header::TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
         return Some(ErrorKind::AmbiguousFraming);
