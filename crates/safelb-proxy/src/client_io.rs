@@ -10,8 +10,15 @@
 //! - when hyper writes one of its automatic error responses while a head is being read (no
 //!   request in flight), the wrapper writes its own answer with the same status instead.
 //!
-//! An HTTP/2 connection (recognised by its preface) gets the idle timeout only; an upgraded
-//! connection (WebSocket) is passed through untouched.
+//! An HTTP/2 connection (recognised by its preface) gets the idle timeout only, and its frame
+//! headers are read on the way in: control frames that cost the server work and carry no
+//! request (SETTINGS and PING without ACK, PRIORITY) are limited to a burst of
+//! [`CONTROL_BURST`] and [`CONTROL_PER_SEC`] a second after it; past that the connection is a
+//! flood (CVE-2019-9512, -9515) and is closed. An upgraded connection (WebSocket) is passed
+//! through untouched, apart from the send timeout.
+//!
+//! Every connection has a send timeout: a client that accepts no byte of what safelb writes for
+//! `limits.send_timeout` is disconnected, so a reader that stalls holds nothing for long.
 
 use std::future::Future;
 use std::io;
@@ -39,6 +46,79 @@ pub struct ConnState {
     pub client_ip: std::sync::OnceLock<http::HeaderValue>,
 }
 
+/// HTTP/2 control frames a connection may send at once, and per second after that.
+pub const CONTROL_BURST: f64 = 100.0;
+pub const CONTROL_PER_SEC: f64 = 10.0;
+const PREFACE_LEN: usize = 24;
+
+/// Where the reader is in an HTTP/2 byte stream, and the control-frame budget.
+struct H2Frames {
+    preface_left: usize,
+    /// Bytes of the current frame's header seen so far, and the header.
+    head: [u8; 9],
+    head_len: usize,
+    /// Payload bytes of the current frame still to pass.
+    payload_left: usize,
+    tokens: f64,
+    refilled: tokio::time::Instant,
+}
+
+impl H2Frames {
+    fn new() -> H2Frames {
+        H2Frames {
+            preface_left: PREFACE_LEN,
+            head: [0; 9],
+            head_len: 0,
+            payload_left: 0,
+            tokens: CONTROL_BURST,
+            refilled: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Follows the frames in `bytes`; false when they exceed the control-frame budget.
+    fn scan(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() {
+            let skip = if self.preface_left > 0 {
+                &mut self.preface_left
+            } else if self.payload_left > 0 {
+                &mut self.payload_left
+            } else {
+                let k = (9 - self.head_len).min(bytes.len());
+                self.head[self.head_len..self.head_len + k].copy_from_slice(&bytes[..k]);
+                self.head_len += k;
+                bytes = &bytes[k..];
+                if self.head_len == 9 {
+                    self.head_len = 0;
+                    let h = self.head;
+                    self.payload_left = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
+                    let (kind, ack) = (h[3], h[4] & 1 == 1);
+                    let control = matches!(kind, 2) || (matches!(kind, 4 | 6) && !ack);
+                    if control && !self.spend() {
+                        return false;
+                    }
+                }
+                continue;
+            };
+            let k = (*skip).min(bytes.len());
+            *skip -= k;
+            bytes = &bytes[k..];
+        }
+        true
+    }
+
+    fn spend(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * CONTROL_PER_SEC;
+        self.tokens = (self.tokens + earned).min(CONTROL_BURST);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
     /// Between requests: the keep-alive timer runs.
@@ -56,6 +136,7 @@ pub struct ClientIo<S> {
     /// Decided by the first bytes: HTTP/2 has no "request head" between frames, so only the
     /// idle timeout applies, and no HTTP/1 answer may ever be written into its framing.
     h2: Option<bool>,
+    frames: Option<Box<H2Frames>>,
     head_bytes: usize,
     /// Where the request line of the head being read ends, once seen: hyper answers 431 for
     /// any head over the limit; one that is mostly its request line gets 414 instead.
@@ -63,9 +144,20 @@ pub struct ClientIo<S> {
     timer: Pin<Box<Sleep>>,
     header_timeout: Duration,
     keepalive_timeout: Duration,
+    send_timeout: Duration,
+    /// Runs while a write waits for the client to take bytes; reset by any progress.
+    stall: Option<Pin<Box<Sleep>>>,
     peer: SocketAddr,
     log: AccessLog,
     version: u64,
+}
+
+/// The timeouts of one client connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub header: Duration,
+    pub keepalive: Duration,
+    pub send: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
@@ -73,8 +165,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
         stream: S,
         state: Arc<ConnState>,
         peer: SocketAddr,
-        header_timeout: Duration,
-        keepalive_timeout: Duration,
+        timeouts: Timeouts,
         log: AccessLog,
         version: u64,
     ) -> Self {
@@ -84,15 +175,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
             // A new connection must send its first head within the header timeout.
             phase: Phase::Head,
             h2: None,
+            frames: None,
             head_bytes: 0,
             head_line: None,
-            timer: Box::pin(tokio::time::sleep(header_timeout)),
-            header_timeout,
-            keepalive_timeout,
+            timer: Box::pin(tokio::time::sleep(timeouts.header)),
+            header_timeout: timeouts.header,
+            keepalive_timeout: timeouts.keepalive,
+            send_timeout: timeouts.send,
+            stall: None,
             peer,
             log,
             version,
         }
+    }
+
+    /// A write's outcome, with the send timeout applied: a write that waits on the client
+    /// longer than `send_timeout` since the last byte it took fails.
+    fn sent<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stall = None;
+            return poll;
+        }
+        let after = self.send_timeout;
+        let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+        if stall.as_mut().poll(cx).is_ready() {
+            tracing::debug!(client = %self.peer, "client took no byte for the send timeout; disconnected");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no byte of its response within limits.send_timeout",
+            )));
+        }
+        Poll::Pending
     }
 
     fn arm(&mut self, phase: Phase, after: Duration) {
@@ -164,9 +277,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
         if let Poll::Ready(result) = Pin::new(&mut this.stream).poll_read(cx, buf) {
             let n = buf.filled().len() - before;
             if this.h2.is_none() && n > 0 {
-                this.h2 = Some(buf.filled()[before..].starts_with(b"PRI * HTTP/2.0"));
+                let h2 = buf.filled()[before..].starts_with(b"PRI * HTTP/2.0");
+                this.h2 = Some(h2);
+                if h2 {
+                    this.frames = Some(Box::new(H2Frames::new()));
+                }
             }
             if this.h2 == Some(true) {
+                if let Some(frames) = this.frames.as_mut() {
+                    if !frames.scan(&buf.filled()[before..]) {
+                        tracing::warn!(client = %this.peer, "HTTP/2 control frame flood (SETTINGS, PING or PRIORITY); connection closed");
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "HTTP/2 control frame flood",
+                        )));
+                    }
+                }
                 if n > 0 && this.phase != Phase::Busy {
                     let after = this.keepalive_timeout;
                     this.arm(Phase::Idle, after);
@@ -210,7 +336,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
             // The connection closes after this; hyper's own bytes are replaced.
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut this.stream).poll_write(cx, buf)
+        let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.sent(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -224,7 +351,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
                 return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
             }
         }
-        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.sent(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -232,7 +360,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.stream).poll_flush(cx);
+        this.sent(cx, poll)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -249,4 +379,38 @@ fn automatic_error_status(buf: &[u8]) -> Option<u16> {
         (b"HTTP/1.1 414 URI Too Long\r\n", 414),
     ];
     LINES.iter().find(|(line, _)| buf.starts_with(line)).map(|&(_, s)| s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags, 0, 0, 0, 0];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn control_frames_past_the_budget_are_a_flood_wherever_reads_split_them() {
+        let mut stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // Data and ACKs are free: a PING ACK whose payload looks like frame headers, DATA.
+        stream.extend(frame(6, 1, &frame(6, 0, &[])[..8]));
+        stream.extend(frame(0, 0, &[6; 300]));
+        for _ in 0..CONTROL_BURST as usize {
+            stream.extend(frame(6, 0, &[0; 8]));
+        }
+        let mut f = H2Frames::new();
+        // Fed in pieces of 7 bytes: headers and payloads straddle reads.
+        assert!(stream.chunks(7).all(|c| f.scan(c)), "the burst itself is allowed");
+        assert!(!f.scan(&frame(4, 0, &[])), "one more SETTINGS is a flood");
+        let mut f = H2Frames::new();
+        assert!(f.scan(&stream));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for i in 0..CONTROL_PER_SEC as usize {
+            assert!(f.scan(&frame(2, 0, &[0; 5])), "PRIORITY {i} within the refill");
+        }
+        assert!(!f.scan(&frame(2, 0, &[0; 5])));
+    }
 }

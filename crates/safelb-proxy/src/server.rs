@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::client_io::{ClientIo, ConnState};
+use crate::client_io::{ClientIo, ConnState, Timeouts};
 use crate::metrics::ListenerCounters;
 use crate::proxy::Proxy;
 
@@ -214,8 +214,11 @@ where
         stream,
         state.clone(),
         peer,
-        limits.header_timeout,
-        limits.keepalive_timeout,
+        Timeouts {
+            header: limits.header_timeout,
+            keepalive: limits.keepalive_timeout,
+            send: limits.send_timeout,
+        },
         proxy.log.clone(),
         snapshot.version,
     ));

@@ -139,6 +139,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
     pub tunnel_idle_timeout: Duration,
+    /// A client that takes no byte of its response for this long is disconnected (a slow or
+    /// stalled reader must not hold a connection and a backend forever).
+    pub send_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -152,6 +155,7 @@ impl Default for Limits {
             replay_body_bytes: 64 * 1024,
             max_connections: 10_000,
             tunnel_idle_timeout: Duration::from_secs(300),
+            send_timeout: Duration::from_secs(60),
         }
     }
 }

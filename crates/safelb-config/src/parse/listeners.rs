@@ -124,6 +124,7 @@ pub(super) fn limits(d: &mut Diagnostics, s: &Section<'_, '_>) -> Limits {
             "replay_body_bytes",
             "max_connections",
             "tunnel_idle_timeout",
+            "send_timeout",
         ],
     );
     let def = Limits::default();
@@ -151,6 +152,10 @@ pub(super) fn limits(d: &mut Diagnostics, s: &Section<'_, '_>) -> Limits {
             .duration(d, "tunnel_idle_timeout")
             .filter(|t| !t.is_zero())
             .unwrap_or(def.tunnel_idle_timeout),
+        send_timeout: s
+            .duration(d, "send_timeout")
+            .filter(|t| !t.is_zero())
+            .unwrap_or(def.send_timeout),
     }
 }
 

@@ -87,7 +87,11 @@ async fn a_browser_session_reads_writes_same_origin_only_and_streams_live() {
     ];
     let r = send(admin, request("POST", "/login", &host, &form, "token=not-the-token")).await;
     assert_eq!(r.status, 401);
-    assert!(r.body.contains("That is not one of this safelb's admin tokens."), "{}", r.body);
+    assert!(
+        r.body.contains("That is not one of this safelb's admin tokens."),
+        "{}",
+        r.body
+    );
     assert!(!r.body.contains("not-the-token"), "what was typed is not echoed");
     assert!(r.headers.get("set-cookie").is_none());
     let evil = [

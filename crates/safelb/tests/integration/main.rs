@@ -14,6 +14,7 @@ mod deploy;
 mod failures;
 mod fleet;
 mod hostile;
+mod hostile_h2;
 pub mod lifecycle;
 mod observability;
 mod protocols;
