@@ -94,6 +94,12 @@ type ListenerFamily = (
 pub fn render(handle: &ProxyHandle, e: &mut Exposition) {
     let m = handle.metrics();
     e.family(
+        "safelb_tunnels_open",
+        "gauge",
+        "Upgraded connections (WebSocket tunnels) open now.",
+    );
+    e.sample("safelb_tunnels_open", &[], handle.tunnels().open() as f64);
+    e.family(
         "safelb_requests_total",
         "counter",
         "Responses sent to clients by route, pool, backend (empty when safelb answered itself), status class and config version role.",

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use safelb_config::{Listener, ValidConfig};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::backend::{Active, BackendState};
@@ -99,6 +100,44 @@ struct Inner {
     samples: Samples,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    tunnels: Tunnels,
+}
+
+/// The upgraded connections (WebSocket tunnels) of this proxy. They outlive the HTTP connection
+/// that started them, so shutdown finds them here: it waits for them like for requests in
+/// flight, then closes the rest.
+#[derive(Default)]
+pub struct Tunnels {
+    tracker: TaskTracker,
+    close: CancellationToken,
+}
+
+impl Tunnels {
+    /// Runs a tunnel; `run` gets the token that is cancelled when tunnels must close.
+    pub fn spawn<F>(&self, run: impl FnOnce(CancellationToken) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(run(self.close.clone()));
+    }
+
+    pub fn open(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Waits up to `limit` for the tunnels to end by themselves, then closes the others (both
+    /// sides shut down); returns how many had to be closed.
+    pub async fn drain(&self, limit: std::time::Duration) -> usize {
+        self.tracker.close();
+        if tokio::time::timeout(limit, self.tracker.wait()).await.is_ok() {
+            return 0;
+        }
+        let left = self.tracker.len();
+        self.close.cancel();
+        // Each closing tunnel shuts its sockets down within a second.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.tracker.wait()).await;
+        left
+    }
 }
 
 impl Drop for Inner {
@@ -125,6 +164,7 @@ impl ProxyHandle {
                 samples: Samples::default(),
                 metrics,
                 cancel: CancellationToken::new(),
+                tunnels: Tunnels::default(),
             }),
         };
         handle.reconcile();
@@ -435,6 +475,11 @@ impl ProxyHandle {
     }
 
     /// Stops the health checkers (the handle itself stays usable for reads).
+    /// The upgraded connections (WebSocket tunnels).
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.inner.tunnels
+    }
+
     pub fn shutdown(&self) {
         self.inner.cancel.cancel();
     }

@@ -66,7 +66,7 @@ impl Proxy {
         conn.upgraded.store(true, Relaxed);
         let peer = backend.addr;
         let idle_limit = snapshot.config.limits.tunnel_idle_timeout;
-        tokio::spawn(async move {
+        self.handle.tunnels().spawn(|closing| async move {
             let (Ok(client), Ok(upstream)) = (on_client.await, on_upstream.await) else {
                 return;
             };
@@ -80,6 +80,13 @@ impl Proxy {
                 },
                 _ = idle(&last, idle_limit) => {
                     tracing::debug!(backend = %peer, idle_ms = idle_limit.as_millis() as u64, "upgraded connection closed: idle");
+                }
+                _ = closing.cancelled() => {
+                    // Shutting down past the drain timeout: an orderly close of both sides.
+                    use tokio::io::AsyncWriteExt;
+                    let both = async { tokio::join!(client.shutdown(), upstream.shutdown()) };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), both).await;
+                    tracing::debug!(backend = %peer, "upgraded connection closed: shutting down");
                 }
             }
         });

@@ -516,14 +516,22 @@ impl Running {
             let _ = t.await;
         }
         self.tracker.close();
+        let started = tokio::time::Instant::now();
         let drained = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
             .await
             .is_ok();
+        // Tunnels (WebSockets) share the same drain time, then the rest are closed.
+        let left = self.drain_timeout.saturating_sub(started.elapsed());
+        let tunnels = self.controller.handle().tunnels().open();
+        let closed = self.controller.handle().tunnels().drain(left).await;
         self.controller.handle().shutdown();
-        if drained {
-            tracing::info!("drained; exiting");
+        if drained && closed == 0 {
+            tracing::info!(tunnels, "drained; exiting");
         } else {
-            tracing::warn!("drain timeout reached; closing the remaining connections");
+            tracing::warn!(
+                tunnels_closed = closed,
+                "drain timeout reached; closing the remaining connections"
+            );
         }
     }
 }

@@ -153,6 +153,63 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     );
 }
 
+/// A WebSocket open at SIGTERM is a connection in flight too: it keeps working through the
+/// drain (`drain_timeout = "5s"` here), is closed at its end, and serve then exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_websockets_then_closes_them_at_the_drain_timeout() {
+    use futures_util::StreamExt;
+    let backend = TestBackend::start("ws").await;
+    let dir = tempdir();
+    let port = free_port();
+    let cfg = write_config(&dir, port, &backend.addr.to_string(), "");
+    let mut p = spawn_serve(&cfg);
+    wait_for_log(&mut p, "admin API listening", Duration::from_secs(10));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut ws = crate::protocols::ws_connect(addr).await;
+    assert_eq!(crate::protocols::echo(&mut ws, "before").await, "ws: before");
+    let term = Instant::now();
+    signal(&p, 15);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        crate::protocols::echo(&mut ws, "draining").await,
+        "ws: draining",
+        "the tunnel works during the drain"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    let closed_after = term.elapsed();
+    assert!(
+        matches!(
+            end,
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))))
+        ),
+        "the tunnel was still open 10 s into a 5 s drain: {end:?}"
+    );
+    assert!(
+        closed_after >= Duration::from_millis(4500) && closed_after < Duration::from_secs(8),
+        "closed {closed_after:?} after SIGTERM"
+    );
+    assert_eq!(wait_exit(&mut p, Duration::from_secs(5)), Some(0));
+    let log = wait_for_log(&mut p, "drain timeout reached", Duration::from_secs(1));
+    // The log's fields are coloured: compare the text without its escape sequences.
+    let plain = |l: &String| {
+        let mut out = String::new();
+        let mut escape = false;
+        for c in l.chars() {
+            match (escape, c) {
+                (false, '\u{1b}') => escape = true,
+                (true, 'm') => escape = false,
+                (false, c) => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    };
+    assert!(
+        log.iter().map(plain).any(|l| l.contains("tunnels_closed=1")),
+        "{log:#?}"
+    );
+}
+
 #[tokio::test]
 async fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
     let a = TestBackend::start("a").await;

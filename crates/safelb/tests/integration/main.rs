@@ -17,7 +17,7 @@ mod hostile;
 mod hostile_h2;
 pub mod lifecycle;
 mod observability;
-mod protocols;
+pub mod protocols;
 mod proxying;
 mod safety;
 mod swap;

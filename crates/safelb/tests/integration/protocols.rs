@@ -39,7 +39,9 @@ async fn h2c_with_prior_knowledge_reaches_http1_backends() {
     assert!(text.contains("x-trace: 7\n"), "{text}");
 }
 
-async fn ws_connect(addr: std::net::SocketAddr) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+pub(crate) async fn ws_connect(
+    addr: std::net::SocketAddr,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (ws, response) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
         .await
@@ -48,7 +50,7 @@ async fn ws_connect(addr: std::net::SocketAddr) -> tokio_tungstenite::WebSocketS
     ws
 }
 
-async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, text: &str) -> String {
+pub(crate) async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, text: &str) -> String {
     ws.send(Message::text(text)).await.unwrap();
     let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
         .await
