@@ -33,6 +33,9 @@ pub struct AdminState {
     pub failures: Arc<auth::Failures>,
     /// Whether the admin listener is served over TLS (session cookies get `Secure`).
     pub tls: bool,
+    /// The process's runtimes by name, whose live task counts `/metrics` reports (a leak of
+    /// tasks shows as a count that only grows).
+    pub runtimes: Vec<(&'static str, tokio::runtime::Handle)>,
 }
 
 impl AdminState {
@@ -43,6 +46,7 @@ impl AdminState {
             sessions: Arc::default(),
             failures: Arc::default(),
             tls,
+            runtimes: Vec::new(),
         }
     }
 }
@@ -87,6 +91,18 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         "counter",
         "Admin API authentications that failed (missing or wrong token), and attempts refused unchecked (429) after too many failures from one address.",
     );
+    e.family(
+        "safelb_runtime_tasks",
+        "gauge",
+        "Tasks alive on each of safelb's runtimes (data: the proxy; control: admin API, monitor, rollouts).",
+    );
+    for (name, rt) in &s.runtimes {
+        e.sample(
+            "safelb_runtime_tasks",
+            &[("runtime", name)],
+            rt.metrics().num_alive_tasks() as f64,
+        );
+    }
     for (result, n) in [("failed", &s.failures.failed), ("limited", &s.failures.limited)] {
         e.sample(
             "safelb_admin_auth_failures_total",

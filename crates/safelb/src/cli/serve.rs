@@ -465,7 +465,12 @@ pub async fn start(
             tracker.clone(),
         )));
     }
-    let app = admin::app(AdminState::new(controller.clone(), tokens, admin_tls.is_some()));
+    let mut state = AdminState::new(controller.clone(), tokens, admin_tls.is_some());
+    state.runtimes = vec![
+        ("data", tokio::runtime::Handle::current()),
+        ("control", control.handle.clone()),
+    ];
+    let app = admin::app(state);
     let admin_shutdown = shutdown.clone();
     tasks.push(control.handle.spawn(async move {
         // `tap_io` (here doing nothing) is axum's way to hand a custom listener's peer address
