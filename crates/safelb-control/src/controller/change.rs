@@ -140,8 +140,10 @@ impl Controller {
             .insert(version, status.clone());
         *self.inner.current.lock().expect("current lock") = Some(Current {
             id: version,
-            cancel,
-            abort_reason,
+            abort: Abort {
+                cancel,
+                reason: abort_reason,
+            },
             done: done_rx,
             status,
         });
@@ -176,11 +178,10 @@ impl Controller {
             current
                 .as_ref()
                 .filter(|c| c.running())
-                .map(|c| (c.id, c.cancel.clone(), c.abort_reason.clone(), c.done.clone()))
+                .map(|c| (c.id, c.abort.clone(), c.done.clone()))
         };
-        if let Some((id, cancel, why, mut done)) = running_rollout {
-            *why.lock().expect("reason lock") = Some(format!("{reason} (by {author})"));
-            cancel.cancel();
+        if let Some((id, abort, mut done)) = running_rollout {
+            abort.now(format!("{reason} (by {author})"));
             while !*done.borrow() {
                 if done.changed().await.is_err() {
                     break;

@@ -109,18 +109,17 @@ impl Controller {
             current
                 .as_ref()
                 .filter(|c| c.running())
-                .map(|c| (c.id, c.cancel.clone(), c.abort_reason.clone()))
+                .map(|c| (c.id, c.abort.clone()))
         };
         let rollout = seen.rollout.as_ref().map(|(r, _)| r);
-        if let Some((id, cancel, why)) = &local {
+        if let Some((id, abort)) = &local {
             let over = rollout.is_none_or(|r| r.version != *id || r.phase.is_final());
             if over {
                 let verdict = rollout
                     .filter(|r| r.version == *id)
                     .and_then(|r| r.verdict.clone())
                     .unwrap_or_else(|| format!("the fleet's rollout of version {id} ended"));
-                *why.lock().expect("reason lock") = Some(verdict);
-                cancel.cancel();
+                abort.now(verdict);
             }
             return;
         }

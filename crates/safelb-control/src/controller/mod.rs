@@ -157,10 +157,24 @@ pub struct Startup {
 
 struct Current {
     id: u64,
-    cancel: CancellationToken,
-    abort_reason: Arc<Mutex<Option<String>>>,
+    abort: Abort,
     done: tokio::sync::watch::Receiver<bool>,
     status: Arc<Mutex<RolloutStatus>>,
+}
+
+/// Stops the rollout in progress: the reason its verdict will give, then the cancellation its
+/// task watches.
+#[derive(Clone)]
+struct Abort {
+    cancel: CancellationToken,
+    reason: Arc<Mutex<Option<String>>>,
+}
+
+impl Abort {
+    fn now(&self, why: String) {
+        *self.reason.lock().expect("reason lock") = Some(why);
+        self.cancel.cancel();
+    }
 }
 
 impl Current {

@@ -393,14 +393,7 @@ impl Fleet {
                 Some((_, rev)) => rev,
                 None => 0,
             };
-            let (last, counter_rev) = match self.gateway.get(&self.key(counter))? {
-                Some(kv) => (
-                    String::from_utf8_lossy(&kv.value).parse::<u64>().map_err(err)?,
-                    kv.mod_revision,
-                ),
-                None => (0, 0),
-            };
-            let id = last + 1;
+            let (id, counter_rev) = store::next_id(&self.gateway, &self.key(counter))?;
             version.id = id;
             let record = FleetRollout {
                 version: id,
@@ -486,10 +479,7 @@ impl Fleet {
             return String::from_utf8_lossy(&kv.value).parse().map_err(err);
         }
         let counter = self.key("next/versions");
-        let counter_kv = self.gateway.get(&counter)?;
-        let id = counter_kv.as_ref().map_or(Ok(0), |kv| {
-            String::from_utf8_lossy(&kv.value).parse::<u64>().map_err(err)
-        })? + 1;
+        let (id, counter_rev) = store::next_id(&self.gateway, &counter)?;
         let record = VersionRecord {
             id,
             parent: None,
@@ -504,10 +494,7 @@ impl Fleet {
             source: Some(source.to_owned()),
         };
         let won = self.gateway.txn(
-            vec![
-                gateway::created_at(&running, 0),
-                gateway::mod_is(&counter, counter_kv.map_or(0, |kv| kv.mod_revision)),
-            ],
+            vec![gateway::created_at(&running, 0), gateway::mod_is(&counter, counter_rev)],
             vec![
                 gateway::put(&counter, id.to_string().as_bytes(), None),
                 gateway::put(

@@ -87,11 +87,7 @@ impl EtcdStore {
     fn append<T: Serialize>(&self, kind: &str, record: impl Fn(u64) -> T) -> StoreResult<u64> {
         let counter = format!("next/{kind}");
         for _ in 0..CAS_ATTEMPTS {
-            let (last, rev) = match self.get_raw(&counter)? {
-                (Some(bytes), rev) => (String::from_utf8_lossy(&bytes).parse::<u64>().map_err(err)?, rev),
-                (None, _) => (0, 0),
-            };
-            let id = last + 1;
+            let (id, rev) = next_id(&self.gateway, &self.key(&counter))?;
             let body = serde_json::to_vec(&record(id)).map_err(err)?;
             if self.put_if(&counter, rev, id.to_string().as_bytes(), &[(id_key(kind, id), body)])? {
                 return Ok(id);
@@ -117,6 +113,18 @@ impl EtcdStore {
             "could not update {rest}: {CAS_ATTEMPTS} attempts lost the race"
         )))
     }
+}
+
+/// The next id its counter key (absolute) gives out, and the counter's revision, which the
+/// transaction that takes the id must compare (0: no id given out yet).
+pub(super) fn next_id(gateway: &Gateway, counter: &str) -> StoreResult<(u64, i64)> {
+    Ok(match gateway.get(counter)? {
+        Some(kv) => (
+            String::from_utf8_lossy(&kv.value).parse::<u64>().map_err(err)? + 1,
+            kv.mod_revision,
+        ),
+        None => (1, 0),
+    })
 }
 
 pub(super) fn id_key(kind: &str, id: u64) -> String {
