@@ -190,9 +190,11 @@ impl Diagnostics {
             let gutter = line.to_string();
             let pad = " ".repeat(gutter.len());
             let width = span_width(&self.source, &d.span, text, column);
+            let (shown, caret) = snippet(text, column);
+            let width = width.min(shown.chars().count().saturating_sub(caret).max(1));
             let _ = writeln!(out, "{pad} |");
-            let _ = writeln!(out, "{gutter} | {text}");
-            let _ = write!(out, "{pad} | {}{}", " ".repeat(column - 1), "^".repeat(width));
+            let _ = writeln!(out, "{gutter} | {shown}");
+            let _ = write!(out, "{pad} | {}{}", " ".repeat(caret), "^".repeat(width));
             match &d.hint {
                 Some(h) => {
                     let _ = writeln!(out, " {h}");
@@ -238,6 +240,31 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
+/// Characters of a source line shown under a diagnostic at most: a line of a megabyte (a
+/// minified or mangled file) is shown as a window around the column, marked with `…`.
+const SNIPPET_CHARS: usize = 160;
+
+/// The part of `line` to show and the caret's offset in it for 1-based `column`.
+fn snippet(line: &str, column: usize) -> (String, usize) {
+    let total = line.chars().count();
+    if total <= SNIPPET_CHARS {
+        return (line.to_string(), column - 1);
+    }
+    let from = (column - 1)
+        .saturating_sub(SNIPPET_CHARS / 3)
+        .min(total - SNIPPET_CHARS);
+    let mut shown: String = line.chars().skip(from).take(SNIPPET_CHARS).collect();
+    let mut caret = column - 1 - from;
+    if from > 0 {
+        shown.insert(0, '…');
+        caret += 1;
+    }
+    if from + SNIPPET_CHARS < total {
+        shown.push('…');
+    }
+    (shown, caret)
+}
+
 fn span_width(source: &str, span: &Range<usize>, line_text: &str, column: usize) -> usize {
     let start = floor_char_boundary(source, span.start.min(source.len()));
     let end = floor_char_boundary(source, span.end.min(source.len())).max(start);
@@ -267,6 +294,24 @@ mod tests {
         assert_eq!(line_col(src, 6), (2, 1));
         assert_eq!(line_col(src, src.find('=').unwrap()), (1, 3));
         assert_eq!(line_col(src, src.rfind('=').unwrap()), (2, 4));
+    }
+
+    #[test]
+    fn a_long_line_is_shown_as_a_window_around_the_column() {
+        assert_eq!(snippet("a = 1", 3), ("a = 1".to_string(), 2));
+        let line = format!("{}={}", "x".repeat(100_000), "y".repeat(100_000));
+        let (shown, caret) = snippet(&line, 100_001);
+        assert_eq!(shown.chars().count(), SNIPPET_CHARS + 2, "the window and two ellipses");
+        assert!(shown.starts_with('…') && shown.ends_with('…'));
+        assert_eq!(
+            shown.chars().nth(caret),
+            Some('='),
+            "the caret still points at the column"
+        );
+        let checked = crate::check("big.toml", &line);
+        let rendered = checked.diagnostics.render();
+        assert!(rendered.len() < 2_000, "{} bytes rendered", rendered.len());
+        assert!(rendered.contains("big.toml:1:"), "{rendered}");
     }
 
     #[test]

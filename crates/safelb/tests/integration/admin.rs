@@ -168,3 +168,101 @@ async fn named_tokens_have_roles_author_changes_and_guessing_is_limited() {
     assert_eq!(sample("failed"), 10.0);
     assert_eq!(sample("limited"), 1.0);
 }
+
+/// The admin API's JSON bodies, mangled: 400 seeded variants of valid `apply`, `plan`,
+/// `rollback` and `drain` calls (fields of the wrong type, cut short, deeply nested, not UTF-8,
+/// a megabyte of junk, no content type). Each gets a 4xx with a JSON `error`, none a 5xx or a
+/// success, and afterwards the history and the running version are what they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mangled_admin_bodies_get_a_clear_4xx_and_change_nothing() {
+    use crate::change_control::{addrs, backends, Deployment};
+    let b = backends(1).await;
+    let d = Deployment::start_with(&addrs(&b), "", "").await;
+    let token = std::fs::read_to_string(d.dir.join("store/admin.token")).unwrap();
+    let before = crate::common::admin_call(d.admin(), &token, "GET", "/versions", None)
+        .await
+        .unwrap()
+        .1;
+    let valid_source = std::fs::read_to_string(d.dir.join("safelb.toml")).unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut by_status = std::collections::BTreeMap::<u16, u32>::new();
+    for i in 0..400u64 {
+        let pick = next();
+        let (path, valid): (&str, Value) = match pick % 4 {
+            // A valid config with a reason would be a real change: the reason is always empty
+            // or of the wrong type here, so every variant must be refused.
+            0 => ("/apply", json!({ "source": valid_source, "reason": "" })),
+            1 => ("/plan", json!({ "source": valid_source, "confirm": "yes" })),
+            2 => ("/rollback", json!({ "to": 1, "reason": 7 })),
+            _ => ("/backends/not-an-address/drain", json!({})),
+        };
+        let text = valid.to_string();
+        let mut body: Vec<u8> = match (pick >> 8) % 7 {
+            0 => text.as_bytes()[..(next() as usize % text.len())].to_vec(),
+            1 => text.replace(':', ": [").into_bytes(),
+            2 => format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
+            3 => {
+                let mut v = text.into_bytes();
+                let at = next() as usize % v.len();
+                v.insert(at, 0xff);
+                v
+            }
+            4 => json!({ "source": "x".repeat(1 << 20), "reason": null })
+                .to_string()
+                .into_bytes(),
+            5 => text.replace("\"source\"", "\"source\": 1, \"dup\"").into_bytes(),
+            _ => (0..(next() % 200)).map(|_| next() as u8).collect(),
+        };
+        let typed = (pick >> 16) % 5 != 0;
+        if body.is_empty() {
+            body.push(b'{');
+        }
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri(format!("/api/v1{path}"))
+            .header("host", "admin")
+            .header("authorization", format!("Bearer {}", token.trim()));
+        if typed {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(http_body_util::Full::new(Bytes::from(body))).unwrap();
+        let reply = crate::common::Client::connect(d.admin())
+            .await
+            .send(req)
+            .await
+            .unwrap_or_else(|e| panic!("variant {i} ({path}): no answer: {e}"));
+        *by_status.entry(reply.status).or_default() += 1;
+        let said: String = reply.body.chars().take(300).collect();
+        // A plan of a well-formed body whose source is not a config is an answer, not an error:
+        // 200 with `valid: false` and the diagnostics (their snippets bounded in size).
+        let plan_of_junk = path == "/plan"
+            && reply.status == 200
+            && serde_json::from_str::<Value>(&reply.body)
+                .is_ok_and(|v| v["valid"] == false && v["rendered"].as_str().is_some_and(|r| r.len() < 20_000));
+        assert!(
+            (400..500).contains(&reply.status) || plan_of_junk,
+            "variant {i} ({path}) got {} ({} bytes): {said}",
+            reply.status,
+            reply.body.len()
+        );
+        assert!(!reply.body.is_empty(), "variant {i}: a 4xx says why");
+    }
+    eprintln!("400 mangled admin bodies: answers by status {by_status:?}");
+    let after = crate::common::admin_call(d.admin(), &token, "GET", "/versions", None)
+        .await
+        .unwrap()
+        .1;
+    assert_eq!(before, after, "the history changed");
+    let st = crate::common::admin_call(d.admin(), &token, "GET", "/status", None)
+        .await
+        .unwrap()
+        .1;
+    assert_eq!(st["running"]["id"], 1);
+    assert!(st["rollout"].is_null(), "{st}");
+}
