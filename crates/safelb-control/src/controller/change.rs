@@ -133,11 +133,7 @@ impl Controller {
             confirm: req.confirm,
             fleet_member,
         };
-        self.inner
-            .rollouts
-            .lock()
-            .expect("rollouts lock")
-            .insert(version, status.clone());
+        self.inner.remember_rollout(version, status.clone());
         *self.inner.current.lock().expect("current lock") = Some(Current {
             id: version,
             abort: Abort {

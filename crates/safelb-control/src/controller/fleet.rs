@@ -272,11 +272,7 @@ impl Controller {
                 let mut status = RolloutStatus::new(id, stable.version, &stable.config.rollout, true, true);
                 status.phase = Phase::Rejected;
                 status.verdict = Some(format!("it does not pass check here:\n{}", d.render()));
-                self.inner
-                    .rollouts
-                    .lock()
-                    .expect("rollouts lock")
-                    .insert(id, Arc::new(Mutex::new(status)));
+                self.inner.remember_rollout(id, Arc::new(Mutex::new(status)));
             }
         }
     }

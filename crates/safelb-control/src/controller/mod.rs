@@ -190,11 +190,26 @@ pub struct Controller {
     inner: Arc<Inner>,
 }
 
+/// Rollouts whose progress stays in memory; older ones are in the store's events. A process
+/// that applies a change a minute for months must not grow by one rollout each time.
+const ROLLOUTS_KEPT: usize = 100;
+
+impl Inner {
+    fn remember_rollout(&self, id: u64, status: Arc<Mutex<RolloutStatus>>) {
+        let mut map = self.rollouts.lock().expect("rollouts lock");
+        map.insert(id, status);
+        while map.len() > ROLLOUTS_KEPT {
+            map.pop_first();
+        }
+    }
+}
+
 struct Inner {
     handle: ProxyHandle,
     store: StoreHandle,
     serial: tokio::sync::Mutex<()>,
     current: Mutex<Option<Current>>,
+    /// The newest [`ROLLOUTS_KEPT`] rollouts since start, by version (`GET /rollouts/ID`).
     rollouts: Mutex<BTreeMap<u64, Arc<Mutex<RolloutStatus>>>>,
     /// Finished rollouts by outcome, for metrics.
     verdicts: Mutex<BTreeMap<&'static str, u64>>,
@@ -286,6 +301,21 @@ fn note_rollback(rollbacks: &Mutex<(u64, Option<i64>, String)>, what: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn only_the_newest_rollouts_stay_in_memory() {
+        let running = crate::testing::config("[listener.public]\nbind = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:9\"]\n");
+        let policy = running.rollout.clone();
+        let (store, _dir) = crate::testing::store("kept");
+        let controller = Controller::new(ProxyHandle::new(running, 1), store);
+        for id in 1..=(ROLLOUTS_KEPT as u64 + 50) {
+            let status = RolloutStatus::new(id, 1, &policy, false, false);
+            controller.inner.remember_rollout(id, Arc::new(Mutex::new(status)));
+        }
+        assert_eq!(controller.inner.rollouts.lock().unwrap().len(), ROLLOUTS_KEPT);
+        assert!(controller.rollout(50).is_none(), "the oldest are forgotten");
+        assert_eq!(controller.rollout(150).map(|r| r.id), Some(150));
+    }
 
     /// A client that saw a rollout end may apply the next change at once: the end is published
     /// only after the fate is recorded, and a finished rollout never answers `Busy`.
