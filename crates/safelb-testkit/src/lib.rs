@@ -41,6 +41,9 @@ pub enum Behavior {
     /// `/healthz` answers 200, every other path this status: a backend that passes its health
     /// checks and breaks real requests.
     HealthyButFailing(u16),
+    /// `/healthz` answers 200; every other request gets a 200 head announcing its whole body,
+    /// half of that body, and then the connection is cut: a backend that dies mid-response.
+    CloseMidBody,
 }
 
 struct Shared {
@@ -177,7 +180,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: Cancell
     }
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A body error makes hyper cut the connection, which is how `CloseMidBody` ends a response.
+type Body = BoxBody<Bytes, BoxError>;
 
 fn full(text: impl Into<Bytes>) -> Body {
     Full::new(text.into())
@@ -191,12 +196,11 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
         shared.shadow_hits.fetch_add(1, Relaxed);
     }
     let mut behavior = *shared.behavior.lock().expect("behavior lock");
+    if req.uri().path() == "/healthz" && matches!(behavior, Behavior::HealthyButFailing(_) | Behavior::CloseMidBody) {
+        behavior = Behavior::Ok;
+    }
     if let Behavior::HealthyButFailing(code) = behavior {
-        behavior = if req.uri().path() == "/healthz" {
-            Behavior::Ok
-        } else {
-            Behavior::Status(code)
-        };
+        behavior = Behavior::Status(code);
     }
     match behavior {
         Behavior::Hang => {
@@ -211,7 +215,7 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
                 .insert("x-backend", shared.name.parse().expect("names are header-safe"));
             return r;
         }
-        Behavior::Ok | Behavior::HealthyButFailing(_) => {}
+        Behavior::Ok | Behavior::HealthyButFailing(_) | Behavior::CloseMidBody => {}
     }
     let path = req.uri().path().to_string();
     let target = req.uri().path_and_query().map_or("/".to_string(), |pq| pq.to_string());
@@ -230,10 +234,13 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
     } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
         Response::new(full(vec![b'x'; n.min(64 << 20)]))
     } else if path == "/echo" {
-        Response::new(req.into_body().boxed())
+        Response::new(req.into_body().map_err(BoxError::from).boxed())
     } else {
         Response::new(full(format!("backend {}\n", shared.name)))
     };
+    if behavior == Behavior::CloseMidBody {
+        response = cut_in_half(response).await;
+    }
     response
         .headers_mut()
         .insert("x-backend", shared.name.parse().expect("names are header-safe"));
@@ -242,6 +249,33 @@ async fn answer(req: Request<Incoming>, shared: &Shared, cancel: &CancellationTo
         response.headers_mut().insert("x-seen-target", v);
     }
     response
+}
+
+/// The same answer with `Content-Length` of its whole body, but only the first half sent before
+/// the body fails (hyper then closes the connection without finishing the response).
+async fn cut_in_half(response: Response<Body>) -> Response<Body> {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    let (mut parts, body) = response.into_parts();
+    let Ok(whole) = body.collect().await.map(|c| c.to_bytes()) else {
+        return Response::from_parts(parts, full(""));
+    };
+    parts.headers.insert(http::header::CONTENT_LENGTH, whole.len().into());
+    let half = whole.slice(..whole.len() / 2);
+    // The pause lets hyper flush the head and the half before the error cuts the connection:
+    // without it both may still sit in its buffer, and the proxy sees no answer at all.
+    let frames = futures_util::stream::unfold(Some(half), |half| async move {
+        match half {
+            Some(half) => Some((Ok(Frame::data(half)), None)),
+            None => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let cut: Result<Frame<Bytes>, BoxError> = Err("the backend stops mid-body (CloseMidBody)".into());
+                Some((cut, None))
+            }
+        }
+    });
+    Response::from_parts(parts, StreamBody::new(frames).boxed())
 }
 
 /// Accepts a WebSocket handshake and echoes every text or binary message as `NAME: message`.
@@ -301,7 +335,7 @@ fn grpc_stream(req: Request<Incoming>, name: String) -> Response<Body> {
     use http_body_util::StreamBody;
     use hyper::body::Frame;
 
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(16);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
     let mut body = req.into_body();
     tokio::spawn(async move {
         let mut frames = 0u32;

@@ -125,6 +125,17 @@ impl Proxy {
                         stale_reuses += 1;
                         continue;
                     }
+                    // A fresh connection closed before any answer: the backend died or cut it.
+                    // The request is back unanswered and idempotent, so it may go to another
+                    // backend like a connect failure (the failure counts against this one).
+                    if e.unsent && done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
+                        failure(pool, snapshot, idx, ErrorKind::UpstreamProtocol);
+                        tried.push(idx);
+                        last_error = Some(ErrorKind::UpstreamProtocol);
+                        done.retries += 1;
+                        pool.retries.fetch_add(1, Relaxed);
+                        continue;
+                    }
                     done.backend = Some(backend.clone());
                     done.backend_idx = Some(idx);
                     let err = e.error;

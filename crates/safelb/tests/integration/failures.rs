@@ -22,6 +22,33 @@ async fn connect_failure_is_retried_on_another_backend() {
     assert_eq!(report.by_backend.get("good").copied(), Some(report.ok));
 }
 
+/// A backend that dies with requests on its connections (kill -9: the kernel closes them
+/// before any answer) must not cost a client an idempotent request while another backend is
+/// healthy: the request comes back unanswered and goes elsewhere. Found by bench/chaos.sh.
+#[tokio::test]
+async fn a_get_whose_backend_closes_before_answering_goes_to_another_backend() {
+    let good = TestBackend::start("good").await;
+    // Reads each request head, then closes the connection without a byte of answer.
+    let closer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closer_addr = closer.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        for _ in 0..1000 {
+            let Ok((mut s, _)) = closer.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let lb = Lb::start(&pool_config(&[closer_addr.to_string(), good.addr.to_string()], "")).await;
+    let mut client = Client::connect(lb.addr).await;
+    for i in 0..20 {
+        let r = client.get("x", "/").await.unwrap();
+        assert_eq!(r.status, 200, "request {i}: {r:?}");
+    }
+}
+
 #[tokio::test]
 async fn the_retry_budget_stops_retries_from_flooding_a_sick_pool() {
     let good = TestBackend::start("good").await;
