@@ -392,7 +392,7 @@ fn treat(req: Request<hyper::body::Incoming>) -> Treated {
     let both = headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH);
     let hosts = headers.get_all(HOST).iter().count();
     let http11 = req.version() == Version::HTTP_11;
-    let must_refuse = both || (http11 && hosts != 1) || req.method() == Method::CONNECT;
+    let must_refuse = both || hosts > 1 || (http11 && hosts == 0) || req.method() == Method::CONNECT;
     assert_eq!(
         refused.is_some(),
         must_refuse,
@@ -405,14 +405,9 @@ fn treat(req: Request<hyper::body::Incoming>) -> Treated {
         return Treated::Refused(kind);
     }
     let (mut parts, _body) = req.into_parts();
-    // Heads the Host check below does not hold to, for findings docs/reliability.md lists: an
-    // HTTP/1.0 head (Host is counted on HTTP/1.1 only), and a `Connection` that names `Host`
-    // (the hop-by-hop pass removes it before routing and forwarding).
-    let host_exempt = parts.version == Version::HTTP_10
-        || parts.headers.get_all(CONNECTION).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|list| list.split(',').any(|t| t.trim().eq_ignore_ascii_case("host")))
-        });
+    // The one head the Host check below does not hold to, a finding docs/reliability.md lists:
+    // HTTP/1.0 without Host is forwarded without one.
+    let host_exempt = parts.version == Version::HTTP_10 && !parts.headers.contains_key(HOST);
     request_id(&mut parts.headers);
     let mut host = parts.headers.get(HOST).cloned();
     if let Some(authority) = parts.uri.authority().map(|a| a.as_str().to_owned()) {

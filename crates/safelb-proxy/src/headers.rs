@@ -40,6 +40,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|list| list.split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            // `Connection: host` must not take away what the request is routed by and what
+            // the backend needs (found by the request-head fuzz target).
+            .filter(|n| *n != http::header::HOST)
             .collect();
         for n in named {
             headers.remove(n);
@@ -161,6 +164,17 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn connection_cannot_name_host_away() {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::HOST, HeaderValue::from_static("x.example"));
+        h.insert(CONNECTION, HeaderValue::from_static("host, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get(http::header::HOST).unwrap(), "x.example");
+        assert!(h.get("x-secret").is_none() && h.get(CONNECTION).is_none());
     }
 
     #[test]

@@ -346,7 +346,10 @@ pub(crate) fn hostile_head<B>(req: &Request<B>, hop_by_hop: bool) -> Option<Erro
     if hop_by_hop && headers.contains_key(http::header::TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
         return Some(ErrorKind::AmbiguousFraming);
     }
-    if req.version() == Version::HTTP_11 && headers.get_all(HOST).iter().count() != 1 {
+    // HTTP/1.1 needs exactly one Host (RFC 9112 §3.2); no version may carry two, which would
+    // be routed by one and read by the backend as the other.
+    let hosts = headers.get_all(HOST).iter().count();
+    if hosts > 1 || (req.version() == Version::HTTP_11 && hosts == 0) {
         return Some(ErrorKind::BadHost);
     }
     if req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_none() {
@@ -375,6 +378,24 @@ fn copy_head(method: &Method, uri: &Uri, version: Version, headers: &http::Heade
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_hosts_are_refused_on_every_version() {
+        for version in [Version::HTTP_10, Version::HTTP_11] {
+            let req = Request::builder()
+                .version(version)
+                .header(HOST, "x.example")
+                .header(HOST, "y.internal")
+                .body(())
+                .unwrap();
+            assert!(
+                matches!(hostile_head(&req, true), Some(ErrorKind::BadHost)),
+                "{version:?}"
+            );
+        }
+        let old = Request::builder().version(Version::HTTP_10).body(()).unwrap();
+        assert!(hostile_head(&old, true).is_none(), "HTTP/1.0 may omit Host");
+    }
 
     /// Every request constructs these futures and moves each into its parent's state, so their
     /// size is copied per request (perf showed those copies at 2.4% of CPU when a request was
