@@ -126,22 +126,29 @@ health = { path = "/healthz" }
 CFG
 }
 pool="\"$B1\", \"$B2\", \"$B3\""
-config 0 "$pool" > "$work/lb.toml"
-"$bin/safelb" serve --config "$work/lb.toml" --store "$work/store" >"$work/safelb.out" 2>"$work/safelb.log" &
-lb=$!
-pids+=("$lb")
-wait_port 127.0.0.1 $LB
+# A fresh safelb (and store) for every row, so that no row inherits the last one's ejections,
+# backoffs or versions: each starts from the defaults.
+lb=""; row=0
+start_lb() {
+    if [ -n "$lb" ]; then kill "$lb"; wait "$lb" 2>/dev/null || true; fi
+    row=$((row + 1)); version=0
+    config 0 "$pool" > "$work/lb.toml"
+    "$bin/safelb" serve --config "$work/lb.toml" --store "$work/store$row" >"$work/safelb.out" 2>"$work/safelb.log" &
+    lb=$!
+    pids+=("$lb")
+    wait_port 127.0.0.1 $LB
+}
 apply() { # $1 = file, then extra arguments; prints the exit code
     local rc=0 file=$1
     shift
-    "$bin/safelb" apply --admin "http://127.0.0.1:$ADMIN" --token-file "$work/store/admin.token" \
+    "$bin/safelb" apply --admin "http://127.0.0.1:$ADMIN" --token-file "$work/store$row/admin.token" \
         -m chaos "$@" "$file" >>"$work/apply.log" 2>&1 || rc=$?
     echo $rc
 }
 # Waits (at most 30 s) until no rollout runs, so that the next change is not refused as busy.
 settle() {
     for _ in $(seq 1 300); do
-        curl -s -H "Authorization: Bearer $(cat "$work/store/admin.token")" "http://127.0.0.1:$ADMIN/api/v1/status" |
+        curl -s -H "Authorization: Bearer $(cat "$work/store$row/admin.token")" "http://127.0.0.1:$ADMIN/api/v1/status" |
             grep -q '"rollout":null' && return 0
         sleep 0.1
     done
@@ -150,7 +157,9 @@ settle() {
 # --- the rows --------------------------------------------------------------------------------------
 rows="$work/rows"; details="$work/details"
 : > "$rows"; : > "$details"
-load_start() { # extra chaos-load arguments; sets load_pid
+load_start() { # $1 = seconds, then extra chaos-load arguments; sets load_pid
+    for c in $C1 $C2 $C3; do ctl "$c" ok; done
+    start_lb
     "$bin/chaos-load" --target 127.0.0.1:$LB --seconds "$1" "${@:2}" > "$work/load.out" 2>&1 &
     load_pid=$!
     pids+=("$load_pid")
@@ -164,7 +173,6 @@ load_end() { # $1 = fault name, $2 = note
     { echo "== $1"; tail -n +2 "$work/load.out"; } >> "$details"
 }
 skip_row() { echo "$1|skipped ($2)|" >> "$rows"; }
-version=0
 next_config() { version=$((version + 1)); config "$version" "$pool" > "$work/lb.toml"; }
 
 load_start "$secs"; load_end "none (baseline)" ""
@@ -184,7 +192,6 @@ load_end "one backend 20x slower (100 ms, ${hold} s)" ""
 load_start "$secs"; ctl $C1 flap/2000; sleep $((hold + 4)); ctl $C1 ok
 load_end "health flapping every 2 s ($((hold + 4)) s)" ""
 
-settle
 load_start 900
 t0=$(date +%s); ok=0
 for _ in $(seq 1 "$swaps"); do
@@ -194,7 +201,6 @@ done
 kill -TERM "$load_pid" 2>/dev/null || true
 load_end "$swaps config changes promoted (apply)" "$ok promoted in $(($(date +%s) - t0)) s"
 
-settle
 load_start "$secs"
 config bad "\"127.0.0.1:18599\"" > "$work/bad.toml"
 refused=$(apply "$work/bad.toml")
@@ -202,7 +208,6 @@ settle
 forced=$(apply "$work/bad.toml" --skip-preflight)
 load_end "bad change: pool at a dead port" "apply exit $refused; with --skip-preflight exit $forced"
 
-settle
 load_start "$secs"; next_config
 for _ in $(seq 1 10); do kill -HUP "$lb"; sleep 0.1; done
 sleep 3; settle
