@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Version};
 use http_body::Body;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::error::ErrorKind;
 use crate::h1::{self, Chunk, Conn, H1Body, IdleConns, State};
 use crate::headers::{add_forwarded, has_hop_by_hop, request_id, strip_hop_by_hop};
-use crate::proxy::hostile_head;
+use crate::proxy::{hostile_head, origin_form};
 
 /// Parses `data` as a backend's response head and checks what the parser promises: it takes
 /// whole lines and never more than it was given; the head alone parses the same as the head
@@ -339,8 +339,9 @@ pub enum Treated {
 /// `hostile_head`, then what `Proxy::serve` does to a head before forwarding (request id, Host
 /// from an absolute-form target, origin form, hop-by-hop fields removed, forwarding fields
 /// added), encoded as the inline client writes it. Checks: every head with two framings, a
-/// missing or repeated Host on HTTP/1.1, or CONNECT is refused; every forwarded head is one
-/// well-formed request with exactly one Host (two known exceptions, see `treat`), no hop-by-hop
+/// repeated Host on any version, a missing one on HTTP/1.1, or CONNECT is refused; every
+/// forwarded head is one well-formed request with exactly one Host (one known exception, see
+/// `treat`), no hop-by-hop
 /// field and at most one length, that parses back field for field (nothing a client sent
 /// becomes a second request or an extra field).
 /// Returns what happened to each request.
@@ -409,17 +410,7 @@ fn treat(req: Request<hyper::body::Incoming>) -> Treated {
     // HTTP/1.0 without Host is forwarded without one.
     let host_exempt = parts.version == Version::HTTP_10 && !parts.headers.contains_key(HOST);
     request_id(&mut parts.headers);
-    let mut host = parts.headers.get(HOST).cloned();
-    if let Some(authority) = parts.uri.authority().map(|a| a.as_str().to_owned()) {
-        if host.is_none() {
-            if let Ok(v) = HeaderValue::from_str(&authority) {
-                parts.headers.insert(HOST, v.clone());
-                host = Some(v);
-            }
-        }
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
-        parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
-    }
+    let host = origin_form(&mut parts);
     if hop_by_hop {
         strip_hop_by_hop(&mut parts.headers);
     }

@@ -130,19 +130,8 @@ impl Proxy {
         let mut done = Completion::start(&self.log, client, conn, snapshot.clone(), role);
         let (mut parts, body) = req.into_parts();
         done.request_id = request_id(&mut parts.headers);
-        let mut host_value = parts.headers.get(HOST).cloned();
-
         // The upstream request: origin-form target, the client's Host kept, hop-by-hop gone.
-        if let Some(authority) = parts.uri.authority().map(|a| a.as_str().to_owned()) {
-            if host_value.is_none() {
-                if let Ok(v) = HeaderValue::from_str(&authority) {
-                    parts.headers.insert(HOST, v.clone());
-                    host_value = Some(v);
-                }
-            }
-            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
-            parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
-        }
+        let host_value = origin_form(&mut parts);
         let host = host_value.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
         self.handle
             .samples()
@@ -341,6 +330,23 @@ struct TeTrailers;
 /// framing, a missing or repeated `Host` on HTTP/1.1, `CONNECT` (other than HTTP/2's extended
 /// CONNECT of a WebSocket).
 /// `hop_by_hop`: whether any hop-by-hop field is present (`Transfer-Encoding` is one).
+/// Makes the request's target origin-form; an absolute-form target's authority becomes the
+/// Host when the request has none. The Host the request now has.
+pub(crate) fn origin_form(parts: &mut http::request::Parts) -> Option<HeaderValue> {
+    let mut host = parts.headers.get(HOST).cloned();
+    if let Some(authority) = parts.uri.authority().map(|a| a.as_str().to_owned()) {
+        if host.is_none() {
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                parts.headers.insert(HOST, v.clone());
+                host = Some(v);
+            }
+        }
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+        parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    host
+}
+
 pub(crate) fn hostile_head<B>(req: &Request<B>, hop_by_hop: bool) -> Option<ErrorKind> {
     let headers = req.headers();
     if hop_by_hop && headers.contains_key(http::header::TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
