@@ -60,14 +60,7 @@ B1=127.0.0.1:18501; C1=127.0.0.1:18511
 B2=127.0.0.1:18502; C2=127.0.0.1:18512
 B3=127.0.0.1:18503; C3=127.0.0.1:18513
 
-wait_port() { # $1 = host, $2 = port
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "chaos: $1:$2 did not open" >&2
-    return 1
-}
+. "$root/bench/lib.sh"
 
 # --- the namespace of the third backend ---------------------------------------------------------
 skip_net="no network namespace"
@@ -98,7 +91,7 @@ start_backend() { # $1 = index: sets pid_b$1
     fi
     eval "pid_b$1=$!"
     pids+=($!)
-    wait_port "${c%:*}" "${c#*:}"
+    wait_port "${c#*:}" "${c%:*}"
 }
 ctl() { curl -s -m 2 -o /dev/null "http://$1/$2"; } # $1 = control address, $2 = command
 for i in 1 2 3; do start_backend $i; done
@@ -136,7 +129,7 @@ start_lb() {
     "$bin/safelb" serve --config "$work/lb.toml" --store "$work/store$row" >"$work/safelb.out" 2>"$work/safelb.log" &
     lb=$!
     pids+=("$lb")
-    wait_port 127.0.0.1 $LB
+    wait_port $LB
 }
 apply() { # $1 = file, then extra arguments; prints the exit code
     local rc=0 file=$1

@@ -42,14 +42,7 @@ trap cleanup EXIT
 
 B1=18101; B2=18102; P_SAFELB=18201; P_NGINX=18202; P_NGINX_H2=18212; P_HAPROXY=18203; ADMIN=18291
 
-wait_port() {
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "port $1 did not open" >&2
-    return 1
-}
+. "$root/bench/lib.sh"
 
 # --- backends: one nginx, one worker, two ports ---------------------------------------------
 mkdir -p "$work/backend/logs"

@@ -28,14 +28,7 @@ cleanup() {
 trap cleanup EXIT
 
 B1=18401; B2=18402; PORT=18411; ADMIN=18491
-wait_port() {
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "port $1 did not open" >&2
-    return 1
-}
+. "$root/bench/lib.sh"
 
 mkdir -p "$work/backend/logs"
 cat > "$work/backend/nginx.conf" <<CFG
@@ -60,7 +53,7 @@ http {
 CFG
 nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' >/dev/null 2>&1 &
 pids+=($!)
-wait_port $B1; wait_port $B2
+wait_port $B1 127.0.0.1 200; wait_port $B2 127.0.0.1 200
 
 # The config at change N: only a response header differs, so every change is promoted.
 config() {
@@ -82,7 +75,7 @@ config 0 > "$work/safelb.toml"
 (cd "$work" && exec "$safelb" serve --config safelb.toml --store store >"$work/access.log" 2>"$work/serve.log") &
 lb=$!
 pids+=($lb)
-wait_port $PORT; wait_port $ADMIN
+wait_port $PORT 127.0.0.1 200; wait_port $ADMIN 127.0.0.1 200
 export SAFELB_ADMIN="http://127.0.0.1:$ADMIN" SAFELB_TOKEN_FILE="$work/store/admin.token"
 
 total=$((minutes * 60))
