@@ -10,6 +10,8 @@
 # vs nginx), and the snapshot build/swap micro-benchmark (5k routes, 1k backends).
 #
 # Usage: bench/compare.sh [--short]     (--short: a few seconds, for CI; numbers not meaningful)
+# SAFELB_BEFORE=/path/to/an/older/safelb adds that binary as proxy `before`, measured in the same
+# interleaved rounds, for the before/after of a change.
 # SAFELB_POOL_EXTRA adds lines to safelb's pool (e.g. SAFELB_POOL_EXTRA='hedge = false' to
 # measure what hedging costs a healthy pool).
 # Peers are installed with apt-get by bench/install-peers when missing.
@@ -40,7 +42,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-B1=18101; B2=18102; P_SAFELB=18201; P_NGINX=18202; P_NGINX_H2=18212; P_HAPROXY=18203; ADMIN=18291
+B1=18101; B2=18102; P_SAFELB=18201; P_NGINX=18202; P_NGINX_H2=18212; P_HAPROXY=18203; P_BEFORE=18204
+ADMIN=18291; ADMIN_BEFORE=18292
+proxies=(safelb nginx haproxy)
+if [ -n "${SAFELB_BEFORE:-}" ]; then
+    proxies=(safelb before nginx haproxy)
+fi
 
 . "$root/bench/lib.sh"
 
@@ -73,7 +80,8 @@ http {
 }
 CFG
 nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' >/dev/null 2>&1 &
-pids+=($!)
+backend_pid=$!
+pids+=($backend_pid)
 wait_port $B1; wait_port $B2
 
 # --- the proxies ------------------------------------------------------------------------------
@@ -94,6 +102,7 @@ balance = "round_robin"
 backends = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
 ${SAFELB_POOL_EXTRA:-}
 CFG
+sed -e "s/:$P_SAFELB\"/:$P_BEFORE\"/" -e "s/:$ADMIN\"/:$ADMIN_BEFORE\"/" "$work/safelb.toml" > "$work/before.toml"
 mkdir -p "$work/nginx/logs"
 cat > "$work/nginx/nginx.conf" <<CFG
 worker_processes 1;
@@ -151,6 +160,10 @@ start_proxy() { # $1 = name; sets $pid
             rm -rf "$work/store"
             "$safelb" serve --config "$work/safelb.toml" --store "$work/store" --threads 1 >/dev/null 2>"$work/safelb.log" &
             pid=$!; wait_port $P_SAFELB ;;
+        before)
+            rm -rf "$work/store-before"
+            "$SAFELB_BEFORE" serve --config "$work/before.toml" --store "$work/store-before" --threads 1 >/dev/null 2>"$work/before.log" &
+            pid=$!; wait_port $P_BEFORE ;;
         nginx)
             nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' >/dev/null 2>&1 &
             pid=$!; wait_port $P_NGINX ;;
@@ -160,8 +173,17 @@ start_proxy() { # $1 = name; sets $pid
     esac
     pids+=("$pid")
 }
-port_of() { case $1 in safelb) echo $P_SAFELB ;; nginx) echo $P_NGINX ;; haproxy) echo $P_HAPROXY ;; direct) echo $B1 ;; esac; }
-h2port_of() { case $1 in safelb) echo $P_SAFELB ;; nginx) echo $P_NGINX_H2 ;; esac; }
+port_of() { case $1 in safelb) echo $P_SAFELB ;; before) echo $P_BEFORE ;; nginx) echo $P_NGINX ;; haproxy) echo $P_HAPROXY ;; direct) echo $B1 ;; esac; }
+h2port_of() { case $1 in safelb) echo $P_SAFELB ;; before) echo $P_BEFORE ;; nginx) echo $P_NGINX_H2 ;; esac; }
+# CPU ticks (user + system) of a process and its children (nginx's workers).
+cpu_ticks() {
+    local total=0 p
+    for p in "$1" $(pgrep -P "$1" || true); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo $total
+}
+hz=$(getconf CLK_TCK)
 
 to_ms() { # wrk latency like 1.23ms, 456.00us, 1.02s
     awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'
@@ -176,19 +198,25 @@ run_wrk() { # $1 case $2 proxy
         close) extra=(-H "Connection: close") ;;
         64k) path="/64k" ;;
     esac
-    local out
+    local out serving cpu0 cpu1
+    if [ "$2" = direct ]; then serving=$backend_pid; else serving=$pid; fi
+    cpu0=$(cpu_ticks "$serving")
     out=$(wrk -t1 -c50 -d"${secs}s" --latency "${extra[@]}" "http://127.0.0.1:$port$path" 2>&1)
+    cpu1=$(cpu_ticks "$serving")
     # A number is only a number if every answer was a success.
     if grep -q "Non-2xx or 3xx responses" <<<"$out"; then
         echo "bench: $2 answered $1 requests with errors; the run is not valid:" >&2
         echo "$out" >&2
         exit 1
     fi
-    local rps p50 p99
+    local rps p50 p99 total cpu
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
     p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-    echo "$1 $2 ${rps:-0} $p50 $p99" >> "$results"
+    # CPU of the process that served (the proxy; for `direct` the backend) per 1,000 requests.
+    total=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(awk -v a="$cpu0" -v b="$cpu1" -v n="${total:-0}" -v hz="$hz" 'BEGIN { if (n > 0) printf "%.1f", (b - a) * 1000 / hz / n * 1000; else print 0 }')
+    echo "$1 $2 ${rps:-0} $p50 $p99 $cpu" >> "$results"
 }
 run_h2() { # $1 proxy
     local out rps mean
@@ -200,7 +228,7 @@ run_h2() { # $1 proxy
     fi
     rps=$(awk '/^finished in/ {print $4}' <<<"$out")
     mean=$(awk '/^time for request:/ {print $6}' <<<"$out")
-    echo "h2c $1 ${rps:-0} $(to_ms "${mean:-0ms}") -" >> "$results"
+    echo "h2c $1 ${rps:-0} $(to_ms "${mean:-0ms}") - -" >> "$results"
 }
 
 echo "== throughput: wrk -t1 -c50 -d${secs}s --latency, $rounds interleaved round(s); h2load -n $h2n -c 50 -m 10"
@@ -208,12 +236,12 @@ for r in $(seq 1 "$rounds"); do
     for c in small close 64k; do
         run_wrk "$c" direct
     done
-    for p in safelb nginx haproxy; do
+    for p in "${proxies[@]}"; do
         start_proxy $p
         for c in small close 64k; do
             run_wrk "$c" "$p"
         done
-        case $p in safelb|nginx) run_h2 "$p" ;; esac
+        case $p in safelb|before|nginx) run_h2 "$p" ;; esac
         kill "$pid"; wait "$pid" 2>/dev/null || true
     done
     echo "   round $r done"
@@ -256,22 +284,24 @@ done
 median() { sort -n | awk '{a[NR] = $1} END { if (NR == 0) print 0; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 field() { awk -v c="$1" -v p="$2" -v f="$3" '$1 == c && $2 == p {print $f}' "$results" | median; }
 echo
-printf '%-8s %-8s %12s %9s %9s\n' case proxy "req/s" "p50 ms" "p99 ms"
+printf '%-8s %-8s %12s %9s %9s %14s\n' case proxy "req/s" "p50 ms" "p99 ms" "CPU ms/1k req"
 for c in small close 64k h2c; do
-    for p in direct safelb nginx haproxy; do
+    for p in direct "${proxies[@]}"; do
         n=$(awk -v c=$c -v p=$p '$1 == c && $2 == p' "$results" | wc -l)
         [ "$n" -eq 0 ] && continue
-        p99=$(field $c $p 5)
-        [ "$c" = h2c ] && p99="-"
-        printf '%-8s %-8s %12.0f %9s %9s\n' $c $p "$(field $c $p 3)" "$(field $c $p 4)" "$p99"
+        p99=$(field $c $p 5); cpu=$(field $c $p 6)
+        [ "$c" = h2c ] && { p99="-"; cpu="-"; }
+        printf '%-8s %-8s %12.0f %9s %9s %14s\n' $c $p "$(field $c $p 3)" "$(field $c $p 4)" "$p99" "$cpu"
     done
 done
 echo
-echo "ratios (safelb / peer, req/s; above 1 is faster):"
+echo "ratios (safelb / other, req/s; above 1 is faster; vs direct: the share of the backend-alone ceiling):"
+others=(nginx haproxy direct)
+[ -n "${SAFELB_BEFORE:-}" ] && others+=(before)
 for c in small close 64k h2c; do
     s=$(field $c safelb 3)
     line=$(printf '%-8s' $c)
-    for p in nginx haproxy; do
+    for p in "${others[@]}"; do
         v=$(field $c $p 3)
         if awk -v v="$v" 'BEGIN { exit !(v > 0) }'; then
             line="$line $(printf 'vs %-8s %5.2f  ' $p "$(awk -v a="$s" -v b="$v" 'BEGIN {print a / b}')")"

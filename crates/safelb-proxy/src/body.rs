@@ -40,6 +40,39 @@ pub(crate) fn request_body_error<'e>(e: &'e (dyn StdError + 'static)) -> Option<
     None
 }
 
+/// A request's body as the client side read it: hyper's for a connection hyper serves, none
+/// for a bodiless request read by safelb's own HTTP/1 server (`server/h1.rs`).
+pub enum ClientBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(body) => body.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(body) => body.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 pub struct RequestBody {
     /// `None` for a request without a streaming body: none at all, or one buffered in `buffered`.
     inner: Option<Incoming>,
@@ -50,9 +83,13 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    pub(crate) fn new(inner: Incoming, limit: u64) -> Self {
+    pub(crate) fn new(inner: ClientBody, limit: u64) -> Self {
+        let inner = match inner {
+            ClientBody::Hyper(body) => Some(body),
+            ClientBody::Empty => None,
+        };
         RequestBody {
-            inner: Some(inner),
+            inner,
             buffered: None,
             remaining: limit,
             limit,

@@ -208,6 +208,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
         Poll::Pending
     }
 
+    /// A request head is complete and its request is being served (safelb's own HTTP/1 loop,
+    /// which does not read while it serves): no header or idle timer runs until the next read
+    /// after the request ended.
+    pub fn request_started(&mut self) {
+        self.phase = Phase::Busy;
+    }
+
+    /// The connection goes to hyper with `buffered` (read, not yet parsed) as the start of the
+    /// next head: the header timer runs for it (it keeps its deadline if one already ran), and
+    /// a parse failure hyper answers is recognised as such.
+    pub fn resume_head(&mut self, buffered: &[u8]) {
+        if self.phase != Phase::Head {
+            let after = self.header_timeout;
+            self.arm(Phase::Head, after);
+        }
+        self.head_bytes = buffered.len();
+        self.head_line = buffered.iter().position(|&b| b == b'\n');
+    }
+
     fn arm(&mut self, phase: Phase, after: Duration) {
         self.phase = phase;
         self.timer.as_mut().reset(tokio::time::Instant::now() + after);

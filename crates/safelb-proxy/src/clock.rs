@@ -60,6 +60,50 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// An HTTP date (RFC 9110 §5.6.7, IMF-fixdate) of `secs` since the Unix epoch:
+/// `Wed, 02 Dec 2026 16:00:00 GMT`.
+pub fn http_date(secs: i64) -> [u8; 29] {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let text = format!(
+        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} GMT",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[m as usize - 1],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    let mut out = [b' '; 29];
+    let n = text.len().min(29);
+    out[..n].copy_from_slice(&text.as_bytes()[..n]);
+    out
+}
+
+/// The current HTTP date, formatted once a second per thread (every response without a `Date`
+/// from its backend carries one).
+pub fn http_date_now() -> [u8; 29] {
+    thread_local! {
+        static CACHED: std::cell::Cell<(i64, [u8; 29])> = const { std::cell::Cell::new((i64::MIN, [0; 29])) };
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    CACHED.with(|c| {
+        let (secs, date) = c.get();
+        if secs == now {
+            return date;
+        }
+        let date = http_date(now);
+        c.set((now, date));
+        date
+    })
+}
+
 /// Milliseconds since the Unix epoch as `2026-11-25T03:04:05.678Z`.
 pub fn rfc3339_ms(ms: i64) -> String {
     rfc3339(ms.div_euclid(1000), ms.rem_euclid(1000) as u32)
@@ -74,5 +118,8 @@ mod tests {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_000_000, 42), "2026-11-18T11:06:40.042Z");
         assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(&http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(&http_date(1_796_227_200), b"Wed, 02 Dec 2026 16:00:00 GMT");
+        assert_eq!(&http_date(951_782_400 + 86_399), b"Tue, 29 Feb 2000 23:59:59 GMT");
     }
 }

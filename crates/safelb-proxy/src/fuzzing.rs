@@ -334,8 +334,8 @@ pub enum Treated {
     Forwarded(Vec<u8>),
 }
 
-/// Feeds `raw` to hyper's HTTP/1 server, configured as safelb's listeners configure it, and for
-/// every request hyper accepts runs the request path's head handling: the refusals of
+/// Feeds `raw` to a listener's HTTP/1 parsers (safelb's own for plain heads, then hyper's, see
+/// `serve_bytes`), and for every request they accept runs the request path's head handling: the refusals of
 /// `hostile_head`, then what `Proxy::serve` does to a head before forwarding (request id, Host
 /// from an absolute-form target, origin form, hop-by-hop fields removed, forwarding fields
 /// added), encoded as the inline client writes it. Checks: every head with two framings, a
@@ -356,13 +356,55 @@ pub fn request_head(raw: &[u8]) -> Vec<Treated> {
     })
 }
 
+/// As a listener does: safelb's own loop takes the plain heads off the front
+/// (`h1::parse_request`), and the rest, from the first head it declines, goes to hyper. Every
+/// head the own parser takes, hyper given the same bytes must read as the same request (method,
+/// target, version, every field in order): the two parsers on one connection never disagree on
+/// where a request ends or what it says.
 async fn serve_bytes(raw: &[u8]) -> Vec<Treated> {
+    let max_head = safelb_config::Limits::default().max_header_bytes;
+    let mut buf = BytesMut::from(raw);
+    let mut treated = Vec::new();
+    loop {
+        let before = buf.clone();
+        match h1::parse_request(&mut buf, max_head) {
+            h1::Parsed::Request(head) => {
+                let taken = &before[..before.len() - buf.len()];
+                let by_hyper = serve_hyper(taken).await;
+                let Some((_, hyper_head)) = by_hyper.first() else {
+                    panic!(
+                        "hyper refuses a head safelb's parser took: {:?}",
+                        String::from_utf8_lossy(taken)
+                    );
+                };
+                let r = &head.request;
+                assert_eq!(
+                    hyper_head,
+                    &format!("{} {} {:?} {:?}", r.method(), r.uri(), r.version(), r.headers()),
+                    "the two parsers read one head differently"
+                );
+                treated.push(treat(head.request));
+            }
+            h1::Parsed::Declined => {
+                assert_eq!(buf, before, "a declined head is handed on whole");
+                treated.extend(serve_hyper(&buf).await.into_iter().map(|(t, _)| t));
+                return treated;
+            }
+            h1::Parsed::Partial => return treated,
+        }
+    }
+}
+
+/// hyper's HTTP/1 server on `raw`, configured as safelb's listeners configure it: what the
+/// request path did with each request, and each head as hyper read it.
+async fn serve_hyper(raw: &[u8]) -> Vec<(Treated, String)> {
     let seen = std::rc::Rc::new(RefCell::new(Vec::new()));
     let (client, server) = tokio::io::duplex(16 * 1024);
     let (mut from_server, mut to_server) = tokio::io::split(client);
     let record = seen.clone();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        record.borrow_mut().push(treat(req));
+        let head = format!("{} {} {:?} {:?}", req.method(), req.uri(), req.version(), req.headers());
+        record.borrow_mut().push((treat(req), head));
         std::future::ready(Ok::<_, std::convert::Infallible>(Response::new(
             Empty::<bytes::Bytes>::new(),
         )))
@@ -386,7 +428,7 @@ async fn serve_bytes(raw: &[u8]) -> Vec<Treated> {
     seen.take()
 }
 
-fn treat(req: Request<hyper::body::Incoming>) -> Treated {
+fn treat<B>(req: Request<B>) -> Treated {
     let hop_by_hop = has_hop_by_hop(req.headers());
     let refused = hostile_head(&req, hop_by_hop);
     let headers = req.headers();

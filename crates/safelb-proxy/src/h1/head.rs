@@ -38,17 +38,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
     let base = buf.as_ptr() as usize;
     let count = response.headers.len();
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-        // The head is at most MAX_HEAD plus one read: u32 offsets hold it.
-        let name = (field.name.as_ptr() as usize - base) as u32;
-        let value = (field.value.as_ptr() as usize - base) as u32;
-        *span = (
-            name,
-            name + field.name.len() as u32,
-            value,
-            value + field.value.len() as u32,
-        );
-    }
+    field_spans(base, response.headers, &mut spans);
     let head = buf.split_to(len).freeze();
     let mut parsed = Head {
         status,
@@ -97,6 +87,22 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
         parsed.keep_alive = false;
     }
     Ok(Some(parsed))
+}
+
+/// Where each field's name and value lie in a parsed head, as offsets from `base` (the head's
+/// first byte): the head is then split off its buffer and the fields share its bytes. A head is
+/// at most `MAX_HEAD` plus one read (or a request's `max_head`): u32 offsets hold it.
+pub(crate) fn field_spans(base: usize, fields: &[httparse::Header<'_>], spans: &mut [(u32, u32, u32, u32)]) {
+    for (span, field) in spans.iter_mut().zip(fields) {
+        let name = (field.name.as_ptr() as usize - base) as u32;
+        let value = (field.value.as_ptr() as usize - base) as u32;
+        *span = (
+            name,
+            name + field.name.len() as u32,
+            value,
+            value + field.value.len() as u32,
+        );
+    }
 }
 
 /// How the body of a response is delimited (RFC 9112 §6.3).

@@ -1,4 +1,5 @@
-//! HTTP/1.1 to backends on the request's own task, for requests without a body.
+//! HTTP/1.1 on the wire, both ways: to backends on the request's own task for requests without a
+//! body (this doc), and the client side's codec for plain request heads (`serve.rs`).
 //!
 //! A profile of a small proxied request (callgrind, docs/performance.md) put 39% of safelb's
 //! instructions in hyper's client connection task: the request crosses a channel to that task,
@@ -32,13 +33,17 @@ use tokio::net::TcpStream;
 mod body;
 mod conn;
 mod head;
+mod serve;
 
 pub use body::H1Body;
 // Crate-wide (not only for `conn.rs`) so that `crate::fuzzing` can drive the parser and the
 // body's framing without a backend.
 pub(crate) use body::{Chunk, State};
 pub(crate) use conn::{exchange, Conn, IdleConns};
-pub(crate) use head::{framing, parse_head, Head};
+pub(crate) use head::{field_spans, framing, parse_head, Head};
+pub(crate) use serve::{
+    chunk_header, chunked_end, encode_response_head, parse_request, response_framing, says_close, Framing, Parsed,
+};
 
 /// Longest response head (status line and headers) or trailer section accepted.
 const MAX_HEAD: usize = 64 * 1024;

@@ -258,7 +258,7 @@ pub(super) const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Idempotent without a body (RFC 9110 9.2.2), or with an `Idempotency-Key` and a declared body
 /// of at most `max` bytes (a chunked body of unknown size is streamed, never sent twice).
-pub(super) fn is_replayable(parts: &http::request::Parts, body: &Incoming, max: u64) -> bool {
+pub(super) fn is_replayable(parts: &http::request::Parts, body: &ClientBody, max: u64) -> bool {
     let bodiless = http_body::Body::is_end_stream(body);
     if bodiless && is_idempotent(&parts.method) {
         return true;
@@ -270,7 +270,7 @@ pub(super) fn is_replayable(parts: &http::request::Parts, body: &Incoming, max: 
 }
 
 /// Reads a (small, declared) request body whole, so it can be sent more than once.
-pub(super) async fn buffer_body(body: Incoming, max: u64) -> Result<Bytes, ErrorKind> {
+pub(super) async fn buffer_body(body: ClientBody, max: u64) -> Result<Bytes, ErrorKind> {
     use http_body_util::BodyExt;
     match http_body_util::Limited::new(body, max as usize).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),

@@ -20,14 +20,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use safelb_config::{Action, Protocol};
 
 use crate::access_log::{AccessLog, LogEntry};
 use crate::actions::RouteActions;
 use crate::backend::BackendState;
-use crate::body::{request_body_error, RequestBody, RequestBodyError};
+use crate::body::{request_body_error, ClientBody, RequestBody, RequestBodyError};
 use crate::client_io::ConnState;
 use crate::clock::rfc3339_now;
 use crate::error::{client_answer, ErrorKind, ProxyError};
@@ -49,7 +48,7 @@ use candidate::*;
 pub(crate) use completion::Completion;
 use completion::*;
 use forward::*;
-pub use response::ResponseBody;
+pub use response::{BoxError, ResponseBody};
 use tunnel::*;
 
 /// Everything a listener's connections share.
@@ -82,7 +81,7 @@ impl Proxy {
     /// Serves one request. Never fails: every error becomes a response.
     pub async fn serve(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         client: SocketAddr,
         conn: Arc<ConnState>,
     ) -> Response<ResponseBody> {

@@ -15,6 +15,7 @@ mod failures;
 mod fleet;
 mod hostile;
 mod hostile_h2;
+mod http1;
 pub mod lifecycle;
 mod observability;
 pub mod protocols;

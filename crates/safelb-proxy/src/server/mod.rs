@@ -22,9 +22,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::body::ClientBody;
 use crate::client_io::{ClientIo, ConnState, Timeouts};
 use crate::metrics::ListenerCounters;
 use crate::proxy::Proxy;
+
+mod http1;
 
 /// Binds a listening socket with a deep accept backlog (bursts of new connections are common
 /// in front of a website) and address reuse (a restart must not wait for TIME_WAIT).
@@ -210,7 +213,7 @@ where
     let snapshot = proxy.handle.snapshot();
     let limits = snapshot.config.limits.clone();
     let state = Arc::new(ConnState::default());
-    let io = TokioIo::new(ClientIo::new(
+    let io = ClientIo::new(
         stream,
         state.clone(),
         peer,
@@ -221,21 +224,25 @@ where
         },
         proxy.log.clone(),
         snapshot.version,
-    ));
+    );
     drop(snapshot);
-    let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(proxy.serve(req, peer, state).await) }
-    });
+    if speaks == Speaks::Http1 {
+        // Plain requests are served by safelb's own loop; the first head it declines takes the
+        // connection to hyper, with the bytes already read.
+        let (io, head) = match http1::serve(io, peer, &proxy, &state, &shutdown, limits.max_header_bytes).await {
+            http1::Ended::Closed => return,
+            http1::Ended::HandOff(io, head) => (io, head),
+        };
+        let service = service(proxy, state, peer);
+        let conn = http1_builder(limits.max_header_bytes)
+            .serve_connection(TokioIo::new(http1::Prefixed { head, io }), service)
+            .with_upgrades();
+        return drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await;
+    }
+    let io = TokioIo::new(io);
+    let service = service(proxy, state, peer);
     let max_header_list = limits.max_header_bytes as u32;
     match speaks {
-        Speaks::Http1 => {
-            let conn = http1_builder(limits.max_header_bytes)
-                .serve_connection(io, service)
-                .with_upgrades();
-            drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await
-        }
         Speaks::Http2 => {
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder
@@ -244,7 +251,7 @@ where
             let conn = builder.serve_connection(io, service);
             drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await
         }
-        Speaks::Unknown => {
+        Speaks::Http1 | Speaks::Unknown => {
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
@@ -259,6 +266,24 @@ where
             drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await
         }
     }
+}
+
+/// hyper's service for one connection: every request goes to [`Proxy::serve`].
+fn service(
+    proxy: Arc<Proxy>,
+    state: Arc<ConnState>,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<crate::proxy::ResponseBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<http::Response<crate::proxy::ResponseBody>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let proxy = proxy.clone();
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(proxy.serve(req.map(ClientBody::Hyper), peer, state).await) }
+    })
 }
 
 fn http1_builder(max_header_bytes: usize) -> hyper::server::conn::http1::Builder {
