@@ -4,6 +4,7 @@
 # wrk -t1 -c10 -d10s, total instructions over requests (start-up and the once-a-second control
 # work are included, which moves the figure by a few hundred between runs).
 # Usage: bench/callgrind.sh ['POOL LINES' ['ROUTE LINES']]   e.g. bench/callgrind.sh 'hedge = false'
+# SAFELB_BIN=PATH profiles another build (e.g. an older one, for a before/after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
@@ -22,4 +23,6 @@ out=$(wrk -t1 -c10 -d10s http://127.0.0.1:18080/)
 n=$(awk '/requests in/ {print $1}' <<<"$out")
 kill -TERM "$lb"; wait "$lb" 2>/dev/null || true
 total=$(callgrind_annotate "$work/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+# CALLGRIND_OUT=FILE keeps the profile (for callgrind_annotate --inclusive=yes FILE).
+[ -n "${CALLGRIND_OUT:-}" ] && cp "$work/cg.out" "$CALLGRIND_OUT"
 echo "pool lines: '${1:-}'  route lines: '${2:-}'  requests: $n  instructions: $total  per request: $((total / n))"

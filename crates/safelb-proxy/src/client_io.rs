@@ -141,7 +141,9 @@ pub struct ClientIo<S> {
     /// Where the request line of the head being read ends, once seen: hyper answers 431 for
     /// any head over the limit; one that is mostly its request line gets 414 instead.
     head_line: Option<usize>,
+    /// Fires at or before `deadline`; moved only when the deadline comes earlier than it (see `arm`).
     timer: Pin<Box<Sleep>>,
+    deadline: tokio::time::Instant,
     header_timeout: Duration,
     keepalive_timeout: Duration,
     send_timeout: Duration,
@@ -179,6 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
             head_bytes: 0,
             head_line: None,
             timer: Box::pin(tokio::time::sleep(timeouts.header)),
+            deadline: tokio::time::Instant::now() + timeouts.header,
             header_timeout: timeouts.header,
             keepalive_timeout: timeouts.keepalive,
             send_timeout: timeouts.send,
@@ -227,9 +230,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
         self.head_line = buffered.iter().position(|&b| b == b'\n');
     }
 
+    /// Starts `phase` with its timeout. Lazily: a request moves the deadline twice (idle, then
+    /// head), and moving a registered timer earlier takes the timer driver's lock, once per
+    /// request. The timer is moved only when the new deadline is earlier than where it is set;
+    /// when it fires early, `expired` sets it again for the real deadline.
     fn arm(&mut self, phase: Phase, after: Duration) {
         self.phase = phase;
-        self.timer.as_mut().reset(tokio::time::Instant::now() + after);
+        self.deadline = tokio::time::Instant::now() + after;
+        if self.deadline < self.timer.deadline() {
+            self.timer.as_mut().reset(self.deadline);
+        }
+    }
+
+    /// Whether the current phase's deadline has passed; registers for a wake-up if not.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if tokio::time::Instant::now() >= self.deadline {
+                return true;
+            }
+            let at = self.deadline;
+            self.timer.as_mut().reset(at);
+        }
+        false
     }
 
     /// When `buf` is hyper's own answer to a request head it could not parse, writes ours
@@ -333,7 +355,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
             }
             return Poll::Ready(result);
         }
-        if this.phase != Phase::Busy && this.timer.as_mut().poll(cx).is_ready() {
+        if this.phase != Phase::Busy && this.expired(cx) {
             if this.phase == Phase::Head && this.head_bytes > 0 && this.h2 != Some(true) {
                 this.answer(cx, 408);
                 return Poll::Ready(Err(io::Error::new(

@@ -114,7 +114,9 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let Ok(uri) = http::Uri::from_maybe_shared(bytes.slice(target.0..target.0 + target.1)) else {
         return decline(buf);
     };
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what the request path adds (X-Forwarded-For, -Proto, -Host, X-Request-Id): a map
+    // that grows while they go in rehashes every field (callgrind: 2.4k instructions a request).
+    let mut headers = HeaderMap::with_capacity(count + 4);
     for &(ns, ne, vs, ve) in &spans[..count] {
         let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
         let (Ok(name), Ok(value)) = (
