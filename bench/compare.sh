@@ -6,8 +6,10 @@
 # worker_processes 1, haproxy nbthread 1), access logs off; plus a direct run to one backend as
 # the limit. wrk rounds are interleaved (every proxy once per round) so the machine's drift hits
 # all alike; the table shows medians. Cases: small body keep-alive, Connection: close, 64 KiB
-# body, and h2c (h2load) for safelb and nginx. Also: RSS with N idle client connections (safelb
-# vs nginx), and the snapshot build/swap micro-benchmark (5k routes, 1k backends).
+# body, TLS keep-alive (`tls`) and a TLS handshake per request (`tlsnew`, Connection: close over
+# https; no direct row: the backend is plain), and h2c (h2load) for every proxy. Also: RSS with N
+# idle client connections (safelb vs nginx), and the snapshot build/swap micro-benchmark (5k
+# routes, 1k backends).
 #
 # Usage: bench/compare.sh [--short]     (--short: a few seconds, for CI; numbers not meaningful)
 # SAFELB_BEFORE=/path/to/an/older/safelb adds that binary as proxy `before`, measured in the same
@@ -43,6 +45,7 @@ cleanup() {
 trap cleanup EXIT
 
 B1=18101; B2=18102; P_SAFELB=18201; P_NGINX=18202; P_NGINX_H2=18212; P_HAPROXY=18203; P_BEFORE=18204
+P_SAFELB_TLS=18221; P_BEFORE_TLS=18224; P_NGINX_TLS=18222; P_HAPROXY_TLS=18223; P_HAPROXY_H2=18213
 ADMIN=18291; ADMIN_BEFORE=18292
 proxies=(safelb nginx haproxy)
 if [ -n "${SAFELB_BEFORE:-}" ]; then
@@ -85,9 +88,18 @@ pids+=($backend_pid)
 wait_port $B1; wait_port $B2
 
 # --- the proxies ------------------------------------------------------------------------------
+# One self-signed ECDSA P-256 certificate for all three TLS listeners (each proxy's defaults for
+# sessions and tickets otherwise).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench.example" \
+    -addext "subjectAltName=DNS:bench.example,IP:127.0.0.1" -keyout "$work/site.key" -out "$work/site.pem" 2>/dev/null
+cat "$work/site.pem" "$work/site.key" > "$work/site-haproxy.pem"
+chmod 644 "$work/site.key" "$work/site.pem"
 cat > "$work/safelb.toml" <<CFG
 [listener.public]
 bind = "127.0.0.1:$P_SAFELB"
+[listener.tls]
+bind = "127.0.0.1:$P_SAFELB_TLS"
+tls = { cert = "$work/site.pem", key = "$work/site.key" }
 [admin]
 bind = "127.0.0.1:$ADMIN"
 [access_log]
@@ -102,7 +114,7 @@ balance = "round_robin"
 backends = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
 ${SAFELB_POOL_EXTRA:-}
 CFG
-sed -e "s/:$P_SAFELB\"/:$P_BEFORE\"/" -e "s/:$ADMIN\"/:$ADMIN_BEFORE\"/" "$work/safelb.toml" > "$work/before.toml"
+sed -e "s/:$P_SAFELB\"/:$P_BEFORE\"/" -e "s/:$P_SAFELB_TLS\"/:$P_BEFORE_TLS\"/" -e "s/:$ADMIN\"/:$ADMIN_BEFORE\"/" "$work/safelb.toml" > "$work/before.toml"
 mkdir -p "$work/nginx/logs"
 cat > "$work/nginx/nginx.conf" <<CFG
 worker_processes 1;
@@ -126,6 +138,9 @@ http {
     server {
         listen 127.0.0.1:$P_NGINX;
         listen 127.0.0.1:$P_NGINX_H2 http2;
+        listen 127.0.0.1:$P_NGINX_TLS ssl;
+        ssl_certificate $work/site.pem;
+        ssl_certificate_key $work/site.key;
         location / {
             proxy_pass http://be;
             proxy_http_version 1.1;
@@ -147,6 +162,12 @@ defaults
     http-reuse always
 frontend fe
     bind 127.0.0.1:$P_HAPROXY
+    default_backend be
+frontend fe_h2c
+    bind 127.0.0.1:$P_HAPROXY_H2 proto h2
+    default_backend be
+frontend fe_tls
+    bind 127.0.0.1:$P_HAPROXY_TLS ssl crt $work/site-haproxy.pem
     default_backend be
 backend be
     balance roundrobin
@@ -174,7 +195,8 @@ start_proxy() { # $1 = name; sets $pid
     pids+=("$pid")
 }
 port_of() { case $1 in safelb) echo $P_SAFELB ;; before) echo $P_BEFORE ;; nginx) echo $P_NGINX ;; haproxy) echo $P_HAPROXY ;; direct) echo $B1 ;; esac; }
-h2port_of() { case $1 in safelb) echo $P_SAFELB ;; before) echo $P_BEFORE ;; nginx) echo $P_NGINX_H2 ;; esac; }
+h2port_of() { case $1 in safelb) echo $P_SAFELB ;; before) echo $P_BEFORE ;; nginx) echo $P_NGINX_H2 ;; haproxy) echo $P_HAPROXY_H2 ;; esac; }
+tlsport_of() { case $1 in safelb) echo $P_SAFELB_TLS ;; before) echo $P_BEFORE_TLS ;; nginx) echo $P_NGINX_TLS ;; haproxy) echo $P_HAPROXY_TLS ;; esac; }
 # CPU ticks (user + system) of a process and its children (nginx's workers).
 cpu_ticks() {
     local total=0 p
@@ -192,16 +214,19 @@ to_ms() { # wrk latency like 1.23ms, 456.00us, 1.02s
 results="$work/results"
 : > "$results"
 run_wrk() { # $1 case $2 proxy
-    local port path="/" extra=()
+    local port path="/" extra=() scheme=http
     port=$(port_of "$2")
     case $1 in
         close) extra=(-H "Connection: close") ;;
         64k) path="/64k" ;;
+        # TLS keep-alive, and a TLS handshake for every request.
+        tls) scheme=https; port=$(tlsport_of "$2") ;;
+        tlsnew) scheme=https; port=$(tlsport_of "$2"); extra=(-H "Connection: close") ;;
     esac
     local out serving cpu0 cpu1
     if [ "$2" = direct ]; then serving=$backend_pid; else serving=$pid; fi
     cpu0=$(cpu_ticks "$serving")
-    out=$(wrk -t1 -c50 -d"${secs}s" --latency "${extra[@]}" "http://127.0.0.1:$port$path" 2>&1)
+    out=$(wrk -t1 -c50 -d"${secs}s" --latency "${extra[@]}" "$scheme://127.0.0.1:$port$path" 2>&1)
     cpu1=$(cpu_ticks "$serving")
     # A number is only a number if every answer was a success.
     if grep -q "Non-2xx or 3xx responses" <<<"$out"; then
@@ -238,10 +263,10 @@ for r in $(seq 1 "$rounds"); do
     done
     for p in "${proxies[@]}"; do
         start_proxy $p
-        for c in small close 64k; do
+        for c in small close 64k tls tlsnew; do
             run_wrk "$c" "$p"
         done
-        case $p in safelb|before|nginx) run_h2 "$p" ;; esac
+        run_h2 "$p"
         kill "$pid"; wait "$pid" 2>/dev/null || true
     done
     echo "   round $r done"
@@ -285,7 +310,7 @@ median() { sort -n | awk '{a[NR] = $1} END { if (NR == 0) print 0; else if (NR %
 field() { awk -v c="$1" -v p="$2" -v f="$3" '$1 == c && $2 == p {print $f}' "$results" | median; }
 echo
 printf '%-8s %-8s %12s %9s %9s %14s\n' case proxy "req/s" "p50 ms" "p99 ms" "CPU ms/1k req"
-for c in small close 64k h2c; do
+for c in small close 64k tls tlsnew h2c; do
     for p in direct "${proxies[@]}"; do
         n=$(awk -v c=$c -v p=$p '$1 == c && $2 == p' "$results" | wc -l)
         [ "$n" -eq 0 ] && continue
@@ -298,7 +323,7 @@ echo
 echo "ratios (safelb / other, req/s; above 1 is faster; vs direct: the share of the backend-alone ceiling):"
 others=(nginx haproxy direct)
 [ -n "${SAFELB_BEFORE:-}" ] && others+=(before)
-for c in small close 64k h2c; do
+for c in small close 64k tls tlsnew h2c; do
     s=$(field $c safelb 3)
     line=$(printf '%-8s' $c)
     for p in "${others[@]}"; do

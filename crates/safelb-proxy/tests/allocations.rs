@@ -55,16 +55,20 @@ static ALLOCATOR: Counting = Counting;
 const MAX_PER_REQUEST: f64 = ALLOCATIONS_MEASURED + 0.5;
 const ALLOCATIONS_MEASURED: f64 = 8.0;
 
+/// A current-thread runtime: each side of the test on a thread of its own.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A backend answering every request head with the same small response, forever.
 fn backend() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        runtime().block_on(async move {
             listener.set_nonblocking(true).unwrap();
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             while let Ok((mut s, _)) = listener.accept().await {
@@ -102,11 +106,7 @@ fn proxy(
 ) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        runtime().block_on(async move {
             let config = format!(
                 "[listener.public]\nbind = \"127.0.0.1:0\"\n[access_log]\nenabled = false\n[[route]]\nname = \"r\"\npool = \"p\"\n[pool.p]\nbackends = [\"{backend}\"]\n"
             );
@@ -144,10 +144,7 @@ fn a_keep_alive_request_allocates_a_small_fixed_number_of_times() {
     let stop = CancellationToken::new();
     let (counted_tx, counted_rx) = std::sync::mpsc::channel::<u64>();
     let addr = proxy(backend, start_rx, stop.clone(), counted_tx);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let requests = 2000;
     rt.block_on(async {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
