@@ -95,13 +95,18 @@ pub(crate) fn encode_head(method: &Method, uri: &http::Uri, headers: &HeaderMap)
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(&mut out, name, value);
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// Appends one field line, `name: value` and CRLF (request heads, response heads, trailers).
+pub(crate) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]

@@ -82,17 +82,10 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_head: usize) -> Parsed {
             }
         }
         if name.eq_ignore_ascii_case(b"connection") {
-            for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                if option.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if option.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    head.keep_alive = true;
-                }
-            }
+            close |= lists(value, b"close");
+            head.keep_alive |= version == Version::HTTP_10 && lists(value, b"keep-alive");
         } else if name.eq_ignore_ascii_case(b"te") {
-            head.trailers |= value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+            head.trailers |= lists(value, b"trailers");
         }
     }
     // `close` anywhere wins over `keep-alive` elsewhere.
@@ -197,10 +190,7 @@ pub(crate) fn encode_response_head(
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == CONNECTION {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, name, value);
     }
     match framing {
         Framing::Length(n) | Framing::Empty(Some(n)) => {
@@ -227,10 +217,17 @@ pub(crate) fn encode_response_head(
 /// Whether a response's own `Connection` field says `close` (a local answer that ends the
 /// connection sets it).
 pub(crate) fn says_close(headers: &HeaderMap) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|o| o.trim().eq_ignore_ascii_case("close")))
-    })
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| lists(v.as_bytes(), b"close"))
+}
+
+/// Whether a comma-separated field value (`Connection`, `TE`) lists `token`, in any case.
+fn lists(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Appends one chunk's size line (hex), before its data.
@@ -254,10 +251,7 @@ pub(crate) fn chunk_header(out: &mut Vec<u8>, len: usize) {
 pub(crate) fn chunked_end(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
     out.extend_from_slice(b"0\r\n");
     for (name, value) in trailers.into_iter().flatten() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, name, value);
     }
     out.extend_from_slice(b"\r\n");
 }

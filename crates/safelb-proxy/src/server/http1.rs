@@ -96,7 +96,7 @@ where
             keep_alive,
         };
         match write_response(&mut io, &mut out, response, reply).await {
-            Ok(true) if keep_alive => {}
+            Ok(true) => {}
             _ => {
                 let _ = io.shutdown().await;
                 return Ended::Closed;
@@ -121,8 +121,8 @@ enum Next {
     Flush,
 }
 
-/// Writes one response; whether its body ended where its framing said (the connection may
-/// carry another request).
+/// Writes one response; whether the connection may carry another request (the request allows
+/// it, and the body was framed by length or chunks and ended where its framing said).
 async fn write_response<S>(
     io: &mut ClientIo<S>,
     out: &mut Vec<u8>,
