@@ -5,6 +5,10 @@
 # work are included, which moves the figure by a few hundred between runs).
 # Usage: bench/callgrind.sh ['POOL LINES' ['ROUTE LINES']]   e.g. bench/callgrind.sh 'hedge = false'
 # SAFELB_BIN=PATH profiles another build (e.g. an older one, for a before/after).
+# CALLGRIND_CASE=tls measures HTTPS keep-alive requests instead, CALLGRIND_CASE=tlsnew HTTPS with
+# `Connection: close` (a TLS handshake each; ECDSA P-256 certificate, wrk resumes sessions); the
+# default case is `small` (plain HTTP keep-alive). Under valgrind, *ring* may pick other code
+# than on the bare CPU (no SHA or ADX extensions): compare builds, not TLS libraries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
@@ -13,16 +17,30 @@ cargo build -q --release -p safelb
 safelb=${SAFELB_BIN:-./target/release/safelb}
 source bench/two-backends.sh
 start_demo_backends "$safelb"
-proxy_config "[access_log]
-enabled = false" "${1:-}" "${2:-}" > "$work/lb.toml"
+case=${CALLGRIND_CASE:-small}
+top="[access_log]
+enabled = false"
+url=http://127.0.0.1:18080/
+wrk_extra=()
+if [ "$case" = tls ] || [ "$case" = tlsnew ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench.example" \
+        -addext "subjectAltName=DNS:bench.example,IP:127.0.0.1" -keyout "$work/site.key" -out "$work/site.pem" 2>/dev/null
+    top="$top
+[listener.tls]
+bind = \"127.0.0.1:18443\"
+tls = { cert = \"$work/site.pem\", key = \"$work/site.key\" }"
+    url=https://127.0.0.1:18443/
+    [ "$case" = tlsnew ] && wrk_extra=(-H "Connection: close")
+fi
+proxy_config "$top" "${1:-}" "${2:-}" > "$work/lb.toml"
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$safelb" serve --config "$work/lb.toml" --store "$work/store" --threads 1 >/dev/null 2>"$work/vg.log" &
 lb=$!
 pids+=("$lb")
 for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18080/ && break; sleep 0.2; done
-out=$(wrk -t1 -c10 -d10s http://127.0.0.1:18080/)
+out=$(wrk -t1 -c10 -d10s "${wrk_extra[@]}" "$url")
 n=$(awk '/requests in/ {print $1}' <<<"$out")
 kill -TERM "$lb"; wait "$lb" 2>/dev/null || true
 total=$(callgrind_annotate "$work/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 # CALLGRIND_OUT=FILE keeps the profile (for callgrind_annotate --inclusive=yes FILE).
 [ -n "${CALLGRIND_OUT:-}" ] && cp "$work/cg.out" "$CALLGRIND_OUT"
-echo "pool lines: '${1:-}'  route lines: '${2:-}'  requests: $n  instructions: $total  per request: $((total / n))"
+echo "case: $case  pool lines: '${1:-}'  route lines: '${2:-}'  requests: $n  instructions: $total  per request: $((total / n))"

@@ -14,6 +14,8 @@
 # Usage: bench/compare.sh [--short]     (--short: a few seconds, for CI; numbers not meaningful)
 # SAFELB_BEFORE=/path/to/an/older/safelb adds that binary as proxy `before`, measured in the same
 # interleaved rounds, for the before/after of a change.
+# BENCH_WORKERS=N gives every proxy N workers (safelb --threads N, nginx worker_processes N,
+# haproxy nbthread N; the backend keeps one); BENCH_WRK_THREADS sets wrk's -t (default 1).
 # SAFELB_POOL_EXTRA adds lines to safelb's pool (e.g. SAFELB_POOL_EXTRA='hedge = false' to
 # measure what hedging costs a healthy pool).
 # Peers are installed with apt-get by bench/install-peers when missing.
@@ -35,6 +37,8 @@ fi
 ./bench/install-peers
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
+workers=${BENCH_WORKERS:-1}
+wrk_threads=${BENCH_WRK_THREADS:-1}
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -117,7 +121,7 @@ CFG
 sed -e "s/:$P_SAFELB\"/:$P_BEFORE\"/" -e "s/:$P_SAFELB_TLS\"/:$P_BEFORE_TLS\"/" -e "s/:$ADMIN\"/:$ADMIN_BEFORE\"/" "$work/safelb.toml" > "$work/before.toml"
 mkdir -p "$work/nginx/logs"
 cat > "$work/nginx/nginx.conf" <<CFG
-worker_processes 1;
+worker_processes $workers;
 pid $work/nginx/nginx.pid;
 error_log $work/nginx/logs/error.log warn;
 worker_rlimit_nofile 20000;
@@ -151,7 +155,7 @@ http {
 CFG
 cat > "$work/haproxy.cfg" <<CFG
 global
-    nbthread 1
+    nbthread $workers
     maxconn 9000
 defaults
     mode http
@@ -179,11 +183,11 @@ start_proxy() { # $1 = name; sets $pid
     case $1 in
         safelb)
             rm -rf "$work/store"
-            "$safelb" serve --config "$work/safelb.toml" --store "$work/store" --threads 1 >/dev/null 2>"$work/safelb.log" &
+            "$safelb" serve --config "$work/safelb.toml" --store "$work/store" --threads "$workers" >/dev/null 2>"$work/safelb.log" &
             pid=$!; wait_port $P_SAFELB ;;
         before)
             rm -rf "$work/store-before"
-            "$SAFELB_BEFORE" serve --config "$work/before.toml" --store "$work/store-before" --threads 1 >/dev/null 2>"$work/before.log" &
+            "$SAFELB_BEFORE" serve --config "$work/before.toml" --store "$work/store-before" --threads "$workers" >/dev/null 2>"$work/before.log" &
             pid=$!; wait_port $P_BEFORE ;;
         nginx)
             nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' >/dev/null 2>&1 &
@@ -226,7 +230,7 @@ run_wrk() { # $1 case $2 proxy
     local out serving cpu0 cpu1
     if [ "$2" = direct ]; then serving=$backend_pid; else serving=$pid; fi
     cpu0=$(cpu_ticks "$serving")
-    out=$(wrk -t1 -c50 -d"${secs}s" --latency "${extra[@]}" "$scheme://127.0.0.1:$port$path" 2>&1)
+    out=$(wrk -t"$wrk_threads" -c50 -d"${secs}s" --latency "${extra[@]}" "$scheme://127.0.0.1:$port$path" 2>&1)
     cpu1=$(cpu_ticks "$serving")
     # A number is only a number if every answer was a success.
     if grep -q "Non-2xx or 3xx responses" <<<"$out"; then
@@ -256,7 +260,7 @@ run_h2() { # $1 proxy
     echo "h2c $1 ${rps:-0} $(to_ms "${mean:-0ms}") - -" >> "$results"
 }
 
-echo "== throughput: wrk -t1 -c50 -d${secs}s --latency, $rounds interleaved round(s); h2load -n $h2n -c 50 -m 10"
+echo "== $workers worker(s) per proxy; throughput: wrk -t$wrk_threads -c50 -d${secs}s --latency, $rounds interleaved round(s); h2load -n $h2n -c 50 -m 10"
 for r in $(seq 1 "$rounds"); do
     for c in small close 64k; do
         run_wrk "$c" direct

@@ -37,7 +37,9 @@ pub mod shadow;
 pub mod snapshot;
 pub mod stats;
 pub mod tls;
+pub mod transport;
 mod upstream;
+pub mod worker;
 
 pub use access_log::AccessLog;
 pub use handle::{Canary, Probed, ProxyHandle, Routing, SwapError};

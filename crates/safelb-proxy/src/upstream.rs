@@ -1,7 +1,8 @@
 //! Upstream connections: connect with a timeout, keep idle connections per backend, hand them
 //! out again. Three kinds: plain HTTP/1.1 connections for bodiless requests (exchanged inline,
 //! `h1/`), hyper HTTP/1.1 connections for requests with a body, and one multiplexed hyper
-//! HTTP/2 connection per backend for `protocol = "h2"` pools.
+//! HTTP/2 connection per backend for `protocol = "h2"` pools. Each kind is kept per worker
+//! thread ([`crate::worker`]): a request uses connections its own runtime opened.
 //!
 //! [`Conns`] holds one backend address's connections; the [`crate::registry::Registry`] keeps
 //! it beside the address's [`BackendState`](crate::backend::BackendState), which knows nothing
@@ -28,22 +29,24 @@ use tokio::net::TcpStream;
 use crate::body::RequestBody;
 use crate::error::ErrorKind;
 use crate::h1;
+use crate::worker::PerWorker;
 
 /// Idle connections older than this are closed instead of reused: many servers close theirs
 /// after a few seconds, and reusing one that is being closed costs a round trip.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Idle connections kept per backend; more are closed when returned.
+/// Idle connections kept per backend and worker; more are closed when returned.
 const MAX_IDLE_PER_BACKEND: usize = 512;
 
 /// The connections to one backend address, shared by every snapshot that names it.
 pub(crate) struct Conns {
     addr: SocketAddr,
-    /// Idle connections of hyper's client (requests with a body).
-    idle: Mutex<Vec<IdleConn>>,
+    /// Idle connections of hyper's client (requests with a body), per worker: a connection's
+    /// task runs on the runtime that opened it.
+    idle: PerWorker<Mutex<Vec<IdleConn>>>,
     /// Idle connections for bodiless requests, exchanged on the request's task (`h1/`).
     inline: Arc<h1::IdleConns>,
-    /// The one multiplexed connection of pools that speak HTTP/2 to this backend.
-    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// The multiplexed connection of pools that speak HTTP/2 to this backend, one per worker.
+    h2: PerWorker<Mutex<Option<http2::SendRequest<RequestBody>>>>,
 }
 
 impl std::fmt::Debug for Conns {
@@ -166,9 +169,9 @@ impl Conns {
     pub(crate) fn new(addr: SocketAddr) -> Conns {
         Conns {
             addr,
-            idle: Mutex::new(Vec::new()),
+            idle: PerWorker::default(),
             inline: Arc::default(),
-            h2: Mutex::new(None),
+            h2: PerWorker::default(),
         }
     }
 
@@ -215,6 +218,7 @@ impl Conns {
     async fn checkout_h2(&self, timeout: Duration) -> Result<(Sender, bool), ErrorKind> {
         if let Some(s) = self
             .h2
+            .local()
             .lock()
             .expect("h2 lock is never poisoned")
             .as_ref()
@@ -232,19 +236,27 @@ impl Conns {
                 tracing::trace!(error = %e, "upstream h2 connection ended with an error");
             }
         });
-        *self.h2.lock().expect("h2 lock is never poisoned") = Some(sender.clone());
+        *self.h2.local().lock().expect("h2 lock is never poisoned") = Some(sender.clone());
         Ok((Sender::H2(sender), false))
     }
 
     fn pop_idle(&self) -> Option<IdleConn> {
-        self.idle.lock().expect("idle list lock is never poisoned").pop()
+        self.idle
+            .local()
+            .lock()
+            .expect("idle list lock is never poisoned")
+            .pop()
     }
 
     /// Drops every idle connection (the backend was ejected).
     pub(crate) fn clear(&self) {
-        self.idle.lock().expect("idle list lock is never poisoned").clear();
+        for idle in self.idle.all() {
+            idle.lock().expect("idle list lock is never poisoned").clear();
+        }
         self.inline.clear();
-        self.h2.lock().expect("h2 lock is never poisoned").take();
+        for h2 in self.h2.all() {
+            h2.lock().expect("h2 lock is never poisoned").take();
+        }
     }
 }
 
@@ -257,7 +269,7 @@ impl Sender {
         if sender.is_closed() {
             return;
         }
-        let mut idle = home.idle.lock().expect("idle list lock is never poisoned");
+        let mut idle = home.idle.local().lock().expect("idle list lock is never poisoned");
         if idle.len() < MAX_IDLE_PER_BACKEND {
             idle.push(IdleConn {
                 sender,

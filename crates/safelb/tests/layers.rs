@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 /// safelb-proxy, lowest layer first: a module may import only modules of earlier layers.
 const PROXY_LAYERS: &[&[&str]] = &[
     // Leaves: no import inside the crate.
+    &["worker", "transport"],
     &[
         "clock", "error", "headers", "stats", "failures", "tls", "role", "body", "h1",
     ],

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::worker::PerWorker;
 
 /// An upstream HTTP/1.1 connection with its read buffer.
 pub(crate) struct Conn {
@@ -44,21 +45,23 @@ impl Conn {
     }
 }
 
-/// Most idle connections kept per backend address; more are closed when returned.
+/// Most idle connections kept per backend address and worker; more are closed when returned.
 const MAX_IDLE: usize = 512;
 
-/// The idle connections to one backend address, newest last.
+/// The idle connections to one backend address, newest last, one list per worker (a worker
+/// reuses the connections it opened: see [`crate::worker`]).
 #[derive(Default)]
 pub(crate) struct IdleConns {
-    list: Mutex<Vec<(Conn, Instant)>>,
+    lists: PerWorker<Mutex<Vec<(Conn, Instant)>>>,
 }
 
 impl IdleConns {
-    /// The newest idle connection that is younger than `max_age` and that the backend has not
-    /// closed; older or closed ones are dropped on the way.
+    /// The newest idle connection of this worker that is younger than `max_age` and that the
+    /// backend has not closed; older or closed ones are dropped on the way.
     pub(crate) fn take(&self, max_age: Duration) -> Option<Conn> {
+        let list = self.lists.local();
         loop {
-            let (conn, since) = self.list.lock().expect("idle list lock is never poisoned").pop()?;
+            let (conn, since) = list.lock().expect("idle list lock is never poisoned").pop()?;
             if since.elapsed() <= max_age && !conn.closed_while_idle() {
                 return Some(conn);
             }
@@ -67,7 +70,7 @@ impl IdleConns {
 
     /// A connection whose last response ended cleanly, ready for the next request.
     pub(crate) fn put(&self, conn: Conn) {
-        let mut list = self.list.lock().expect("idle list lock is never poisoned");
+        let mut list = self.lists.local().lock().expect("idle list lock is never poisoned");
         if list.len() < MAX_IDLE {
             list.push((conn, Instant::now()));
         }
@@ -75,12 +78,17 @@ impl IdleConns {
 
     /// Closes every idle connection (the backend was ejected or removed).
     pub(crate) fn clear(&self) {
-        self.list.lock().expect("idle list lock is never poisoned").clear();
+        for list in self.lists.all() {
+            list.lock().expect("idle list lock is never poisoned").clear();
+        }
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.list.lock().expect("idle list lock is never poisoned").len()
+        self.lists
+            .all()
+            .map(|l| l.lock().expect("idle list lock is never poisoned").len())
+            .sum()
     }
 }
 

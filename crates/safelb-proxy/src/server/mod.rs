@@ -32,14 +32,51 @@ mod http1;
 /// Binds a listening socket with a deep accept backlog (bursts of new connections are common
 /// in front of a website) and address reuse (a restart must not wait for TIME_WAIT).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket(addr)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Accept backlog of every listening socket.
+const BACKLOG: u32 = 4096;
+
+fn socket(addr: SocketAddr) -> io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
+    Ok(socket)
+}
+
+/// Binds `workers` listening sockets on one address, one per worker thread, as plain
+/// (non-async) listeners to register on each worker's runtime. With more than one, they share
+/// the port with `SO_REUSEPORT` and the kernel spreads new connections over them; each worker
+/// accepts on its own socket and no accept wakes a thread for nothing.
+///
+/// `SO_REUSEPORT` would also let this process join a port that another one (of the same user)
+/// already listens on, and split its traffic silently: a plain bind of the address first fails
+/// with "address in use" when anything listens there, as a single socket would.
+pub fn bind_group(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if workers <= 1 {
+        return Ok(vec![bind(addr)?.into_std()?]);
+    }
+    if addr.port() != 0 {
+        socket(addr)?.bind(addr)?;
+    }
+    let mut group = Vec::with_capacity(workers);
+    let mut at = addr;
+    for _ in 0..workers {
+        let socket = socket(at)?;
+        socket.set_reuseport(true)?;
+        socket.bind(at)?;
+        let listener = socket.listen(BACKLOG)?;
+        // Port 0: the first socket picked the port, the others join it.
+        at = listener.local_addr()?;
+        group.push(listener.into_std()?);
+    }
+    Ok(group)
 }
 
 /// Accepts and serves connections until `shutdown` is cancelled. Connection tasks are spawned
@@ -226,46 +263,45 @@ where
         snapshot.version,
     );
     drop(snapshot);
-    if speaks == Speaks::Http1 {
+    let max_header_list = limits.max_header_bytes as u32;
+    if speaks != Speaks::Http2 {
         // Plain requests are served by safelb's own loop; the first head it declines takes the
-        // connection to hyper, with the bytes already read.
+        // connection to hyper, with the bytes already read. A connection whose protocol is not
+        // known (TLS without ALPN: most load generators and scripts) starts there too: an h2
+        // preface is a head the loop declines, and hyper-util's detector then finds h2.
         let (io, head) = match http1::serve(io, peer, &proxy, &state, &shutdown, limits.max_header_bytes).await {
             http1::Ended::Closed => return,
             http1::Ended::HandOff(io, head) => (io, head),
         };
+        let io = TokioIo::new(http1::Prefixed { head, io });
         let service = service(proxy, state, peer);
-        let conn = http1_builder(limits.max_header_bytes)
-            .serve_connection(TokioIo::new(http1::Prefixed { head, io }), service)
-            .with_upgrades();
+        if speaks == Speaks::Http1 {
+            let conn = http1_builder(limits.max_header_bytes)
+                .serve_connection(io, service)
+                .with_upgrades();
+            return drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await;
+        }
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .keep_alive(true)
+            .max_buf_size(limits.max_header_bytes)
+            .header_read_timeout(None);
+        builder
+            .http2()
+            .max_header_list_size(max_header_list)
+            .max_concurrent_streams(256);
+        let conn = builder.serve_connection_with_upgrades(io, service);
         return drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await;
     }
     let io = TokioIo::new(io);
     let service = service(proxy, state, peer);
-    let max_header_list = limits.max_header_bytes as u32;
-    match speaks {
-        Speaks::Http2 => {
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .max_header_list_size(max_header_list)
-                .max_concurrent_streams(256);
-            let conn = builder.serve_connection(io, service);
-            drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await
-        }
-        Speaks::Http1 | Speaks::Unknown => {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .keep_alive(true)
-                .max_buf_size(limits.max_header_bytes)
-                .header_read_timeout(None);
-            builder
-                .http2()
-                .max_header_list_size(max_header_list)
-                .max_concurrent_streams(256);
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await
-        }
-    }
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .max_header_list_size(max_header_list)
+        .max_concurrent_streams(256);
+    let conn = builder.serve_connection(io, service);
+    drive(conn, peer, &shutdown, |c| c.graceful_shutdown()).await
 }
 
 /// hyper's service for one connection: every request goes to [`Proxy::serve`].

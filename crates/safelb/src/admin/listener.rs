@@ -1,11 +1,17 @@
 //! The admin API's listener: plain TCP on loopback, or TLS. TLS handshakes run in tasks of
 //! their own (bounded in time), so a client that opens a connection and stalls its handshake
 //! delays nobody; finished connections queue for the HTTP server.
+//!
+//! Every connection closes lingering (`safelb_proxy::transport::Lingering`): an answer given before the request body
+//! was read (a 415 for a body without a JSON content type, a 413) must reach the client, and a
+//! socket closed over unread bytes resets the connection, which can discard the answer before
+//! the client reads it. The data plane's refusals drain for the same reason.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use safelb_proxy::transport::Lingering;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -17,7 +23,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting for the server at most (then handshakes wait).
 const QUEUE: usize = 64;
 
-pub type AdminIo = Either<TcpStream, TlsStream<TcpStream>>;
+pub type AdminIo = Lingering<Either<TcpStream, TlsStream<TcpStream>>>;
 
 pub enum AdminListener {
     Plain(TcpListener),
@@ -54,7 +60,7 @@ impl AdminListener {
                     let _ = stream.set_nodelay(true);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            let _ = send.send((Either::Right(tls), peer)).await;
+                            let _ = send.send((Lingering::new(Either::Right(tls)), peer)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "admin API: TLS handshake failed"),
                         Err(_) => tracing::debug!(client = %peer, "admin API: TLS handshake timed out"),
@@ -76,7 +82,7 @@ impl axum::serve::Listener for AdminListener {
                 // axum's own accept for TCP, which rides out accept errors.
                 let (stream, peer) = axum::serve::Listener::accept(tcp).await;
                 let _ = stream.set_nodelay(true);
-                (Either::Left(stream), peer)
+                (Lingering::new(Either::Left(stream)), peer)
             }
             AdminListener::Tls { ready, .. } => match ready.recv().await {
                 Some(conn) => conn,

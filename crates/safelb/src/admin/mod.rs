@@ -33,9 +33,9 @@ pub struct AdminState {
     pub failures: Arc<auth::Failures>,
     /// Whether the admin listener is served over TLS (session cookies get `Secure`).
     pub tls: bool,
-    /// The process's runtimes by name, whose live task counts `/metrics` reports (a leak of
-    /// tasks shows as a count that only grows).
-    pub runtimes: Vec<(&'static str, tokio::runtime::Handle)>,
+    /// The process's runtimes by name (the data plane has one per worker), whose live task
+    /// counts `/metrics` reports (a leak of tasks shows as a count that only grows).
+    pub runtimes: Vec<(&'static str, Vec<tokio::runtime::Handle>)>,
 }
 
 impl AdminState {
@@ -94,14 +94,11 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     e.family(
         "safelb_runtime_tasks",
         "gauge",
-        "Tasks alive on each of safelb's runtimes (data: the proxy; control: admin API, monitor, rollouts).",
+        "Tasks alive on each of safelb's runtimes (data: the proxy's workers together; main: health checks, start and drain; control: admin API, monitor, rollouts).",
     );
-    for (name, rt) in &s.runtimes {
-        e.sample(
-            "safelb_runtime_tasks",
-            &[("runtime", name)],
-            rt.metrics().num_alive_tasks() as f64,
-        );
+    for (name, runtimes) in &s.runtimes {
+        let alive: usize = runtimes.iter().map(|rt| rt.metrics().num_alive_tasks()).sum();
+        e.sample("safelb_runtime_tasks", &[("runtime", name)], alive as f64);
     }
     for (result, n) in [("failed", &s.failures.failed), ("limited", &s.failures.limited)] {
         e.sample(

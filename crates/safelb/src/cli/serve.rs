@@ -38,7 +38,8 @@ pub struct ServeArgs {
     /// Directory of the version store (SQLite) and the generated admin token.
     #[arg(long, default_value = "safelb-data")]
     store: PathBuf,
-    /// Worker threads (default: one per core).
+    /// Worker threads serving requests, each with its own runtime, listening sockets and upstream
+    /// connections (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
     /// Also start built-in demo backends on every backend address of the config, to try safelb
@@ -116,23 +117,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         admin_bind: args.admin_bind,
         fleet: None,
     };
-    runtime(&args)?.block_on(serve(args, source, startup, store, placement))
+    runtime()?.block_on(serve(args, source, startup, store, placement))
 }
 
 /// The runtime of the data plane: `--threads` workers (one per core by default).
-fn runtime(args: &ServeArgs) -> anyhow::Result<tokio::runtime::Runtime> {
-    let threads = threads(args);
-    // One thread: the current-thread scheduler (no work-stealing machinery to pay for).
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(threads);
-        b
-    };
-    builder
+/// The main thread's runtime: signals, health checks, certificate watches and the start and
+/// drain of everything else. Requests are served on the worker threads ([`Workers`]).
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("safelb-worker")
         .build()
         .context("starting the async runtime")
 }
@@ -230,7 +223,7 @@ fn run_in_fleet(args: ServeArgs, file_name: String, source: String, file_valid: 
         admin_bind: args.admin_bind,
         fleet: Some(fleet),
     };
-    runtime(&args)?.block_on(serve(args, source, startup, store, placement))
+    runtime()?.block_on(serve(args, source, startup, store, placement))
 }
 
 async fn serve(
@@ -304,27 +297,33 @@ pub struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
-    control: ControlRuntime,
+    control: RuntimeThread,
+    /// The data plane's worker threads; dropped (their connections closed) after the drain.
+    workers: Vec<RuntimeThread>,
     _demo: Vec<Arc<TestBackend>>,
 }
 
-/// The control plane's own runtime thread: the admin API, the monitor and every rollout run
-/// there, so a data plane saturated with traffic cannot delay a rollback verdict, and a slow
-/// admin call cannot take a request's turn.
-struct ControlRuntime {
+/// A thread running a current-thread runtime until dropped. The control plane has one: the
+/// admin API, the monitor and every rollout run there, so a data plane saturated with traffic
+/// cannot delay a rollback verdict, and a slow admin call cannot take a request's turn. Each
+/// data-plane worker has one too (`worker`: its index, see `safelb_proxy::worker`).
+struct RuntimeThread {
     handle: tokio::runtime::Handle,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl ControlRuntime {
-    fn start() -> anyhow::Result<ControlRuntime> {
+impl RuntimeThread {
+    fn start(name: String, worker: Option<usize>) -> anyhow::Result<RuntimeThread> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = CancellationToken::new();
         let until = stop.clone();
         let thread = std::thread::Builder::new()
-            .name("safelb-control".into())
+            .name(name.clone())
             .spawn(move || {
+                if let Some(index) = worker {
+                    safelb_proxy::worker::enter(index);
+                }
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
                 match runtime {
                     Ok(rt) => {
@@ -336,12 +335,12 @@ impl ControlRuntime {
                     }
                 }
             })
-            .context("starting the control-plane thread")?;
+            .with_context(|| format!("starting thread {name}"))?;
         let handle = rx
             .recv()
-            .context("the control-plane thread ended at start")?
-            .context("starting the control-plane runtime")?;
-        Ok(ControlRuntime {
+            .with_context(|| format!("thread {name} ended at start"))?
+            .with_context(|| format!("starting the runtime of thread {name}"))?;
+        Ok(RuntimeThread {
             handle,
             stop,
             thread: Some(thread),
@@ -349,7 +348,7 @@ impl ControlRuntime {
     }
 }
 
-impl Drop for ControlRuntime {
+impl Drop for RuntimeThread {
     fn drop(&mut self) {
         self.stop.cancel();
         if let Some(t) = self.thread.take() {
@@ -368,6 +367,8 @@ pub async fn start(
     placement: Placement,
 ) -> anyhow::Result<Running> {
     let config = startup.config;
+    // Before any backend state exists: its idle connections are kept per worker.
+    safelb_proxy::worker::set_workers(threads);
     let demo = if demo_backends {
         start_demo_backends(&config).await?
     } else {
@@ -391,9 +392,9 @@ pub async fn start(
                 Some(acceptor)
             }
         };
-        let listener =
-            server::bind(l.bind).with_context(|| format!("cannot bind listener `{}` on {}", l.name, l.bind))?;
-        bound.push((l.name.clone(), listener, tls));
+        let group = server::bind_group(l.bind, threads)
+            .with_context(|| format!("cannot bind listener `{}` on {}", l.name, l.bind))?;
+        bound.push((l.name.clone(), group, tls));
     }
     let admin_bind: SocketAddr = placement.admin_bind.unwrap_or_else(|| {
         config
@@ -435,7 +436,10 @@ pub async fn start(
     tracing::info!(tokens = ?tokens.names(), tls = admin_tls.is_some(), "admin API tokens");
     let drain_timeout = config.limits.drain_timeout;
 
-    let control = ControlRuntime::start()?;
+    let control = RuntimeThread::start("safelb-control".into(), None)?;
+    let workers = (0..threads)
+        .map(|i| RuntimeThread::start(format!("safelb-worker-{i}"), Some(i)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let handle = ProxyHandle::new(config, startup.version);
     // The listeners are bound (connections queue in the backlog) but accept nothing until every
     // checked backend has its first verdict: a cold start must not send traffic to a backend
@@ -452,23 +456,27 @@ pub async fn start(
     let tracker = TaskTracker::new();
     let mut tasks = Vec::new();
     let mut listeners = Vec::new();
-    for (name, listener, tls) in bound {
-        let addr = listener.local_addr()?;
+    for (name, group, tls) in bound {
+        let addr = group[0].local_addr()?;
         tracing::info!(listener = %name, %addr, tls = tls.is_some(), threads, version = startup.version, "listening");
         listeners.push(addr);
         let proxy = Proxy::for_listener(handle.clone(), log.clone(), &name, tls.is_some());
-        tasks.push(tokio::spawn(server::serve(
-            listener,
-            proxy,
-            tls,
-            shutdown.clone(),
-            tracker.clone(),
-        )));
+        for (listener, worker) in group.into_iter().zip(&workers) {
+            let (proxy, tls, shutdown, tracker) = (proxy.clone(), tls.clone(), shutdown.clone(), tracker.clone());
+            tasks.push(worker.handle.spawn(async move {
+                // Registered here, with this worker's reactor.
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => server::serve(l, proxy, tls, shutdown, tracker).await,
+                    Err(e) => tracing::error!(error = %e, "a worker cannot register its listening socket"),
+                }
+            }));
+        }
     }
     let mut state = AdminState::new(controller.clone(), tokens, admin_tls.is_some());
     state.runtimes = vec![
-        ("data", tokio::runtime::Handle::current()),
-        ("control", control.handle.clone()),
+        ("data", workers.iter().map(|w| w.handle.clone()).collect()),
+        ("main", vec![tokio::runtime::Handle::current()]),
+        ("control", vec![control.handle.clone()]),
     ];
     let app = admin::app(state);
     let admin_shutdown = shutdown.clone();
@@ -505,6 +513,7 @@ pub async fn start(
         tracker,
         drain_timeout,
         control,
+        workers,
         _demo: demo,
     })
 }
@@ -530,6 +539,8 @@ impl Running {
         let tunnels = self.controller.handle().tunnels().open();
         let closed = self.controller.handle().tunnels().drain(left).await;
         self.controller.handle().shutdown();
+        // What is still open on the workers closes with their runtimes.
+        drop(self.workers);
         if drained && closed == 0 {
             tracing::info!(tunnels, "drained; exiting");
         } else {

@@ -169,6 +169,31 @@ async fn named_tokens_have_roles_author_changes_and_guessing_is_limited() {
     assert_eq!(sample("limited"), 1.0);
 }
 
+/// An admin answer given before the request body is read (415: a body without a JSON content
+/// type) reaches the client while it is still sending megabytes: the admin listener closes
+/// lingering, reading what is left, rather than resetting the connection over unread bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_body_is_read_reaches_a_client_still_sending() {
+    use crate::change_control::{addrs, backends, Deployment};
+    let b = backends(1).await;
+    let d = Deployment::start_with(&addrs(&b), "", "").await;
+    let token = std::fs::read_to_string(d.dir.join("store/admin.token")).unwrap();
+    let body = Bytes::from(vec![b'x'; 4 << 20]);
+    for i in 0..20 {
+        let req = http::Request::post("/api/v1/plan")
+            .header("host", "admin")
+            .header("authorization", format!("Bearer {}", token.trim()))
+            .body(http_body_util::Full::new(body.clone()))
+            .unwrap();
+        let reply = crate::common::Client::connect(d.admin())
+            .await
+            .send(req)
+            .await
+            .unwrap_or_else(|e| panic!("attempt {i}: no answer: {e}"));
+        assert_eq!(reply.status, 415, "attempt {i}: {}", reply.body);
+    }
+}
+
 /// The admin API's JSON bodies, mangled: 400 seeded variants of valid `apply`, `plan`,
 /// `rollback` and `drain` calls (fields of the wrong type, cut short, deeply nested, not UTF-8,
 /// a megabyte of junk, no content type). Each gets a 4xx with a JSON `error`, none a 5xx or a

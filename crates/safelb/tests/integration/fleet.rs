@@ -68,7 +68,7 @@ impl Fleet {
             .arg(self.dir.join("safelb.toml"))
             .arg("--store")
             .arg(self.dir.join(&m.name))
-            .args(["--threads", "1", "--etcd", &self.etcd.url, "--cluster", CLUSTER])
+            .args(["--etcd", &self.etcd.url, "--cluster", CLUSTER])
             .args(["--instance", &m.name])
             .arg("--bind")
             .arg(format!("public=127.0.0.1:{}", m.port))

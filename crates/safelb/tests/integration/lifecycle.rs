@@ -64,7 +64,6 @@ pub fn spawn_serve(config: &std::path::Path) -> Process {
         .arg(config)
         .arg("--store")
         .arg(store)
-        .args(["--threads", "1"])
         .env("SAFELB_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -245,6 +244,36 @@ async fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(moved, "SIGHUP with a valid config moves traffic to the new pool");
+}
+
+/// Workers share a listener's port (`SO_REUSEPORT`); that must not let a second process join a
+/// port the first serves and take half its connections. It is refused as a plain bind would be.
+#[tokio::test]
+async fn a_second_instance_on_a_served_port_is_refused_and_the_first_keeps_serving() {
+    let be = TestBackend::start("be").await;
+    let dir = tempdir();
+    let port = free_port();
+    let cfg = write_config(&dir, port, &be.addr.to_string(), "");
+    let mut first = spawn_serve(&cfg);
+    wait_for_log(&mut first, "admin API listening", Duration::from_secs(10));
+    let out = Command::new(safelb_bin())
+        .args(["serve", "--threads", "2", "--config"])
+        .arg(&cfg)
+        .arg("--store")
+        .arg(dir.join("store-2"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind listener `public` on 127.0.0.1:{port}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..20 {
+        let reply = get(addr, "x", "/").await;
+        assert_eq!((reply.status, reply.backend()), (200, "be"), "{reply:?}");
+    }
 }
 
 #[test]

@@ -149,6 +149,63 @@ async fn sni_picks_the_certificate_and_alpn_gives_h2() {
     assert!(text.starts_with("backend be"), "{text}");
 }
 
+/// curl over TLS to `a.example` with `args`; what it printed (body, then the HTTP version).
+async fn curl(port: u16, args: &[&str]) -> String {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sk",
+        "--resolve",
+        &format!("a.example:{port}:127.0.0.1"),
+        "-w",
+        "\n%{http_version}",
+    ])
+    .args(args)
+    .arg(format!("https://a.example:{port}/"));
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_alpn_http1_and_h2_are_both_served_and_the_server_picks_the_suite() {
+    let be = TestBackend::start("be").await;
+    let site = start(&be).await;
+    // rustls offers AES-256-GCM first; the server's order puts AES-128-GCM first.
+    let mut store = rustls::RootCertStore::empty();
+    store.add(CertificateDer::from(site.roots[0].clone())).unwrap();
+    let provider = rustls::crypto::ring::default_provider();
+    assert_eq!(
+        provider.cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", site.port)).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("a.example").unwrap(), tcp)
+        .await
+        .unwrap();
+    let suite = tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+    assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+    drop(tls);
+
+    // No ALPN: HTTP/1.1 requests, several on one connection, and an h2 client that starts with
+    // the preface without asking (safelb's own HTTP/1 loop declines it, hyper serves h2).
+    let h1 = curl(site.port, &["--no-alpn", "-o", "/dev/null"]).await;
+    assert_eq!(h1.trim(), "1.1", "{h1}");
+    let (mut a, _) = connect(site.port, "a.example", &site.roots).await.unwrap();
+    for _ in 0..3 {
+        let (status, body) = get(&mut a, "a.example", "/").await.unwrap();
+        assert_eq!((status, body.starts_with("backend be")), (200, true), "{body}");
+    }
+    let h2 = curl(site.port, &["--no-alpn", "--http2-prior-knowledge"]).await;
+    assert!(h2.starts_with("backend be") && h2.ends_with("\n2"), "{h2}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_load_and_a_bad_one_is_refused() {
     let be = TestBackend::start("be").await;
