@@ -1,14 +1,14 @@
 //! Which data-plane worker a thread is, and state kept once per worker.
 //!
 //! `safelb serve --threads N` runs N workers, each a thread with its own current-thread runtime
-//! and its own listening socket per listener (`SO_REUSEPORT`, see [`crate::server::bind_group`]).
+//! (worker 0 is the main thread) and its own listening socket per listener (`SO_REUSEPORT`, see [`crate::server::bind_group`]).
 //! A connection to a backend is registered with the reactor of the runtime that opened it, and a
 //! hyper client connection's task lives there too; handed to a request on another worker, every
 //! read would cross threads. So idle upstream connections are kept per worker ([`PerWorker`]):
 //! a request takes one opened on its own thread.
 //!
-//! Threads that are not workers (the main thread with the health checks, the control plane, the
-//! blocking pool, tests) share one extra slot.
+//! Threads that are not workers (the control plane, the blocking pool, tests) share one extra
+//! slot.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

@@ -94,7 +94,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     e.family(
         "safelb_runtime_tasks",
         "gauge",
-        "Tasks alive on each of safelb's runtimes (data: the proxy's workers together; main: health checks, start and drain; control: admin API, monitor, rollouts).",
+        "Tasks alive on each of safelb's runtimes (data: the proxy's workers together, health checks with the first; control: admin API, monitor, rollouts).",
     );
     for (name, runtimes) in &s.runtimes {
         let alive: usize = runtimes.iter().map(|rt| rt.metrics().num_alive_tasks()).sum();

@@ -120,9 +120,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(serve(args, source, startup, store, placement))
 }
 
-/// The runtime of the data plane: `--threads` workers (one per core by default).
-/// The main thread's runtime: signals, health checks, certificate watches and the start and
-/// drain of everything else. Requests are served on the worker threads ([`Workers`]).
+/// The main thread's runtime: data-plane worker 0 (the others get threads of their own, see
+/// [`start`]), with the signals, health checks, certificate watches, start and drain.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -437,9 +436,15 @@ pub async fn start(
     let drain_timeout = config.limits.drain_timeout;
 
     let control = RuntimeThread::start("safelb-control".into(), None)?;
-    let workers = (0..threads)
+    // Worker 0 is the calling thread's runtime (with one thread, safelb is one thread serving
+    // everything, as measured best); workers 1.. get threads of their own.
+    safelb_proxy::worker::enter(0);
+    let workers = (1..threads)
         .map(|i| RuntimeThread::start(format!("safelb-worker-{i}"), Some(i)))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let worker_handles: Vec<tokio::runtime::Handle> = std::iter::once(tokio::runtime::Handle::current())
+        .chain(workers.iter().map(|w| w.handle.clone()))
+        .collect();
     let handle = ProxyHandle::new(config, startup.version);
     // The listeners are bound (connections queue in the backlog) but accept nothing until every
     // checked backend has its first verdict: a cold start must not send traffic to a backend
@@ -461,9 +466,9 @@ pub async fn start(
         tracing::info!(listener = %name, %addr, tls = tls.is_some(), threads, version = startup.version, "listening");
         listeners.push(addr);
         let proxy = Proxy::for_listener(handle.clone(), log.clone(), &name, tls.is_some());
-        for (listener, worker) in group.into_iter().zip(&workers) {
+        for (listener, worker) in group.into_iter().zip(&worker_handles) {
             let (proxy, tls, shutdown, tracker) = (proxy.clone(), tls.clone(), shutdown.clone(), tracker.clone());
-            tasks.push(worker.handle.spawn(async move {
+            tasks.push(worker.spawn(async move {
                 // Registered here, with this worker's reactor.
                 match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => server::serve(l, proxy, tls, shutdown, tracker).await,
@@ -473,11 +478,7 @@ pub async fn start(
         }
     }
     let mut state = AdminState::new(controller.clone(), tokens, admin_tls.is_some());
-    state.runtimes = vec![
-        ("data", workers.iter().map(|w| w.handle.clone()).collect()),
-        ("main", vec![tokio::runtime::Handle::current()]),
-        ("control", vec![control.handle.clone()]),
-    ];
+    state.runtimes = vec![("data", worker_handles), ("control", vec![control.handle.clone()])];
     let app = admin::app(state);
     let admin_shutdown = shutdown.clone();
     tasks.push(control.handle.spawn(async move {
