@@ -1,5 +1,6 @@
-//! Transport wrappers shared by the data plane and the admin API: [`Lingering`], and the
-//! forwarding of writes that every wrapper repeats.
+//! Transport wrappers shared by the data plane and the admin API: [`Lingering`] (the admin
+//! API's connections, the data plane's refusals at the connection limit), and the forwarding
+//! of writes that every wrapper repeats.
 
 use std::future::Future;
 use std::io;
@@ -44,24 +45,38 @@ macro_rules! forward_writes {
 }
 pub(crate) use forward_writes;
 
-/// After its last answer a connection reads (and discards) what the client still sends for at
-/// most this long, and at most [`LINGER_BYTES`].
+/// By default, after its last answer a connection reads (and discards) what the client still
+/// sends for at most this long, and at most [`LINGER_BYTES`].
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 8 << 20;
 
 /// A connection that, when the server shuts it down, first ends its own side and then reads
-/// what the client is still sending until the client closes, [`LINGER`] passes or
-/// [`LINGER_BYTES`] were read: the lingering close of HTTP servers (RFC 9112 §9.6). A server
-/// that answers before reading the whole request (a 413, a 415) and closes over unread bytes
-/// resets the connection, and the reset can discard its answer before the client reads it.
+/// what the client is still sending until the client closes, a time passes or a number of
+/// bytes were read: the lingering close of HTTP servers (RFC 9112 §9.6). A server that answers
+/// before reading the whole request (a 413, a 415, a 503 at the connection limit) and closes
+/// over unread bytes resets the connection, and the reset can discard its answer before the
+/// client reads it.
 pub struct Lingering<T> {
     io: T,
+    time: Duration,
+    bytes: usize,
     linger: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
 impl<T> Lingering<T> {
+    /// Lingers for at most [`LINGER`] and [`LINGER_BYTES`].
     pub fn new(io: T) -> Lingering<T> {
-        Lingering { io, linger: None }
+        Lingering::with_limits(io, LINGER, LINGER_BYTES)
+    }
+
+    /// Lingers for at most `time` and `bytes`.
+    pub fn with_limits(io: T, time: Duration, bytes: usize) -> Lingering<T> {
+        Lingering {
+            io,
+            time,
+            bytes,
+            linger: None,
+        }
     }
 }
 
@@ -78,11 +93,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<T> {
         let me = &mut *self;
         if me.linger.is_none() {
             ready!(Pin::new(&mut me.io).poll_shutdown(cx))?;
-            me.linger = Some((Box::pin(tokio::time::sleep(LINGER)), 0));
+            me.linger = Some((Box::pin(tokio::time::sleep(me.time)), 0));
         }
         let (deadline, read) = me.linger.as_mut().expect("set above");
         let mut sink = [0u8; 16 * 1024];
-        while *read < LINGER_BYTES {
+        while *read < me.bytes {
             if deadline.as_mut().poll(cx).is_ready() {
                 break;
             }

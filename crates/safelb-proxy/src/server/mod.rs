@@ -26,6 +26,7 @@ use crate::body::ClientBody;
 use crate::client_io::{ClientIo, ConnState, Timeouts};
 use crate::metrics::ListenerCounters;
 use crate::proxy::Proxy;
+use crate::transport::Lingering;
 
 mod http1;
 
@@ -137,30 +138,21 @@ impl Drop for OpenConnection {
 }
 
 /// A connection past the listener's limit: a short 503 on plain HTTP (a TLS one is closed, there
-/// is no handshake to spend on it), then close. Bounded: one write with a one-second timeout.
-async fn refuse(mut stream: tokio::net::TcpStream, max: usize, listener: Arc<str>, tls: bool) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// is no handshake to spend on it), then close. Bounded: one write with a one-second timeout,
+/// then a lingering close of at most a second and 64 KiB (closing over unread bytes resets the
+/// connection, and the client could lose the answer).
+async fn refuse(stream: tokio::net::TcpStream, max: usize, listener: Arc<str>, tls: bool) {
+    use tokio::io::AsyncWriteExt;
     if !tls {
         let body = format!("503 Service Unavailable: connection limit ({max}) of listener `{listener}` reached\n");
         let answer = format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.shutdown()).await;
-        // Read what the client sent (bounded) before the socket closes: closing over unread
-        // bytes resets the connection, and the client could lose the answer.
-        let mut sink = [0u8; 4096];
-        let drain = async {
-            let mut total = 0;
-            while total < 64 * 1024 {
-                match stream.read(&mut sink).await {
-                    Ok(n) if n > 0 => total += n,
-                    _ => break,
-                }
-            }
-        };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+        let second = std::time::Duration::from_secs(1);
+        let mut stream = Lingering::with_limits(stream, second, 64 * 1024);
+        let _ = tokio::time::timeout(second, stream.write_all(answer.as_bytes())).await;
+        let _ = stream.shutdown().await;
     }
 }
 

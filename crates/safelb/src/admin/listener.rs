@@ -2,10 +2,10 @@
 //! their own (bounded in time), so a client that opens a connection and stalls its handshake
 //! delays nobody; finished connections queue for the HTTP server.
 //!
-//! Every connection closes lingering (`safelb_proxy::transport::Lingering`): an answer given before the request body
-//! was read (a 415 for a body without a JSON content type, a 413) must reach the client, and a
-//! socket closed over unread bytes resets the connection, which can discard the answer before
-//! the client reads it. The data plane's refusals drain for the same reason.
+//! Every connection closes lingering (`safelb_proxy::transport::Lingering`): an answer given
+//! before the request body was read (a 415 for a body without a JSON content type, a 413) must
+//! reach the client, and a socket closed over unread bytes resets the connection, which can
+//! discard the answer before the client reads it. The data plane's refusals linger too.
 
 use std::io;
 use std::net::SocketAddr;

@@ -305,7 +305,8 @@ pub struct Running {
 /// A thread running a current-thread runtime until dropped. The control plane has one: the
 /// admin API, the monitor and every rollout run there, so a data plane saturated with traffic
 /// cannot delay a rollback verdict, and a slow admin call cannot take a request's turn. Each
-/// data-plane worker has one too (`worker`: its index, see `safelb_proxy::worker`).
+/// data-plane worker but the first (the main thread) has one too (`worker`: its index, see
+/// `safelb_proxy::worker`).
 struct RuntimeThread {
     handle: tokio::runtime::Handle,
     stop: CancellationToken,
