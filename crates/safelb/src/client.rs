@@ -159,11 +159,10 @@ fn connector(ca_file: Option<&std::path::Path>) -> anyhow::Result<tokio_rustls::
             .add(cert)
             .with_context(|| format!("{}: not a usable certificate", path.display()))?;
     }
-    let config =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(safelb_proxy::tls::crypto()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
 }
 

@@ -21,10 +21,11 @@ pub const LIFETIME: Duration = Duration::from_secs(12 * 3600);
 /// Sessions kept at most; the oldest are dropped first (a flood of logins cannot grow memory).
 const MAX_SESSIONS: usize = 1024;
 
-/// Hex of `n` bytes from the operating system's CSPRNG (through rustls' ring provider).
+/// Hex of `n` bytes from the operating system's CSPRNG, through rustls's provider
+/// ([`safelb_proxy::tls::crypto`]): session ids and the generated admin token.
 pub fn secret_hex(n: usize) -> Result<String, String> {
     let mut bytes = vec![0u8; n];
-    rustls::crypto::ring::default_provider()
+    safelb_proxy::tls::crypto()
         .secure_random
         .fill(&mut bytes)
         .map_err(|_| "the system random number generator failed".to_string())?;

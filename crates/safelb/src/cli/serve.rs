@@ -608,13 +608,8 @@ pub fn admin_token(configured: Option<&Path>, store: &Path) -> anyhow::Result<St
             return Ok(existing.trim().to_string());
         }
     }
-    // From the operating system's CSPRNG (through rustls' ring provider): the token is a secret.
-    let mut bytes = [0u8; 24];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut bytes)
-        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    // 24 bytes from the operating system's CSPRNG, as for session ids: the token is a secret.
+    let token = crate::admin::session::secret_hex(24).map_err(anyhow::Error::msg)?;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -72,7 +72,7 @@ pub(crate) async fn connect(port: u16, name: &str, roots: &[Vec<u8>]) -> Result<
     for r in roots {
         store.add(CertificateDer::from(r.clone())).map_err(|e| e.to_string())?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(safelb_proxy::tls::crypto()))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(store)
@@ -174,7 +174,7 @@ async fn without_alpn_http1_and_h2_are_both_served_and_the_server_picks_the_suit
     // rustls offers AES-256-GCM first; the server's order puts AES-128-GCM first.
     let mut store = rustls::RootCertStore::empty();
     store.add(CertificateDer::from(site.roots[0].clone())).unwrap();
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = safelb_proxy::tls::crypto();
     assert_eq!(
         provider.cipher_suites[0].suite(),
         rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
