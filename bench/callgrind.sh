@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Instructions per proxied request, counted by callgrind (deterministic where wrk is noisy):
 # `safelb serve --threads 1` under valgrind, two demo backends in a process of their own,
-# wrk -t1 -c10 -d10s, total instructions over requests (start-up and the once-a-second control
-# work are included, which moves the figure by a few hundred between runs).
+# wrk -t1 -c10 -d10s, instructions counted during wrk's run over its requests (the counters are
+# zeroed once the proxy answers: start-up, whose one-time entropy gathering for the TLS library's
+# random generator alone is about 420M instructions under valgrind, is left out; the
+# once-a-second control work is in, which moves the figure by a few hundred between runs).
 # Usage: bench/callgrind.sh ['POOL LINES' ['ROUTE LINES']]   e.g. bench/callgrind.sh 'hedge = false'
 # SAFELB_BIN=PATH profiles another build (e.g. an older one, for a before/after).
 # CALLGRIND_CASE=tls measures HTTPS keep-alive requests instead, CALLGRIND_CASE=tlsnew HTTPS with
 # `Connection: close` (a TLS handshake each; ECDSA P-256 certificate, wrk resumes sessions); the
-# default case is `small` (plain HTTP keep-alive). Under valgrind, *ring* may pick other code
-# than on the bare CPU (no SHA or ADX extensions): compare builds, not TLS libraries.
+# default case is `small` (plain HTTP keep-alive). Under valgrind, the crypto library may pick
+# other code than on the bare CPU (no SHA or ADX extensions): compare builds, not TLS libraries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
@@ -33,10 +35,11 @@ tls = { cert = \"$work/site.pem\", key = \"$work/site.key\" }"
     [ "$case" = tlsnew ] && wrk_extra=(-H "Connection: close")
 fi
 proxy_config "$top" "${1:-}" "${2:-}" > "$work/lb.toml"
-valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$safelb" serve --config "$work/lb.toml" --store "$work/store" --threads 1 >/dev/null 2>"$work/vg.log" &
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.out" "$safelb" serve --config "$work/lb.toml" --store "$work/store" --threads 1 >/dev/null 2>"$work/vg.log" &
 lb=$!
 pids+=("$lb")
 for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18080/ && break; sleep 0.2; done
+callgrind_control -i on "$lb" >/dev/null 2>&1
 out=$(wrk -t1 -c10 -d10s "${wrk_extra[@]}" "$url")
 n=$(awk '/requests in/ {print $1}' <<<"$out")
 kill -TERM "$lb"; wait "$lb" 2>/dev/null || true

@@ -54,8 +54,9 @@ pub fn response_head(data: &[u8]) -> bool {
         );
     }
 
-    let lengths = head.headers.get_all(CONTENT_LENGTH).iter().count();
-    let codings = head.headers.get_all(TRANSFER_ENCODING).iter().count();
+    let fields = all_fields(&head);
+    let lengths = fields.get_all(CONTENT_LENGTH).iter().count();
+    let codings = fields.get_all(TRANSFER_ENCODING).iter().count();
     if head.chunked {
         assert_eq!(codings, 1, "chunked with {codings} Transfer-Encoding fields");
         assert_eq!(head.content_length, None, "chunked and a length");
@@ -65,7 +66,7 @@ pub fn response_head(data: &[u8]) -> bool {
     }
     match head.content_length {
         Some(n) => {
-            for v in head.headers.get_all(CONTENT_LENGTH) {
+            for v in fields.get_all(CONTENT_LENGTH) {
                 let value = v.to_str().expect("a length is text").trim().parse::<u64>();
                 assert_eq!(value.ok(), Some(n), "a Content-Length disagrees with the framing");
             }
@@ -73,8 +74,7 @@ pub fn response_head(data: &[u8]) -> bool {
         None => assert!(head.chunked || lengths == 0, "a Content-Length was ignored"),
     }
     if head.version == Version::HTTP_10 {
-        let asked = head
-            .headers
+        let asked = fields
             .get_all(CONNECTION)
             .iter()
             .any(|v| v.to_str().unwrap_or("").to_ascii_lowercase().contains("keep-alive"));
@@ -96,8 +96,39 @@ pub fn response_head(data: &[u8]) -> bool {
 fn summary(head: &h1::Head) -> String {
     format!(
         "{} {:?} keep-alive {} length {:?} chunked {} {:?}",
-        head.status, head.version, head.keep_alive, head.content_length, head.chunked, head.headers
+        head.status,
+        head.version,
+        head.keep_alive,
+        head.content_length,
+        head.chunked,
+        all_fields(head)
     )
+}
+
+/// A head's fields as a header map, hop-by-hop ones included, whichever form they were kept in;
+/// for a head in wire form, the kept fields are checked to be exactly the map's others.
+fn all_fields(head: &h1::Head) -> http::HeaderMap {
+    match &head.fields {
+        h1::Fields::Map(map) => map.clone(),
+        h1::Fields::Raw(raw) => {
+            // A map groups the values of one name: compare in that order (a stable sort by name).
+            let mut kept: Vec<(Vec<u8>, Vec<u8>)> =
+                raw.kept().map(|(n, v)| (n.to_ascii_lowercase(), v.to_vec())).collect();
+            kept.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut stripped = raw.map(true);
+            crate::headers::strip_hop_by_hop(&mut stripped);
+            let mut from_map: Vec<(Vec<u8>, Vec<u8>)> = stripped
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect();
+            from_map.sort_by(|a, b| a.0.cmp(&b.0));
+            assert_eq!(
+                kept, from_map,
+                "the wire form keeps other fields than the header map would"
+            );
+            raw.map(true)
+        }
+    }
 }
 
 /// How a body under test is delimited.
@@ -289,6 +320,7 @@ fn decode_once(framing: Framing, wire: &[u8], cuts: &[usize]) -> Decoded {
             state,
             keep_alive: !matches!(framing, Framing::Close),
             home: rig.home.clone(),
+            raw: None,
         };
         let mut cx = Context::from_waker(Waker::noop());
         let mut out = Decoded {

@@ -29,7 +29,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .map(|list| {
                 list.split(',')
                     .map(str::trim)
-                    .any(|t| !t.is_empty() && !is_connection_option(t))
+                    .any(|t| !t.is_empty() && !is_connection_option(t.as_bytes()))
             })
             .unwrap_or(false)
     };
@@ -77,10 +77,17 @@ fn hop_by_hop_present(headers: &HeaderMap) -> u8 {
 }
 
 /// Options of `Connection` that name no header beyond the fixed hop-by-hop list.
-fn is_connection_option(token: &str) -> bool {
+pub(crate) fn is_connection_option(token: &[u8]) -> bool {
     ["keep-alive", "close", "upgrade", "te", "trailer"]
         .iter()
-        .any(|o| token.eq_ignore_ascii_case(o))
+        .any(|o| token.eq_ignore_ascii_case(o.as_bytes()))
+}
+
+/// Whether a field name, in any case, is one of [`HOP_BY_HOP`].
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
 }
 
 /// Whether any hop-by-hop header is present (no hashing: a pass over the names).

@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 const PROXY_LAYERS: &[&[&str]] = &[
     // Leaves: no import inside the crate.
     &["worker", "transport"],
-    &[
-        "clock", "error", "headers", "stats", "failures", "tls", "role", "body", "h1",
-    ],
-    &["access_log", "backend", "hedge", "ratelimit", "samples"],
+    &["clock", "error", "headers", "stats", "failures", "tls", "role", "body"],
+    // h1 reads which fields are hop-by-hop from `headers`.
+    &["access_log", "backend", "hedge", "ratelimit", "samples", "h1"],
     &["metrics", "client_io", "upstream"],
     &["balance", "health", "registry", "actions"],
     &["snapshot"],

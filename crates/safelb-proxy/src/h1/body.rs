@@ -28,6 +28,9 @@ pub struct H1Body {
     pub(crate) state: State,
     pub(crate) keep_alive: bool,
     pub(crate) home: Arc<IdleConns>,
+    /// The response head's fields in wire form, when they are not in the response's header map
+    /// (see [`RawFields`]).
+    pub(crate) raw: Option<Box<RawFields>>,
 }
 
 impl H1Body {

@@ -120,15 +120,20 @@ pub(crate) async fn exchange(
                 }
                 let state = framing(&head, method);
                 let keep_alive = head.keep_alive && !matches!(state, State::Close);
+                let (headers, raw) = match head.fields {
+                    Fields::Raw(raw) => (HeaderMap::new(), Some(raw)),
+                    Fields::Map(map) => (map, None),
+                };
                 let mut response = http::Response::new(H1Body {
                     conn: Some(conn),
                     state,
                     keep_alive,
                     home,
+                    raw,
                 });
                 *response.status_mut() = head.status;
                 *response.version_mut() = head.version;
-                *response.headers_mut() = head.headers;
+                *response.headers_mut() = headers;
                 return Ok(response);
             }
             if conn.buf.len() > MAX_HEAD {

@@ -40,9 +40,11 @@ pub use body::H1Body;
 // body's framing without a backend.
 pub(crate) use body::{Chunk, State};
 pub(crate) use conn::{exchange, Conn, IdleConns};
-pub(crate) use head::{field_spans, framing, parse_head, Head};
+pub use head::RawFields;
+pub(crate) use head::{field_spans, framing, parse_head, Fields, Head};
 pub(crate) use serve::{
-    chunk_header, chunked_end, encode_response_head, parse_request, response_framing, says_close, Framing, Parsed,
+    chunk_header, chunked_end, declared_length, encode_response_head, parse_request, response_framing, says_close,
+    Framing, Parsed,
 };
 
 /// Longest response head (status line and headers) or trailer section accepted.
@@ -154,7 +156,82 @@ mod tests {
         *req.method_mut() = method.clone();
         req.headers_mut().insert("host", HeaderValue::from_static("test"));
         let head = encode_head(req.method(), req.uri(), req.headers());
-        (exchange(conn, &head, &method, home.clone()).await, home)
+        // As the proxy's hyper side sees it: fields in wire form moved to the header map.
+        let response = exchange(conn, &head, &method, home.clone()).await.map(|mut r| {
+            if let Some(raw) = r.body_mut().raw.take() {
+                *r.headers_mut() = raw.into_map();
+            }
+            r
+        });
+        (response, home)
+    }
+
+    fn parsed(head: &[u8]) -> Head {
+        parse_head(&mut BytesMut::from(head)).unwrap().expect("a whole head")
+    }
+
+    fn kept(head: &Head) -> Vec<String> {
+        let Fields::Raw(raw) = &head.fields else {
+            panic!("not in wire form");
+        };
+        raw.kept()
+            .map(|(n, v)| format!("{}: {}", String::from_utf8_lossy(n), String::from_utf8_lossy(v)))
+            .collect()
+    }
+
+    #[test]
+    fn a_small_head_keeps_its_fields_in_wire_form_without_the_hop_by_hop_ones() {
+        let head = parsed(
+            b"HTTP/1.1 200 OK\r\nServer: nginx\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+              Set-Cookie: a=1\r\nContent-Length: 2\r\nset-cookie: b=2\r\nDate: then\r\n\r\n",
+        );
+        assert_eq!(
+            kept(&head),
+            [
+                "Server: nginx",
+                "Set-Cookie: a=1",
+                "Content-Length: 2",
+                "set-cookie: b=2",
+                "Date: then"
+            ]
+        );
+        let Fields::Raw(raw) = &head.fields else { unreachable!() };
+        assert!(raw.has_date());
+        assert_eq!(raw.content_length(), Some(2));
+        let map = raw.map(false);
+        assert_eq!(map.get_all("set-cookie").iter().count(), 2);
+        assert!(!map.contains_key("keep-alive") && !map.contains_key("connection"));
+
+        // Chunked beats a length: the length is never kept.
+        let head = parsed(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\nx-a: 1\r\n\r\n");
+        assert_eq!(kept(&head), ["x-a: 1"]);
+        assert!(head.chunked && head.content_length.is_none() && !head.keep_alive);
+    }
+
+    #[test]
+    fn a_connection_value_that_is_not_text_says_nothing() {
+        // Found by the fuzz target `h1_head`: options are read from visible text only.
+        let head = parsed(b"HTTP/1.0 200 OK\r\nconnection: ,\xc7,keep-alive\r\n\r\n");
+        assert!(!head.keep_alive, "HTTP/1.0 kept alive on an unreadable Connection");
+        assert!(matches!(&head.fields, Fields::Map(_)));
+    }
+
+    #[test]
+    fn large_heads_and_connection_named_fields_keep_the_header_map() {
+        // `Connection: x-secret` names a field to drop: the header map's rules drop it later.
+        let head = parsed(b"HTTP/1.1 200 OK\r\nConnection: x-secret\r\nx-secret: 1\r\nx-a: 2\r\n\r\n");
+        assert!(matches!(&head.fields, Fields::Map(m) if m.contains_key("x-secret")));
+        let many: Vec<u8> = [&b"HTTP/1.1 200 OK\r\n"[..]]
+            .into_iter()
+            .chain(std::iter::repeat_n(&b"x: y\r\n"[..], 25))
+            .chain([&b"\r\n"[..]])
+            .flatten()
+            .copied()
+            .collect();
+        assert!(matches!(&parsed(&many).fields, Fields::Map(m) if m.len() == 25));
+        let mut exactly = many.clone();
+        exactly.drain(17..23);
+        assert_eq!(kept(&parsed(&exactly)).len(), 24);
     }
 
     fn pooled(home: &IdleConns) -> usize {

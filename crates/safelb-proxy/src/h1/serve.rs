@@ -140,21 +140,17 @@ pub(crate) enum Framing {
 }
 
 /// The framing of a response to a request of `version` (RFC 9112 §6.3): the response's own
-/// `Content-Length`, else the body's exact size, else chunked (HTTP/1.1) or close.
+/// `Content-Length` (`declared`), else the body's exact size, else chunked (HTTP/1.1) or close.
 pub(crate) fn response_framing(
     head_request: bool,
     status: StatusCode,
-    headers: &HeaderMap,
+    declared: Option<u64>,
     exact: Option<u64>,
     version: Version,
 ) -> Framing {
     if status.is_informational() || status == StatusCode::NO_CONTENT {
         return Framing::Empty(None);
     }
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
     if head_request || status == StatusCode::NOT_MODIFIED {
         return Framing::Empty(declared.or(exact.filter(|_| head_request)));
     }
@@ -165,14 +161,23 @@ pub(crate) fn response_framing(
     }
 }
 
-/// Appends a response head to `out`: the status line in the client's version, the fields
-/// (without the framing and connection fields, which the codec writes itself from `framing` and
-/// `keep_alive`), and `date` when the response has none.
+/// The `Content-Length` a header map declares, if it holds a valid one.
+pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// Appends a response head to `out`: the status line in the client's `version`, the fields of
+/// the header map and then those kept in wire form (`raw`), without the framing and connection
+/// fields, which the codec writes itself from `framing` and `keep_alive`, and `date` when the
+/// response has none.
 pub(crate) fn encode_response_head(
     out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    raw: Option<&RawFields>,
     version: Version,
-    status: StatusCode,
-    headers: &HeaderMap,
     framing: Framing,
     keep_alive: bool,
     date: &[u8],
@@ -182,15 +187,25 @@ pub(crate) fn encode_response_head(
     } else {
         b"HTTP/1.1 "
     });
-    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(parts.status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("Unknown").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
+    for (name, value) in &parts.headers {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == CONNECTION {
             continue;
         }
         put_field(out, name, value);
+    }
+    // Transfer-Encoding and Connection are hop-by-hop: never among the kept fields.
+    for (name, value) in raw.into_iter().flat_map(RawFields::kept) {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
     }
     match framing {
         Framing::Length(n) | Framing::Empty(Some(n)) => {
@@ -201,7 +216,7 @@ pub(crate) fn encode_response_head(
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Empty(None) | Framing::Close => {}
     }
-    if !headers.contains_key(http::header::DATE) {
+    if !parts.headers.contains_key(http::header::DATE) && !raw.is_some_and(RawFields::has_date) {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(date);
         out.extend_from_slice(b"\r\n");
@@ -370,47 +385,46 @@ mod tests {
 
     #[test]
     fn framing_follows_the_status_method_and_what_is_known_of_the_body() {
-        let none = HeaderMap::new();
-        let mut cl = HeaderMap::new();
-        cl.insert(CONTENT_LENGTH, HeaderValue::from_static("12"));
+        let (none, cl) = (None, Some(12));
         let v11 = Version::HTTP_11;
         assert_eq!(
-            response_framing(false, StatusCode::OK, &cl, None, v11),
+            response_framing(false, StatusCode::OK, cl, None, v11),
             Framing::Length(12)
         );
         assert_eq!(
-            response_framing(false, StatusCode::OK, &none, Some(3), v11),
+            response_framing(false, StatusCode::OK, none, Some(3), v11),
             Framing::Length(3)
         );
         assert_eq!(
-            response_framing(false, StatusCode::OK, &none, None, v11),
+            response_framing(false, StatusCode::OK, none, None, v11),
             Framing::Chunked
         );
         assert_eq!(
-            response_framing(false, StatusCode::OK, &none, None, Version::HTTP_10),
+            response_framing(false, StatusCode::OK, none, None, Version::HTTP_10),
             Framing::Close
         );
         assert_eq!(
-            response_framing(true, StatusCode::OK, &cl, Some(0), v11),
+            response_framing(true, StatusCode::OK, cl, Some(0), v11),
             Framing::Empty(Some(12))
         );
         assert_eq!(
-            response_framing(true, StatusCode::OK, &none, Some(7), v11),
+            response_framing(true, StatusCode::OK, none, Some(7), v11),
             Framing::Empty(Some(7))
         );
         assert_eq!(
-            response_framing(false, StatusCode::NO_CONTENT, &cl, None, v11),
+            response_framing(false, StatusCode::NO_CONTENT, cl, None, v11),
             Framing::Empty(None)
         );
         assert_eq!(
-            response_framing(false, StatusCode::NOT_MODIFIED, &cl, None, v11),
+            response_framing(false, StatusCode::NOT_MODIFIED, cl, None, v11),
             Framing::Empty(Some(12))
         );
     }
 
     #[test]
     fn the_response_head_carries_framing_date_and_connection_once() {
-        let mut h = HeaderMap::new();
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        let h = &mut parts.headers;
         h.insert("x-a", HeaderValue::from_static("1"));
         h.insert(CONTENT_LENGTH, HeaderValue::from_static("99"));
         h.insert(CONNECTION, HeaderValue::from_static("close"));
@@ -418,9 +432,9 @@ mod tests {
         let date = b"Wed, 02 Dec 2026 16:00:00 GMT";
         encode_response_head(
             &mut out,
+            &parts,
+            None,
             Version::HTTP_11,
-            StatusCode::OK,
-            &h,
             Framing::Length(5),
             false,
             date,
@@ -430,23 +444,18 @@ mod tests {
             "HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 5\r\ndate: Wed, 02 Dec 2026 16:00:00 GMT\r\nconnection: close\r\n\r\n"
         );
         let mut out = Vec::new();
-        h.insert(http::header::DATE, HeaderValue::from_static("then"));
-        encode_response_head(
-            &mut out,
-            Version::HTTP_10,
-            StatusCode::NOT_FOUND,
-            &h,
-            Framing::Close,
-            true,
-            date,
-        );
+        parts
+            .headers
+            .insert(http::header::DATE, HeaderValue::from_static("then"));
+        parts.status = StatusCode::NOT_FOUND;
+        encode_response_head(&mut out, &parts, None, Version::HTTP_10, Framing::Close, true, date);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.0 404 Not Found\r\nx-a: 1\r\ndate: then\r\nconnection: keep-alive\r\n\r\n"
         );
         let mut out = Vec::new();
         chunk_header(&mut out, 0x1a2b);
-        chunked_end(&mut out, Some(&h));
+        chunked_end(&mut out, Some(&parts.headers));
         assert!(out.starts_with(b"1a2b\r\n0\r\nx-a: 1\r\n"));
         assert!(out.ends_with(b"\r\n\r\n"));
     }

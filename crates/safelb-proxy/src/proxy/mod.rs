@@ -48,6 +48,7 @@ use candidate::*;
 pub(crate) use completion::Completion;
 use completion::*;
 use forward::*;
+pub(crate) use response::fields_to_map;
 pub use response::{BoxError, ResponseBody};
 use tunnel::*;
 
@@ -259,7 +260,8 @@ impl Proxy {
             *req.uri_mut() = uri;
         }
         let mut forwarded = self.forward(snapshot, pool, request, hash, done).await;
-        if let Ok(response) = &mut forwarded {
+        if let (Ok(response), false) = (&mut forwarded, actions.response_headers.is_empty()) {
+            fields_to_map(response);
             actions.response_headers.apply(response.headers_mut());
         }
         forwarded

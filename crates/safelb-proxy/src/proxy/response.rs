@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::Completion;
-use crate::h1::H1Body;
+use crate::h1::{H1Body, RawFields};
 use crate::upstream::UpstreamBody;
 
 enum Source {
@@ -51,9 +51,37 @@ impl ResponseBody {
         }
     }
 
+    /// The backend's response fields in wire form, when they are not in the response's header
+    /// map (see [`RawFields`]): only safelb's own HTTP/1 writer reads them.
+    pub(crate) fn raw_fields(&self) -> Option<&RawFields> {
+        match &self.source {
+            Source::Inline(body) => body.raw.as_deref(),
+            _ => None,
+        }
+    }
+
     fn complete(&mut self, fully_read: bool) {
         if let Some(c) = self.completion.take() {
             c.finish(self.bytes, fully_read);
+        }
+    }
+}
+
+/// Moves a response's wire-form fields (if it has them) into its header map (a name already
+/// there takes the backend's values): what a response needs before hyper writes it or a route
+/// edits its headers.
+pub(crate) fn fields_to_map(response: &mut http::Response<ResponseBody>) {
+    let raw = match &mut response.body_mut().source {
+        Source::Inline(body) => body.raw.take(),
+        _ => None,
+    };
+    if let Some(raw) = raw {
+        let map = raw.into_map();
+        let headers = response.headers_mut();
+        if headers.is_empty() {
+            *headers = map;
+        } else {
+            headers.extend(map);
         }
     }
 }

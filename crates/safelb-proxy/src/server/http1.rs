@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::body::ClientBody;
 use crate::client_io::{ClientIo, ConnState};
 use crate::clock::http_date_now;
-use crate::h1::{self, Framing, Parsed};
+use crate::h1::{self, Framing, Parsed, RawFields};
 use crate::proxy::{BoxError, Proxy, ResponseBody};
 
 /// What one read asks room for while a head is read.
@@ -133,24 +133,19 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (parts, mut body) = response.into_parts();
+    // A backend's fields may still be in wire form: they are copied out of its head.
+    let raw = body.raw_fields();
+    let declared = h1::declared_length(&parts.headers).or_else(|| raw.and_then(RawFields::content_length));
     let framing = h1::response_framing(
         reply.head_request,
         parts.status,
-        &parts.headers,
+        declared,
         body.size_hint().exact(),
         reply.version,
     );
     let keep_alive = reply.keep_alive && framing != Framing::Close;
     out.clear();
-    h1::encode_response_head(
-        out,
-        reply.version,
-        parts.status,
-        &parts.headers,
-        framing,
-        keep_alive,
-        &http_date_now(),
-    );
+    h1::encode_response_head(out, &parts, raw, reply.version, framing, keep_alive, &http_date_now());
     drop(parts);
     if let Framing::Empty(_) = framing {
         // A body is never sent here (HEAD, 204, 304): dropping it ends the request.

@@ -310,7 +310,12 @@ fn service(
     service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let state = state.clone();
-        async move { Ok::<_, Infallible>(proxy.serve(req.map(ClientBody::Hyper), peer, state).await) }
+        async move {
+            let mut response = proxy.serve(req.map(ClientBody::Hyper), peer, state).await;
+            // hyper writes the header map only.
+            crate::proxy::fields_to_map(&mut response);
+            Ok::<_, Infallible>(response)
+        }
     })
 }
 
