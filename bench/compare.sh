@@ -18,6 +18,9 @@
 # haproxy nbthread N; the backend keeps one); BENCH_WRK_THREADS sets wrk's -t (default 1).
 # BENCH_CASES picks what runs (default: all of `small close 64k tls tlsnew h2c memory swap`),
 # e.g. BENCH_CASES="tls tlsnew" for a TLS change.
+# BENCH_ACCESS_LOG=1 turns every proxy's access log on, each writing to a file: safelb its JSON
+# lines (its default format), nginx `combined`, HAProxy `option httplog` on stdout (its only
+# file-like target without a syslog daemon); the line counts are printed at the end.
 # SAFELB_POOL_EXTRA adds lines to safelb's pool (e.g. SAFELB_POOL_EXTRA='hedge = false' to
 # measure what hedging costs a healthy pool).
 # Peers are installed with apt-get by bench/install-peers when missing.
@@ -51,6 +54,16 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+access_log=${BENCH_ACCESS_LOG:-0}
+if [ "$access_log" = 1 ]; then
+    safelb_log="path = \"$work/safelb-access.log\""
+    nginx_log="access_log $work/nginx/logs/access.log combined;"
+    haproxy_log="log stdout format raw local0"
+    haproxy_httplog="log global
+    option httplog"
+else
+    safelb_log="enabled = false"; nginx_log="access_log off;"; haproxy_log=""; haproxy_httplog=""
+fi
 
 B1=18101; B2=18102; P_SAFELB=18201; P_NGINX=18202; P_NGINX_H2=18212; P_HAPROXY=18203; P_BEFORE=18204
 P_SAFELB_TLS=18221; P_BEFORE_TLS=18224; P_NGINX_TLS=18222; P_HAPROXY_TLS=18223; P_HAPROXY_H2=18213
@@ -111,7 +124,7 @@ tls = { cert = "$work/site.pem", key = "$work/site.key" }
 [admin]
 bind = "127.0.0.1:$ADMIN"
 [access_log]
-enabled = false
+$safelb_log
 [limits]
 max_body_bytes = 104857600
 [[route]]
@@ -122,7 +135,7 @@ balance = "round_robin"
 backends = ["127.0.0.1:$B1", "127.0.0.1:$B2"]
 ${SAFELB_POOL_EXTRA:-}
 CFG
-sed -e "s/:$P_SAFELB\"/:$P_BEFORE\"/" -e "s/:$P_SAFELB_TLS\"/:$P_BEFORE_TLS\"/" -e "s/:$ADMIN\"/:$ADMIN_BEFORE\"/" "$work/safelb.toml" > "$work/before.toml"
+sed -e "s/:$P_SAFELB\"/:$P_BEFORE\"/" -e "s/safelb-access.log/before-access.log/" -e "s/:$P_SAFELB_TLS\"/:$P_BEFORE_TLS\"/" -e "s/:$ADMIN\"/:$ADMIN_BEFORE\"/" "$work/safelb.toml" > "$work/before.toml"
 mkdir -p "$work/nginx/logs"
 cat > "$work/nginx/nginx.conf" <<CFG
 worker_processes $workers;
@@ -131,7 +144,7 @@ error_log $work/nginx/logs/error.log warn;
 worker_rlimit_nofile 20000;
 events { worker_connections 19000; }
 http {
-    access_log off;
+    $nginx_log
     keepalive_requests 1000000;
     client_body_temp_path $work/nginx/body;
     proxy_temp_path $work/nginx/proxy;
@@ -165,8 +178,10 @@ cat > "$work/haproxy.cfg" <<CFG
 global
     nbthread $workers
     maxconn 9000
+    $haproxy_log
 defaults
     mode http
+    $haproxy_httplog
     timeout connect 5s
     timeout client 30s
     timeout server 30s
@@ -201,7 +216,7 @@ start_proxy() { # $1 = name; sets $pid
             nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' >/dev/null 2>&1 &
             pid=$!; wait_port $P_NGINX ;;
         haproxy)
-            haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>&1 &
+            haproxy -f "$work/haproxy.cfg" -db >>"$work/haproxy-access.log" 2>/dev/null &
             pid=$!; wait_port $P_HAPROXY ;;
     esac
     pids+=("$pid")
@@ -269,6 +284,7 @@ run_h2() { # $1 proxy
 }
 
 echo "== $workers worker(s) per proxy; throughput: wrk -t$wrk_threads -c50 -d${secs}s --latency, $rounds interleaved round(s); h2load -n $h2n -c 50 -m 10"
+[ "$access_log" = 1 ] && echo "== access logs on, to files"
 for r in $(seq 1 "$rounds"); do
     for c in small close 64k; do
         wants $c && run_wrk "$c" direct
@@ -324,6 +340,7 @@ field() { awk -v c="$1" -v p="$2" -v f="$3" '$1 == c && $2 == p {print $f}' "$re
 echo
 printf '%-8s %-8s %12s %9s %9s %14s\n' case proxy "req/s" "p50 ms" "p99 ms" "CPU ms/1k req"
 for c in small close 64k tls tlsnew h2c; do
+    wants $c || continue
     for p in direct "${proxies[@]}"; do
         n=$(awk -v c=$c -v p=$p '$1 == c && $2 == p' "$results" | wc -l)
         [ "$n" -eq 0 ] && continue
@@ -337,6 +354,7 @@ echo "ratios (safelb / other, req/s; above 1 is faster; vs direct: the share of 
 others=(nginx haproxy direct)
 [ -n "${SAFELB_BEFORE:-}" ] && others+=(before)
 for c in small close 64k tls tlsnew h2c; do
+    wants $c || continue
     s=$(field $c safelb 3)
     line=$(printf '%-8s' $c)
     for p in "${others[@]}"; do
@@ -347,6 +365,12 @@ for c in small close 64k tls tlsnew h2c; do
     done
     echo "  $line"
 done
+if [ "$access_log" = 1 ]; then
+    echo "access-log lines written (every request of every case and round):"
+    for f in safelb-access before-access nginx/logs/access haproxy-access; do
+        [ -f "$work/$f.log" ] && printf '  %-30s %10d\n' "$f.log" "$(wc -l < "$work/$f.log")"
+    done
+fi
 wants memory && echo && echo "memory: RSS with $idle idle client connections"
 while read -r p before after; do
     printf '  %-8s before %8.1f MiB   with connections %8.1f MiB   (+%.1f KiB per connection)\n' "$p" \

@@ -150,8 +150,8 @@ impl AccessLog {
         }
     }
 
-    /// Lines dropped because the writer fell behind.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Relaxed)
+    /// Lines dropped because the writer fell behind: the counter every clone shares.
+    pub fn dropped(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
     }
 }

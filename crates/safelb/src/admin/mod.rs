@@ -36,6 +36,8 @@ pub struct AdminState {
     /// The process's runtimes by name (the data plane has one per worker), whose live task
     /// counts `/metrics` reports (a leak of tasks shows as a count that only grows).
     pub runtimes: Vec<(&'static str, Vec<tokio::runtime::Handle>)>,
+    /// Access-log lines dropped because the log's writer fell behind (`AccessLog::dropped`).
+    pub log_dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AdminState {
@@ -47,6 +49,7 @@ impl AdminState {
             failures: Arc::default(),
             tls,
             runtimes: Vec::new(),
+            log_dropped: Arc::default(),
         }
     }
 }
@@ -100,6 +103,16 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         let alive: usize = runtimes.iter().map(|rt| rt.metrics().num_alive_tasks()).sum();
         e.sample("safelb_runtime_tasks", &[("runtime", name)], alive as f64);
     }
+    e.family(
+        "safelb_access_log_dropped_total",
+        "counter",
+        "Access-log lines dropped because the log's writer fell behind (traffic is never slowed for the log).",
+    );
+    e.sample(
+        "safelb_access_log_dropped_total",
+        &[],
+        s.log_dropped.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
     for (result, n) in [("failed", &s.failures.failed), ("limited", &s.failures.limited)] {
         e.sample(
             "safelb_admin_auth_failures_total",

@@ -480,6 +480,7 @@ pub async fn start(
     }
     let mut state = AdminState::new(controller.clone(), tokens, admin_tls.is_some());
     state.runtimes = vec![("data", worker_handles), ("control", vec![control.handle.clone()])];
+    state.log_dropped = log.dropped();
     let app = admin::app(state);
     let admin_shutdown = shutdown.clone();
     tasks.push(control.handle.spawn(async move {

@@ -135,6 +135,14 @@ async fn a_real_scrape_passes_promtool() {
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
+    // 25 lines is far below the writer's queue: none is dropped.
+    let dropped: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("safelb_access_log_dropped_total "))
+        .unwrap_or_else(|| panic!("no safelb_access_log_dropped_total in\n{text}"))
+        .parse()
+        .unwrap();
+    assert_eq!(dropped, 0.0);
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
