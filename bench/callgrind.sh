@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Instructions per proxied request, counted by callgrind (deterministic where wrk is noisy):
 # `safelb serve --threads 1` under valgrind, two demo backends in a process of their own,
-# wrk -t1 -c10 -d10s, instructions counted during wrk's run over its requests (the counters are
-# zeroed once the proxy answers: start-up, whose one-time entropy gathering for the TLS library's
-# random generator alone is about 420M instructions under valgrind, is left out; the
-# once-a-second control work is in, which moves the figure by a few hundred between runs).
+# wrk -t1 -c10 -d10s, instructions of every thread counted during wrk's run over its requests
+# (instrumentation is switched on once the proxy answers: start-up, whose one-time entropy
+# gathering for the TLS library's random generator alone is about 420M instructions under
+# valgrind, is left out; the once-a-second control work is in, which moves the figure by a few
+# hundred between runs).
 # Usage: bench/callgrind.sh ['POOL LINES' ['ROUTE LINES']]   e.g. bench/callgrind.sh 'hedge = false'
 # SAFELB_BIN=PATH profiles another build (e.g. an older one, for a before/after).
 # CALLGRIND_CASE=tls measures HTTPS keep-alive requests instead, CALLGRIND_CASE=tlsnew HTTPS with
@@ -20,8 +21,14 @@ safelb=${SAFELB_BIN:-./target/release/safelb}
 source bench/two-backends.sh
 start_demo_backends "$safelb"
 case=${CALLGRIND_CASE:-small}
-top="[access_log]
+# CALLGRIND_ACCESS_LOG=1 writes the access log (to a file) instead of turning it off.
+if [ "${CALLGRIND_ACCESS_LOG:-0}" = 1 ]; then
+    top="[access_log]
+path = \"$work/access.log\""
+else
+    top="[access_log]
 enabled = false"
+fi
 url=http://127.0.0.1:18080/
 wrk_extra=()
 if [ "$case" = tls ] || [ "$case" = tlsnew ]; then
