@@ -115,7 +115,8 @@ fn all_fields(head: &h1::Head) -> http::HeaderMap {
             let mut kept: Vec<(Vec<u8>, Vec<u8>)> =
                 raw.kept().map(|(n, v)| (n.to_ascii_lowercase(), v.to_vec())).collect();
             kept.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut stripped = raw.map(true);
+            let all = raw.map(true);
+            let mut stripped = all.clone();
             crate::headers::strip_hop_by_hop(&mut stripped);
             let mut from_map: Vec<(Vec<u8>, Vec<u8>)> = stripped
                 .iter()
@@ -126,7 +127,7 @@ fn all_fields(head: &h1::Head) -> http::HeaderMap {
                 kept, from_map,
                 "the wire form keeps other fields than the header map would"
             );
-            raw.map(true)
+            all
         }
     }
 }

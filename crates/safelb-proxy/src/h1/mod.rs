@@ -97,18 +97,30 @@ pub(crate) fn encode_head(method: &Method, uri: &http::Uri, headers: &HeaderMap)
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
-        put_field(&mut out, name, value);
+        put_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     out
 }
 
 /// Appends one field line, `name: value` and CRLF (request heads, response heads, trailers).
-pub(crate) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
+pub(crate) fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+/// A head of `start` (its first line) and `n` fields `x: y`, for the limits' tests.
+#[cfg(test)]
+pub(crate) fn head_with_fields(start: &[u8], n: usize) -> Vec<u8> {
+    [start]
+        .into_iter()
+        .chain(std::iter::repeat_n(&b"x: y\r\n"[..], n))
+        .chain([&b"\r\n"[..]])
+        .flatten()
+        .copied()
+        .collect()
 }
 
 #[cfg(test)]
@@ -221,13 +233,7 @@ mod tests {
         // `Connection: x-secret` names a field to drop: the header map's rules drop it later.
         let head = parsed(b"HTTP/1.1 200 OK\r\nConnection: x-secret\r\nx-secret: 1\r\nx-a: 2\r\n\r\n");
         assert!(matches!(&head.fields, Fields::Map(m) if m.contains_key("x-secret")));
-        let many: Vec<u8> = [&b"HTTP/1.1 200 OK\r\n"[..]]
-            .into_iter()
-            .chain(std::iter::repeat_n(&b"x: y\r\n"[..], 25))
-            .chain([&b"\r\n"[..]])
-            .flatten()
-            .copied()
-            .collect();
+        let many = head_with_fields(b"HTTP/1.1 200 OK\r\n", 25);
         assert!(matches!(&parsed(&many).fields, Fields::Map(m) if m.len() == 25));
         let mut exactly = many.clone();
         exactly.drain(17..23);
