@@ -10,7 +10,8 @@
 # SAFELB_BIN=PATH profiles another build (e.g. an older one, for a before/after).
 # CALLGRIND_CASE=tls measures HTTPS keep-alive requests instead, CALLGRIND_CASE=tlsnew HTTPS with
 # `Connection: close` (a TLS handshake each; ECDSA P-256 certificate, wrk resumes sessions); the
-# default case is `small` (plain HTTP keep-alive). Under valgrind, the crypto library may pick
+# default case is `small` (plain HTTP keep-alive); CALLGRIND_CASE=h2c: h2load -n 20000 -c 50 -m 10 over
+# cleartext HTTP/2 (prior knowledge), as compare.sh's h2c case. Under valgrind, the crypto library may pick
 # other code than on the bare CPU (no SHA or ADX extensions): compare builds, not TLS libraries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,8 +48,15 @@ lb=$!
 pids+=("$lb")
 for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18080/ && break; sleep 0.2; done
 callgrind_control -i on "$lb" >/dev/null 2>&1
-out=$(wrk -t1 -c10 -d10s "${wrk_extra[@]}" "$url")
-n=$(awk '/requests in/ {print $1}' <<<"$out")
+if [ "$case" = h2c ]; then
+    command -v h2load >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; }
+    out=$(h2load -n 20000 -c 50 -m 10 "$url")
+    grep -q "20000 succeeded, 0 failed, 0 errored" <<<"$out" || { echo "callgrind: h2load saw failures:" >&2; echo "$out" >&2; exit 1; }
+    n=20000
+else
+    out=$(wrk -t1 -c10 -d10s "${wrk_extra[@]}" "$url")
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+fi
 kill -TERM "$lb"; wait "$lb" 2>/dev/null || true
 total=$(callgrind_annotate "$work/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 # CALLGRIND_OUT=FILE keeps the profile (for callgrind_annotate --inclusive=yes FILE).

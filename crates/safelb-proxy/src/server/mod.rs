@@ -311,7 +311,9 @@ fn service(
         let proxy = proxy.clone();
         let state = state.clone();
         async move {
-            let mut response = proxy.serve(req.map(ClientBody::Hyper), peer, state).await;
+            // Boxed: hyper moves each HTTP/2 stream's future into a task of its own (several
+            // copies of it per request), and the proxy's future is 3 KiB.
+            let mut response = Box::pin(proxy.serve(req.map(ClientBody::Hyper), peer, state)).await;
             // hyper writes the header map only.
             crate::proxy::fields_to_map(&mut response);
             Ok::<_, Infallible>(response)
