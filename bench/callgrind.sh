@@ -50,9 +50,9 @@ for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18080/ && break;
 callgrind_control -i on "$lb" >/dev/null 2>&1
 if [ "$case" = h2c ]; then
     command -v h2load >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; }
-    out=$(h2load -n 20000 -c 50 -m 10 "$url")
-    grep -q "20000 succeeded, 0 failed, 0 errored" <<<"$out" || { echo "callgrind: h2load saw failures:" >&2; echo "$out" >&2; exit 1; }
     n=20000
+    out=$(h2load -n "$n" -c 50 -m 10 "$url")
+    grep -q "$n succeeded, 0 failed, 0 errored" <<<"$out" || { echo "callgrind: h2load saw failures:" >&2; echo "$out" >&2; exit 1; }
 else
     out=$(wrk -t1 -c10 -d10s "${wrk_extra[@]}" "$url")
     n=$(awk '/requests in/ {print $1}' <<<"$out")

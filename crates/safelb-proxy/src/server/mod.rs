@@ -312,7 +312,8 @@ fn service(
         let state = state.clone();
         async move {
             // Boxed: hyper moves each HTTP/2 stream's future into a task of its own (several
-            // copies of it per request), and the proxy's future is 3 KiB.
+            // copies of it per request), and the proxy's future is 3 KiB. On hyper's HTTP/1
+            // connections (bodies, upgrades) the box is one allocation a request.
             let mut response = Box::pin(proxy.serve(req.map(ClientBody::Hyper), peer, state)).await;
             // hyper writes the header map only.
             crate::proxy::fields_to_map(&mut response);
