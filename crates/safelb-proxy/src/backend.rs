@@ -143,9 +143,9 @@ impl BackendState {
         f64::from_bits(self.ewma_micros.load(Relaxed))
     }
 
-    pub(crate) fn observe_latency(&self, latency: Duration) {
+    /// Blends in one latency sample, taken at `now` ([`now_ms`]).
+    pub(crate) fn observe_latency(&self, latency: Duration, now: u64) {
         let sample = latency.as_micros() as f64;
-        let now = now_ms();
         let last = self.ewma_stamp_ms.swap(now, Relaxed);
         let old = self.ewma_micros();
         // Peak-EWMA: a slower sample is taken at once, a faster one is blended in over time,
@@ -309,9 +309,9 @@ mod tests {
     #[test]
     fn peak_ewma_takes_slow_samples_at_once() {
         let b = BackendState::new("127.0.0.1:1".parse().unwrap());
-        b.observe_latency(Duration::from_millis(50));
+        b.observe_latency(Duration::from_millis(50), now_ms());
         assert_eq!(b.ewma_micros(), 50_000.0);
-        b.observe_latency(Duration::from_millis(1));
+        b.observe_latency(Duration::from_millis(1), now_ms());
         assert!(b.ewma_micros() > 1_000.0, "a fast sample is blended, not taken whole");
     }
 }

@@ -143,7 +143,10 @@ pub struct ClientIo<S> {
     head_line: Option<usize>,
     /// Fires at or before `deadline`; moved only when the deadline comes earlier than it (see `arm`).
     timer: Pin<Box<Sleep>>,
-    deadline: tokio::time::Instant,
+    /// The current phase's deadline, once the connection has waited in it (see `arm`).
+    deadline: Option<tokio::time::Instant>,
+    /// The current phase's timeout.
+    after: Duration,
     header_timeout: Duration,
     keepalive_timeout: Duration,
     send_timeout: Duration,
@@ -181,7 +184,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
             head_bytes: 0,
             head_line: None,
             timer: Box::pin(tokio::time::sleep(timeouts.header)),
-            deadline: tokio::time::Instant::now() + timeouts.header,
+            deadline: None,
+            after: timeouts.header,
             header_timeout: timeouts.header,
             keepalive_timeout: timeouts.keepalive,
             send_timeout: timeouts.send,
@@ -230,26 +234,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
         self.head_line = buffered.iter().position(|&b| b == b'\n');
     }
 
-    /// Starts `phase` with its timeout. Lazily: a request moves the deadline twice (idle, then
-    /// head), and moving a registered timer earlier takes the timer driver's lock, once per
-    /// request. The timer is moved only when the new deadline is earlier than where it is set;
-    /// when it fires early, `expired` sets it again for the real deadline.
+    /// Starts `phase` with its timeout. Lazily, twice over. The deadline is fixed only when the
+    /// connection first waits in the phase (the read after a head's first bytes comes
+    /// microseconds later; a head that arrives whole never waits, and never reads the clock).
+    /// And the timer is moved only when that deadline is earlier than where it is set (moving a
+    /// registered timer earlier takes the timer driver's lock); when it fires early, `expired`
+    /// sets it again for the real deadline.
     fn arm(&mut self, phase: Phase, after: Duration) {
         self.phase = phase;
-        self.deadline = tokio::time::Instant::now() + after;
-        if self.deadline < self.timer.deadline() {
-            self.timer.as_mut().reset(self.deadline);
-        }
+        self.after = after;
+        self.deadline = None;
     }
 
     /// Whether the current phase's deadline has passed; registers for a wake-up if not.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = *self.deadline.get_or_insert_with(|| {
+            let at = tokio::time::Instant::now() + self.after;
+            if at < self.timer.deadline() {
+                self.timer.as_mut().reset(at);
+            }
+            at
+        });
         while self.timer.as_mut().poll(cx).is_ready() {
-            if tokio::time::Instant::now() >= self.deadline {
+            if tokio::time::Instant::now() >= deadline {
                 return true;
             }
-            let at = self.deadline;
-            self.timer.as_mut().reset(at);
+            self.timer.as_mut().reset(deadline);
         }
         false
     }

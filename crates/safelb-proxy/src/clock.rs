@@ -11,7 +11,14 @@ fn epoch() -> Instant {
 
 /// Milliseconds since the process started; cheap, monotonic, fits an atomic.
 pub fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] of an instant already read: the request path reads the clock once where it can
+/// and derives the rest (a perf profile had clock reads at 2.5% of a small request's CPU, 14 a
+/// request).
+pub fn ms_at(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_millis() as u64
 }
 
 /// Microseconds since the process started (rate limits).

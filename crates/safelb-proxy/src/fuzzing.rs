@@ -275,7 +275,7 @@ impl Rig {
 
     /// The connection the last body left in its pool, else a new one on loopback.
     fn conn(&mut self) -> Conn {
-        if let Some(conn) = self.home.take(Duration::MAX) {
+        if let Some(conn) = self.home.take(Duration::MAX, crate::clock::now_ms()) {
             return conn;
         }
         let addr = self.listener.local_addr().expect("bound");

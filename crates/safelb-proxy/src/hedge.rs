@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use safelb_config::HedgeAfter;
 
-use crate::clock::now_ms;
 use crate::stats::{Stats, StatsSnapshot};
 
 /// The floor of an automatic hedge delay: below it a hedge would fire on ordinary jitter.
@@ -51,13 +50,13 @@ impl HeadLatency {
         self.stats.record(false, latency);
     }
 
-    /// The hedge delay for `after`, never above `ceiling` (the response timeout).
+    /// The hedge delay for `after` at `now` ([`crate::clock::now_ms`]), never above `ceiling` (the response
+    /// timeout).
     #[inline]
-    pub fn delay(&self, after: HedgeAfter, ceiling: Duration) -> Duration {
+    pub fn delay(&self, after: HedgeAfter, ceiling: Duration, now: u64) -> Duration {
         let d = match after {
             HedgeAfter::Fixed(d) => d,
             HedgeAfter::Auto => {
-                let now = now_ms();
                 if now >= self.next_update_ms.load(Relaxed) {
                     self.recompute(now);
                 }
@@ -185,6 +184,7 @@ pub struct CanaryTotals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::now_ms;
 
     #[test]
     fn budget_is_a_share_of_requests_plus_a_burst() {
@@ -207,24 +207,24 @@ mod tests {
     fn auto_delay_follows_p99_with_a_floor_and_a_ceiling() {
         let h = HeadLatency::default();
         let cap = Duration::from_secs(15);
-        assert_eq!(h.delay(HedgeAfter::Auto, cap), COLD_DELAY);
+        assert_eq!(h.delay(HedgeAfter::Auto, cap, now_ms()), COLD_DELAY);
         for _ in 0..100 {
             h.record(Duration::from_millis(1));
         }
         h.next_update_ms.store(0, Relaxed);
-        assert_eq!(h.delay(HedgeAfter::Auto, cap), MIN_AUTO_DELAY);
+        assert_eq!(h.delay(HedgeAfter::Auto, cap, now_ms()), MIN_AUTO_DELAY);
         for _ in 0..100 {
             h.record(Duration::from_millis(180));
         }
         h.next_update_ms.store(0, Relaxed);
         // p99 falls in the 200 ms bucket: 3 x 200 ms.
-        assert_eq!(h.delay(HedgeAfter::Auto, cap), Duration::from_millis(600));
+        assert_eq!(h.delay(HedgeAfter::Auto, cap, now_ms()), Duration::from_millis(600));
         assert_eq!(
-            h.delay(HedgeAfter::Auto, Duration::from_millis(300)),
+            h.delay(HedgeAfter::Auto, Duration::from_millis(300), now_ms()),
             Duration::from_millis(300)
         );
         assert_eq!(
-            h.delay(HedgeAfter::Fixed(Duration::from_millis(50)), cap),
+            h.delay(HedgeAfter::Fixed(Duration::from_millis(50)), cap, now_ms()),
             Duration::from_millis(50)
         );
     }

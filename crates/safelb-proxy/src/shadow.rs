@@ -316,7 +316,7 @@ async fn exchange(
     } else {
         0
     };
-    let Ok(idx) = pool.select(hash, &[]) else {
+    let Ok(idx) = pool.select(hash, &[], crate::clock::ms_at(started)) else {
         return (Outcome::Failed, started.elapsed());
     };
     let conns = &pool.conns[idx];
@@ -326,7 +326,7 @@ async fn exchange(
     let method: Method = parts.method.clone();
     let attempt = async {
         let (mut sender, _) = conns
-            .checkout(config.connect_timeout, Protocol::Http1, true)
+            .checkout(config.connect_timeout, Protocol::Http1, true, crate::clock::now_ms())
             .await
             .ok()?;
         let response = sender.send_head(&head, &method).await.ok()?;

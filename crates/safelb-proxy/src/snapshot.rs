@@ -194,9 +194,8 @@ impl PoolRuntime {
         }
     }
 
-    /// Chooses a backend for a request, skipping those in `tried`.
-    pub fn select(&self, hash: u64, tried: &[usize]) -> Result<usize, ErrorKind> {
-        let now = now_ms();
+    /// Chooses a backend for a request at `now` ([`now_ms`]), skipping those in `tried`.
+    pub fn select(&self, hash: u64, tried: &[usize], now: u64) -> Result<usize, ErrorKind> {
         let usable = |i: usize| self.weights[i] > 0 && !tried.contains(&i);
         let max = self.max_in_flight;
         let room = |i: usize| max == 0 || self.backends[i].in_flight() < max;
@@ -326,22 +325,24 @@ impl RetryBudget {
         }
     }
 
-    fn roll(&self) {
-        let now = now_ms() / 1000;
+    /// Starts a new second's counts when `now` ([`now_ms`]) is in another second.
+    fn roll(&self, now: u64) {
+        let now = now / 1000;
         if self.second.load(Relaxed) != now && self.second.swap(now, Relaxed) != now {
             self.requests.store(0, Relaxed);
             self.retries.store(0, Relaxed);
         }
     }
 
-    pub fn on_request(&self) {
-        self.roll();
+    /// Counts a request made at `now` ([`now_ms`]).
+    pub fn on_request(&self, now: u64) {
+        self.roll(now);
         self.requests.fetch_add(1, Relaxed);
     }
 
     /// Takes one retry from the budget if there is one left this second.
     pub fn try_retry(&self) -> bool {
-        self.roll();
+        self.roll(now_ms());
         let allowed = (self.requests.load(Relaxed) as u64 * self.percent as u64 / 100).max(self.min_per_second as u64);
         let used = self.retries.fetch_add(1, Relaxed) as u64;
         if used < allowed {
@@ -405,13 +406,13 @@ mod tests {
     fn retry_budget_caps_retries_per_second() {
         let b = RetryBudget::new(20, 2);
         for _ in 0..100 {
-            b.on_request();
+            b.on_request(now_ms());
         }
         let granted = (0..100).filter(|_| b.try_retry()).count();
         // Within one second: 20% of 100 requests. (A second boundary in the middle only resets.)
         assert!((2..=20).contains(&granted), "granted {granted}");
         let b = RetryBudget::new(0, 3);
-        b.on_request();
+        b.on_request(now_ms());
         assert!((0..10).filter(|_| b.try_retry()).count() <= 3);
     }
 }

@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
@@ -59,7 +59,8 @@ impl std::fmt::Debug for Conns {
 
 struct IdleConn {
     sender: SendRequest<RequestBody>,
-    since: Instant,
+    /// Idle since ([`crate::clock::now_ms`]).
+    since_ms: u64,
 }
 
 /// A connection to send one request on.
@@ -176,12 +177,14 @@ impl Conns {
     }
 
     /// A ready connection in the pool's protocol: reused when possible, else new. Bodiless
-    /// HTTP/1.1 requests get a connection of their own kind (see `h1/`).
+    /// HTTP/1.1 requests get a connection of their own kind (see `h1/`). `now`
+    /// ([`crate::clock::now_ms`]) ages the idle ones.
     pub(crate) async fn checkout(
         self: &Arc<Self>,
         connect_timeout: Duration,
         protocol: Protocol,
         bodiless: bool,
+        now: u64,
     ) -> Result<(Sender, bool), ErrorKind> {
         if protocol == Protocol::H2 {
             // Boxed, like the handshakes below: a future's size is paid (copied) on every
@@ -189,7 +192,7 @@ impl Conns {
             return Box::pin(self.checkout_h2(connect_timeout)).await;
         }
         if bodiless {
-            if let Some(conn) = self.inline.take(IDLE_TIMEOUT) {
+            if let Some(conn) = self.inline.take(IDLE_TIMEOUT, now) {
                 return Ok((Sender::Inline(Some((conn, self.inline.clone()))), true));
             }
             let stream = connect_tcp(self.addr, connect_timeout).await?;
@@ -199,7 +202,7 @@ impl Conns {
             ));
         }
         while let Some(mut idle) = self.pop_idle() {
-            if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
+            if idle.sender.is_closed() || now.saturating_sub(idle.since_ms) > IDLE_TIMEOUT.as_millis() as u64 {
                 continue;
             }
             if idle.sender.is_ready() {
@@ -273,7 +276,7 @@ impl Sender {
         if idle.len() < MAX_IDLE_PER_BACKEND {
             idle.push(IdleConn {
                 sender,
-                since: Instant::now(),
+                since_ms: crate::clock::now_ms(),
             });
         }
     }

@@ -50,9 +50,9 @@ mod tests {
     #[test]
     fn slow_backend_gets_least_traffic() {
         let bs = backends(3);
-        bs[0].observe_latency(Duration::from_millis(200));
-        bs[1].observe_latency(Duration::from_millis(2));
-        bs[2].observe_latency(Duration::from_millis(2));
+        bs[0].observe_latency(Duration::from_millis(200), crate::clock::now_ms());
+        bs[1].observe_latency(Duration::from_millis(2), crate::clock::now_ms());
+        bs[2].observe_latency(Duration::from_millis(2), crate::clock::now_ms());
         let counts = distribution(&Balancer::P2cEwma(P2cEwma), &bs, &[1, 1, 1], &|_| true, 3000);
         // The slow one wins no comparison, so it is picked only when drawn... never: it loses both.
         assert_eq!(counts[0], 0, "{counts:?}");

@@ -2,7 +2,7 @@
 //! and the exchange of one bodiless request on it.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::*;
 use crate::worker::PerWorker;
@@ -52,17 +52,20 @@ const MAX_IDLE: usize = 512;
 /// reuses the connections it opened: see [`crate::worker`]).
 #[derive(Default)]
 pub(crate) struct IdleConns {
-    lists: PerWorker<Mutex<Vec<(Conn, Instant)>>>,
+    /// Each connection with the time it went idle ([`crate::clock::now_ms`]).
+    lists: PerWorker<Mutex<Vec<(Conn, u64)>>>,
 }
 
 impl IdleConns {
-    /// The newest idle connection of this worker that is younger than `max_age` and that the
-    /// backend has not closed; older or closed ones are dropped on the way.
-    pub(crate) fn take(&self, max_age: Duration) -> Option<Conn> {
+    /// The newest idle connection of this worker that is younger than `max_age` at `now`
+    /// ([`crate::clock::now_ms`]) and that the backend has not closed; older or closed ones are
+    /// dropped on the way.
+    pub(crate) fn take(&self, max_age: Duration, now: u64) -> Option<Conn> {
         let list = self.lists.local();
+        let max_age = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
         loop {
             let (conn, since) = list.lock().expect("idle list lock is never poisoned").pop()?;
-            if since.elapsed() <= max_age && !conn.closed_while_idle() {
+            if now.saturating_sub(since) <= max_age && !conn.closed_while_idle() {
                 return Some(conn);
             }
         }
@@ -72,7 +75,7 @@ impl IdleConns {
     pub(crate) fn put(&self, conn: Conn) {
         let mut list = self.lists.local().lock().expect("idle list lock is never poisoned");
         if list.len() < MAX_IDLE {
-            list.push((conn, Instant::now()));
+            list.push((conn, crate::clock::now_ms()));
         }
     }
 

@@ -262,7 +262,7 @@ mod tests {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"hello world");
         assert_eq!(pooled(&home), 1);
-        let conn = home.take(Duration::MAX).expect("pooled");
+        let conn = home.take(Duration::MAX, crate::clock::now_ms()).expect("pooled");
         assert!(!conn.closed_while_idle(), "an open connection is not closed");
     }
 
@@ -416,7 +416,7 @@ mod tests {
         let addr = backend(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]], true).await;
         let (response, home) = get(addr, Method::GET).await;
         response.unwrap().into_body().collect().await.unwrap();
-        let conn = home.take(Duration::MAX).expect("pooled");
+        let conn = home.take(Duration::MAX, crate::clock::now_ms()).expect("pooled");
         let mut closed = false;
         for _ in 0..100 {
             // The reactor sees the hang-up on its next turn.
@@ -429,7 +429,7 @@ mod tests {
         assert!(closed, "the backend's close was not noticed");
         home.put(conn);
         assert!(
-            home.take(Duration::MAX).is_none(),
+            home.take(Duration::MAX, crate::clock::now_ms()).is_none(),
             "a closed idle connection is handed out"
         );
         assert_eq!(pooled(&home), 0);

@@ -190,7 +190,7 @@ impl Proxy {
         let route = candidate.find_route(&self.listener, &parts.method, &parts.uri, &parts.headers)?;
         let pool = &candidate.pools[candidate.config.routes[route].pool()?];
         let ceiling = candidate.pool_config(pool).response_timeout;
-        Some(pool.head_latency.delay(after, ceiling))
+        Some(pool.head_latency.delay(after, ceiling, crate::clock::now_ms()))
     }
 }
 

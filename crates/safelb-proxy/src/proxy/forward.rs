@@ -14,7 +14,11 @@ impl Proxy {
         mut done: Box<Completion>,
     ) -> Result<Response<ResponseBody>, (ProxyError, Box<Completion>)> {
         let config = snapshot.pool_config(pool);
-        pool.retry_budget.on_request();
+        // One clock read serves the first attempt: the budgets, the hedge delay, the backend
+        // choice, the idle connection's age, the latency and, on a reused connection, the send
+        // deadline. A retry reads the clock again (`started` is reset before each `continue`).
+        let mut started = Instant::now();
+        pool.retry_budget.on_request(crate::clock::ms_at(started));
         let Some(req) = request.as_mut() else {
             unreachable!("forward is given a request");
         };
@@ -31,7 +35,10 @@ impl Proxy {
         let hedge_after = match (&pool.hedge, bodiless && is_idempotent(&method)) {
             (Some(h), true) => {
                 h.budget.on_request();
-                Some(pool.head_latency.delay(h.after, config.response_timeout))
+                Some(
+                    pool.head_latency
+                        .delay(h.after, config.response_timeout, crate::clock::ms_at(started)),
+                )
             }
             _ => None,
         };
@@ -39,22 +46,22 @@ impl Proxy {
         let mut last_error: Option<ErrorKind> = None;
         let mut stale_reuses = 0;
         loop {
-            let idx = match pool.select(hash, &tried) {
+            let started_ms = crate::clock::ms_at(started);
+            let idx = match pool.select(hash, &tried, started_ms) {
                 Ok(i) => i,
                 // A retry that finds no other backend reports the failure that caused it.
                 Err(kind) => return Err((ProxyError::in_pool(last_error.unwrap_or(kind), &pool.name), done)),
             };
             let backend = &pool.backends[idx];
             let in_flight = InFlight::start(backend);
-            let started = Instant::now();
             let (mut sender, reused) = match pool.conns[idx]
-                .checkout(config.connect_timeout, config.protocol, bodiless)
+                .checkout(config.connect_timeout, config.protocol, bodiless, started_ms)
                 .await
             {
                 Ok(s) => s,
                 Err(kind) => {
                     drop(in_flight);
-                    backend.observe_latency(config.connect_timeout);
+                    backend.observe_latency(config.connect_timeout, crate::clock::now_ms());
                     pool.upstream[idx].connect_errors.fetch_add(1, Relaxed);
                     failure(pool, snapshot, idx, kind);
                     tried.push(idx);
@@ -63,6 +70,7 @@ impl Proxy {
                     if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
                         done.retries += 1;
                         pool.retries.fetch_add(1, Relaxed);
+                        started = Instant::now();
                         continue;
                     }
                     return Err((ProxyError::in_pool(kind, &pool.name), done));
@@ -75,11 +83,18 @@ impl Proxy {
                 // Pinned where it is made: a named future moved into `pin!` keeps its first slot
                 // in the state too (twice its size per request).
                 let mut sent = std::pin::pin!(sender.send(request, head.as_deref()));
-                let sent_at = tokio::time::Instant::now();
+                let sent_at = if reused {
+                    tokio::time::Instant::from_std(started)
+                } else {
+                    tokio::time::Instant::now()
+                };
                 let first = hedge_after
                     .unwrap_or_else(|| {
-                        pool.head_latency
-                            .delay(safelb_config::HedgeAfter::Auto, config.response_timeout)
+                        pool.head_latency.delay(
+                            safelb_config::HedgeAfter::Auto,
+                            config.response_timeout,
+                            crate::clock::ms_at(started),
+                        )
                     })
                     .min(config.response_timeout);
                 if let Ok(r) = tokio::time::timeout_at(sent_at + first, &mut sent).await {
@@ -103,7 +118,8 @@ impl Proxy {
                 tried.pop();
                 raced
             };
-            let (idx, backend, in_flight, response, latency) = match outcome {
+            // `asked`: when the answering backend's attempt started.
+            let (idx, backend, in_flight, response, asked) = match outcome {
                 Raced::Retired => {
                     // Not the backend's fault: nothing is counted against it.
                     drop(in_flight);
@@ -111,7 +127,7 @@ impl Proxy {
                 }
                 Raced::TimedOut => {
                     drop(in_flight);
-                    backend.observe_latency(config.response_timeout);
+                    backend.observe_latency(config.response_timeout, crate::clock::now_ms());
                     done.backend = Some(backend.clone());
                     done.backend_idx = Some(idx);
                     pool.upstream[idx].timeouts.fetch_add(1, Relaxed);
@@ -123,6 +139,7 @@ impl Proxy {
                     // A pooled connection the backend had closed: the request is back, unsent.
                     if e.unsent && reused && stale_reuses < MAX_STALE_REUSE {
                         stale_reuses += 1;
+                        started = Instant::now();
                         continue;
                     }
                     // A fresh connection closed before any answer: the backend died or cut it.
@@ -134,6 +151,7 @@ impl Proxy {
                         last_error = Some(ErrorKind::UpstreamProtocol);
                         done.retries += 1;
                         pool.retries.fetch_add(1, Relaxed);
+                        started = Instant::now();
                         continue;
                     }
                     done.backend = Some(backend.clone());
@@ -150,19 +168,21 @@ impl Proxy {
                     failure(pool, snapshot, idx, ErrorKind::UpstreamProtocol);
                     return Err((ProxyError::in_pool(ErrorKind::UpstreamProtocol, &pool.name), done));
                 }
-                Raced::Answered(response) => (idx, backend, in_flight, response, started.elapsed()),
+                Raced::Answered(response) => (idx, backend, in_flight, response, started),
                 Raced::HedgeAnswered(hedge) => {
                     // The slow backend's wait counts against it as a timeout would, so one that
                     // hangs is ejected after a few hedges instead of one timeout per request.
                     drop(in_flight);
-                    backend.observe_latency(started.elapsed());
+                    backend.observe_latency(started.elapsed(), crate::clock::now_ms());
                     failure(pool, snapshot, idx, ErrorKind::ResponseTimeout);
                     sender = hedge.sender;
                     let hb = &pool.backends[hedge.idx];
-                    (hedge.idx, hb, hedge.in_flight, hedge.response, hedge.latency)
+                    (hedge.idx, hb, hedge.in_flight, hedge.response, hedge.started)
                 }
             };
-            backend.observe_latency(latency);
+            let answered = Instant::now();
+            let latency = answered.saturating_duration_since(asked);
+            backend.observe_latency(latency, crate::clock::ms_at(answered));
             if response.status().is_server_error() {
                 failure(pool, snapshot, idx, ErrorKind::UpstreamProtocol);
             } else {
@@ -228,7 +248,8 @@ pub(super) struct Hedged<'a> {
     sender: Sender,
     in_flight: InFlight<'a>,
     response: Response<UpstreamBody>,
-    latency: Duration,
+    /// When this attempt started: its latency is read once it has won the race.
+    started: Instant,
 }
 
 impl Raced<'_> {
@@ -279,7 +300,7 @@ impl<'r, 'a> HedgeRace<'r, 'a> {
         let retired = snapshot.retired.cancelled();
         let mut retired = std::pin::pin!(retired);
         let budget = pool.hedge.as_ref().map(|h| &h.budget);
-        let other = head.and_then(|_| pool.select(hash, tried).ok());
+        let other = head.and_then(|_| pool.select(hash, tried, crate::clock::now_ms()).ok());
         let (Some(j), Some(head)) = (other.filter(|_| budget.is_some_and(|b| b.try_take())), head) else {
             if other.is_some() {
                 pool.hedging.hedges_denied.fetch_add(1, Relaxed);
@@ -296,7 +317,12 @@ impl<'r, 'a> HedgeRace<'r, 'a> {
             let in_flight = InFlight::start(backend);
             let started = Instant::now();
             let (mut sender, _) = match pool.conns[j]
-                .checkout(config.connect_timeout, Protocol::Http1, true)
+                .checkout(
+                    config.connect_timeout,
+                    Protocol::Http1,
+                    true,
+                    crate::clock::ms_at(started),
+                )
                 .await
             {
                 Ok(s) => s,
@@ -312,7 +338,7 @@ impl<'r, 'a> HedgeRace<'r, 'a> {
                     sender,
                     in_flight,
                     response,
-                    latency: started.elapsed(),
+                    started,
                 }),
                 Err(_) => {
                     failure(pool, snapshot, j, ErrorKind::UpstreamProtocol);

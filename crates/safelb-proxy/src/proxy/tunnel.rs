@@ -31,7 +31,7 @@ impl Proxy {
         done.route_idx = Some(route);
         done.pool = Some(pool.name.clone());
         done.pool_idx = Some(pool.index);
-        let idx = match pool.select(0, &[]) {
+        let idx = match pool.select(0, &[], crate::clock::now_ms()) {
             Ok(i) => i,
             Err(kind) => return Err((ProxyError::in_pool(kind, &pool.name), done)),
         };
