@@ -335,16 +335,24 @@ struct TeTrailers;
 /// Host when the request has none. The Host the request now has.
 pub(crate) fn origin_form(parts: &mut http::request::Parts) -> Option<HeaderValue> {
     let mut host = parts.headers.get(HOST).cloned();
-    if let Some(authority) = parts.uri.authority().map(|a| a.as_str().to_owned()) {
-        if host.is_none() {
-            if let Ok(v) = HeaderValue::from_str(&authority) {
-                parts.headers.insert(HOST, v.clone());
-                host = Some(v);
-            }
+    let Some(authority) = parts.uri.authority() else {
+        return host;
+    };
+    if host.is_none() {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(HOST, v.clone());
+            host = Some(v);
         }
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
-        parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
     }
+    // The path and query keep their bytes (every HTTP/2 request comes this way: copying and
+    // parsing them again cost two allocations a request).
+    let mut target = std::mem::take(&mut parts.uri).into_parts();
+    target.scheme = None;
+    target.authority = None;
+    if target.path_and_query.is_none() {
+        target.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(target).unwrap_or_else(|_| Uri::from_static("/"));
     host
 }
 
@@ -402,6 +410,31 @@ mod tests {
         }
         let old = Request::builder().version(Version::HTTP_10).body(()).unwrap();
         assert!(hostile_head(&old, true).is_none(), "HTTP/1.0 may omit Host");
+    }
+
+    #[test]
+    fn an_absolute_target_becomes_origin_form_with_its_authority_as_host() {
+        let parts = |target: &str, host: Option<&str>| {
+            let mut b = Request::get(target);
+            if let Some(h) = host {
+                b = b.header(HOST, h);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        let mut p = parts("http://x.example:8080/a/b?c=d", None);
+        assert_eq!(origin_form(&mut p).unwrap(), "x.example:8080");
+        assert_eq!(p.uri, "/a/b?c=d");
+        assert_eq!(p.headers[HOST], "x.example:8080");
+        // The client's own Host stays (hostile_head has refused a second one already).
+        let mut p = parts("https://x.example/", Some("y.example"));
+        assert_eq!(origin_form(&mut p).unwrap(), "y.example");
+        assert_eq!((p.uri.to_string().as_str(), p.headers.len()), ("/", 1));
+        let mut p = parts("http://x.example", None);
+        origin_form(&mut p);
+        assert_eq!(p.uri, "/");
+        let mut p = parts("/kept?as=is", Some("z.example"));
+        assert_eq!(origin_form(&mut p).unwrap(), "z.example");
+        assert_eq!(p.uri, "/kept?as=is");
     }
 
     /// Every request constructs these futures and moves each into its parent's state, so their
