@@ -141,16 +141,20 @@ pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
 /// a fifth of what making one cost, callgrind).
 const IDS_PER_BATCH: usize = 64;
 
+/// A request id's length: 128 bits in hex.
+const ID_LEN: usize = 32;
+
 /// A new random request id (128 bits as 32 hex digits), a slice of this thread's current batch:
 /// shared by refcount between the request's header and its completion.
 fn new_request_id() -> HeaderValue {
     thread_local! {
-        static BATCH: std::cell::RefCell<(bytes::Bytes, usize)> = const { std::cell::RefCell::new((bytes::Bytes::new(), 0)) };
+        static BATCH: std::cell::RefCell<(bytes::Bytes, usize)> =
+            const { std::cell::RefCell::new((bytes::Bytes::new(), 0)) };
     }
     const HEX: &[u8; 16] = b"0123456789abcdef";
     BATCH.with_borrow_mut(|(ids, next)| {
-        if (*next + 1) * 32 > ids.len() {
-            let mut batch = Vec::with_capacity(32 * IDS_PER_BATCH);
+        if (*next + 1) * ID_LEN > ids.len() {
+            let mut batch = Vec::with_capacity(ID_LEN * IDS_PER_BATCH);
             for _ in 0..IDS_PER_BATCH {
                 for b in fastrand::u128(..).to_be_bytes() {
                     batch.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
@@ -159,7 +163,7 @@ fn new_request_id() -> HeaderValue {
             *ids = bytes::Bytes::from(batch);
             *next = 0;
         }
-        let id = ids.slice(*next * 32..(*next + 1) * 32);
+        let id = ids.slice(*next * ID_LEN..(*next + 1) * ID_LEN);
         *next += 1;
         HeaderValue::from_maybe_shared(id).expect("hex digits are a valid header value")
     })

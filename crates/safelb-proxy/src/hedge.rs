@@ -50,8 +50,8 @@ impl HeadLatency {
         self.stats.record(false, latency);
     }
 
-    /// The hedge delay for `after` at `now` ([`crate::clock::now_ms`]), never above `ceiling` (the response
-    /// timeout).
+    /// The hedge delay for `after` at `now` ([`crate::clock::now_ms`]), never above `ceiling`
+    /// (the response timeout).
     #[inline]
     pub fn delay(&self, after: HedgeAfter, ceiling: Duration, now: u64) -> Duration {
         let d = match after {

@@ -326,7 +326,12 @@ async fn exchange(
     let method: Method = parts.method.clone();
     let attempt = async {
         let (mut sender, _) = conns
-            .checkout(config.connect_timeout, Protocol::Http1, true, crate::clock::now_ms())
+            .checkout(
+                config.connect_timeout,
+                Protocol::Http1,
+                true,
+                crate::clock::ms_at(started),
+            )
             .await
             .ok()?;
         let response = sender.send_head(&head, &method).await.ok()?;

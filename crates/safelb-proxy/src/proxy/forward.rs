@@ -16,9 +16,9 @@ impl Proxy {
         let config = snapshot.pool_config(pool);
         // One clock read serves the first attempt: the budgets, the hedge delay, the backend
         // choice, the idle connection's age, the latency and, on a reused connection, the send
-        // deadline. A retry reads the clock again (`started` is reset before each `continue`).
-        let mut started = Instant::now();
-        pool.retry_budget.on_request(crate::clock::ms_at(started));
+        // deadline. A retry reads the clock again (both are reset before each `continue`).
+        let (mut started, mut started_ms) = crate::clock::read();
+        pool.retry_budget.on_request(started_ms);
         let Some(req) = request.as_mut() else {
             unreachable!("forward is given a request");
         };
@@ -35,10 +35,7 @@ impl Proxy {
         let hedge_after = match (&pool.hedge, bodiless && is_idempotent(&method)) {
             (Some(h), true) => {
                 h.budget.on_request();
-                Some(
-                    pool.head_latency
-                        .delay(h.after, config.response_timeout, crate::clock::ms_at(started)),
-                )
+                Some(pool.head_latency.delay(h.after, config.response_timeout, started_ms))
             }
             _ => None,
         };
@@ -46,7 +43,6 @@ impl Proxy {
         let mut last_error: Option<ErrorKind> = None;
         let mut stale_reuses = 0;
         loop {
-            let started_ms = crate::clock::ms_at(started);
             let idx = match pool.select(hash, &tried, started_ms) {
                 Ok(i) => i,
                 // A retry that finds no other backend reports the failure that caused it.
@@ -70,7 +66,7 @@ impl Proxy {
                     if done.retries < config.retry.attempts && pool.retry_budget.try_retry() {
                         done.retries += 1;
                         pool.retries.fetch_add(1, Relaxed);
-                        started = Instant::now();
+                        (started, started_ms) = crate::clock::read();
                         continue;
                     }
                     return Err((ProxyError::in_pool(kind, &pool.name), done));
@@ -90,11 +86,8 @@ impl Proxy {
                 };
                 let first = hedge_after
                     .unwrap_or_else(|| {
-                        pool.head_latency.delay(
-                            safelb_config::HedgeAfter::Auto,
-                            config.response_timeout,
-                            crate::clock::ms_at(started),
-                        )
+                        pool.head_latency
+                            .delay(safelb_config::HedgeAfter::Auto, config.response_timeout, started_ms)
                     })
                     .min(config.response_timeout);
                 if let Ok(r) = tokio::time::timeout_at(sent_at + first, &mut sent).await {
@@ -139,7 +132,7 @@ impl Proxy {
                     // A pooled connection the backend had closed: the request is back, unsent.
                     if e.unsent && reused && stale_reuses < MAX_STALE_REUSE {
                         stale_reuses += 1;
-                        started = Instant::now();
+                        (started, started_ms) = crate::clock::read();
                         continue;
                     }
                     // A fresh connection closed before any answer: the backend died or cut it.
@@ -151,7 +144,7 @@ impl Proxy {
                         last_error = Some(ErrorKind::UpstreamProtocol);
                         done.retries += 1;
                         pool.retries.fetch_add(1, Relaxed);
-                        started = Instant::now();
+                        (started, started_ms) = crate::clock::read();
                         continue;
                     }
                     done.backend = Some(backend.clone());
