@@ -15,6 +15,7 @@ use http::{HeaderMap, StatusCode, Uri};
 use safelb_config::{Action, RateKey, Route};
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::headers::Fields;
 use crate::metrics::ActionCounters;
 use crate::ratelimit::{Limiter, RateLimiters};
 
@@ -123,7 +124,7 @@ impl RouteActions {
     }
 
     /// Takes a rate-limit token for this request; `Err(seconds)` to wait when there is none.
-    pub fn admit(&self, headers: &HeaderMap, client: SocketAddr) -> Result<(), u64> {
+    pub(crate) fn admit(&self, headers: &impl Fields, client: SocketAddr) -> Result<(), u64> {
         let Some(limiter) = &self.limiter else { return Ok(()) };
         let hash = match &limiter.key {
             RateKey::Route => 0,
@@ -131,7 +132,7 @@ impl RouteActions {
                 std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
                 std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),
             },
-            RateKey::Header(name) => headers.get(name.as_str()).map_or(0, |v| xxh3_64(v.as_bytes())),
+            RateKey::Header(name) => headers.first(name).map_or(0, xxh3_64),
         };
         limiter
             .check(hash)

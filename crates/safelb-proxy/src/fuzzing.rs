@@ -371,7 +371,8 @@ pub enum Treated {
 /// `serve_bytes`), and for every request they accept runs the request path's head handling: the refusals of
 /// `hostile_head`, then what `Proxy::serve` does to a head before forwarding (request id, Host
 /// from an absolute-form target, origin form, hop-by-hop fields removed, forwarding fields
-/// added), encoded as the inline client writes it. Checks: every head with two framings, a
+/// added), encoded as the inline client writes it; for a head the wire form forwards
+/// (`Proxy::serve_wire`), that its head for the backend says the same. Checks: every head with two framings, a
 /// repeated Host on any version, a missing one on HTTP/1.1, or CONNECT is refused; every
 /// forwarded head is one well-formed request with exactly one Host (one known exception, see
 /// `treat`), no hop-by-hop
@@ -398,9 +399,10 @@ async fn serve_bytes(raw: &[u8]) -> Vec<Treated> {
     let max_head = safelb_config::Limits::default().max_header_bytes;
     let mut buf = BytesMut::from(raw);
     let mut treated = Vec::new();
+    let mut fields = Vec::new();
     loop {
         let before = buf.clone();
-        match h1::parse_request(&mut buf, max_head) {
+        match h1::parse_request(&mut buf, max_head, &mut fields) {
             h1::Parsed::Request(head) => {
                 let taken = &before[..before.len() - buf.len()];
                 let by_hyper = serve_hyper(taken).await;
@@ -410,13 +412,21 @@ async fn serve_bytes(raw: &[u8]) -> Vec<Treated> {
                         String::from_utf8_lossy(taken)
                     );
                 };
-                let r = &head.request;
+                let r = head.to_http();
                 assert_eq!(
                     hyper_head,
                     &format!("{} {} {:?} {:?}", r.method(), r.uri(), r.version(), r.headers()),
                     "the two parsers read one head differently"
                 );
-                treated.push(treat(head.request));
+                let by_map = treat(r);
+                if head.is_plain() {
+                    let Treated::Forwarded(map_head) = &by_map else {
+                        panic!("a head the wire form forwards is refused: {by_map:?}");
+                    };
+                    same_request(map_head, &by_wire(&head), head.client_request_id().is_none());
+                }
+                treated.push(by_map);
+                fields = head.into_fields();
             }
             h1::Parsed::Declined => {
                 assert_eq!(buf, before, "a declined head is handed on whole");
@@ -425,6 +435,63 @@ async fn serve_bytes(raw: &[u8]) -> Vec<Treated> {
             }
             h1::Parsed::Partial => return treated,
         }
+    }
+}
+
+/// The head `Proxy::serve_wire` writes for a backend, as `treat` prepares the map's.
+fn by_wire(head: &h1::RequestHead) -> Vec<u8> {
+    let new_id = head
+        .client_request_id()
+        .is_none()
+        .then(|| HeaderValue::from_static("00000000000000000000000000000000"));
+    let mut out = Vec::new();
+    head.write_upstream(
+        &mut out,
+        &HeaderValue::from_static("127.0.0.1"),
+        "http",
+        new_id.as_ref(),
+    );
+    out
+}
+
+/// Checks that two heads for a backend say the same: request line, and for every field name (in
+/// any case) the same values in the same order. With `new_id`, each made its own request id:
+/// both have exactly one, whatever its value.
+fn same_request(by_map: &[u8], by_wire: &[u8], new_id: bool) {
+    let read = |head: &[u8]| {
+        let mut fields = [httparse::EMPTY_HEADER; 256];
+        let mut parsed = httparse::Request::new(&mut fields);
+        assert!(
+            matches!(parsed.parse(head), Ok(httparse::Status::Complete(n)) if n == head.len()),
+            "a head for the backend is one whole head: {:?}",
+            String::from_utf8_lossy(head)
+        );
+        let mut by_name = std::collections::BTreeMap::<String, Vec<Vec<u8>>>::new();
+        for f in parsed.headers.iter() {
+            let name = f.name.to_ascii_lowercase();
+            let value = if new_id && name == "x-request-id" {
+                &b"new"[..]
+            } else {
+                f.value
+            };
+            by_name.entry(name).or_default().push(value.to_vec());
+        }
+        (
+            parsed.method.map(str::to_owned),
+            parsed.path.map(str::to_owned),
+            by_name,
+        )
+    };
+    let (map, wire) = (read(by_map), read(by_wire));
+    assert_eq!(
+        map,
+        wire,
+        "the wire form and the header map prepare one head differently:\n{}\n{}",
+        String::from_utf8_lossy(by_map),
+        String::from_utf8_lossy(by_wire)
+    );
+    if new_id {
+        assert_eq!(wire.2.get("x-request-id").map(Vec::len), Some(1), "one new request id");
     }
 }
 

@@ -128,13 +128,19 @@ pub fn client_ip_value(client: SocketAddr) -> HeaderValue {
 /// (128 bits, hex), which is then added to the request.
 pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID) {
-        if !v.is_empty() && v.len() <= 128 && v.to_str().is_ok() {
+        if sane_request_id(v.as_bytes()) {
             return v.clone();
         }
     }
     let v = new_request_id();
     headers.insert(X_REQUEST_ID.clone(), v.clone());
     v
+}
+
+/// Whether a client's `X-Request-Id` is kept as the request's id: not empty, at most 128
+/// bytes, visible ASCII.
+pub(crate) fn sane_request_id(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= 128 && visible_ascii(v).is_some()
 }
 
 /// Request ids a thread makes at once: one allocation for all of them (an allocation per id was
@@ -146,7 +152,7 @@ const ID_LEN: usize = 32;
 
 /// A new random request id (128 bits as 32 hex digits), a slice of this thread's current batch:
 /// shared by refcount between the request's header and its completion.
-fn new_request_id() -> HeaderValue {
+pub(crate) fn new_request_id() -> HeaderValue {
     thread_local! {
         static BATCH: std::cell::RefCell<(bytes::Bytes, usize)> =
             const { std::cell::RefCell::new((bytes::Bytes::new(), 0)) };
@@ -169,12 +175,44 @@ fn new_request_id() -> HeaderValue {
     })
 }
 
+/// A request's fields as routing, rate limits and hashing read them: in a header map, or in the
+/// client's head as it arrived (`h1::RequestHead`), so a relayed HTTP/1 request needs no map.
+pub trait Fields {
+    /// The first value of field `name` (any case), as `HeaderMap::get` finds it.
+    fn first(&self, name: &str) -> Option<&[u8]>;
+    /// Every value of field `name`, in order.
+    fn each<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]>;
+
+    /// The first value of `name` when it is text (`HeaderValue::to_str`'s rule).
+    fn first_str(&self, name: &str) -> Option<&str> {
+        self.first(name).and_then(visible_ascii)
+    }
+}
+
+impl Fields for HeaderMap {
+    fn first(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(HeaderValue::as_bytes)
+    }
+
+    fn each<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> {
+        self.get_all(name).into_iter().map(HeaderValue::as_bytes)
+    }
+}
+
+/// `value` as text when every byte is visible ASCII or a tab (`HeaderValue::to_str`'s rule).
+pub(crate) fn visible_ascii(value: &[u8]) -> Option<&str> {
+    if value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
 /// The value of the cookie `name` in the request's `Cookie` headers.
-pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+pub fn cookie<'h>(headers: &'h impl Fields, name: &str) -> Option<&'h str> {
     headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .each("cookie")
+        .filter_map(visible_ascii)
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)

@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use http::header::HOST;
-use http::{HeaderMap, Method, Uri};
+use http::{Method, Uri};
 use safelb_config::routing::RequestView;
 use safelb_config::{HashKey, HedgeAfter, PanicPolicy, Pool, ValidConfig};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +19,7 @@ use crate::backend::BackendState;
 use crate::balance::{Balancer, Candidates};
 use crate::clock::now_ms;
 use crate::error::ErrorKind;
+use crate::headers::Fields;
 use crate::hedge::{CanaryCounters, HeadLatency, HedgeBudget, HedgeCounters};
 use crate::metrics::{ClassCounters, Histogram, Metrics, UpstreamCounters};
 use crate::registry::Registry;
@@ -368,29 +368,46 @@ impl Snapshot {
     }
 
     /// The route a request head matches, if any.
-    pub(crate) fn find_route(&self, listener: &str, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
+    pub(crate) fn find_route(
+        &self,
+        listener: &str,
+        method: &Method,
+        uri: &Uri,
+        headers: &impl Fields,
+    ) -> Option<usize> {
+        let host = headers.first_str("host").unwrap_or("");
+        self.find_route_at(listener, method, uri, host, headers)
+    }
+
+    /// [`Snapshot::find_route`] for a request whose `host` (its first `Host` value) is known.
+    pub(crate) fn find_route_at(
+        &self,
+        listener: &str,
+        method: &Method,
+        uri: &Uri,
+        host: &str,
+        headers: &impl Fields,
+    ) -> Option<usize> {
         let view = RequestView {
             listener,
             method: method.as_str(),
-            host: headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
+            host,
             path: uri.path(),
-            header: |name: &str| headers.get(name).and_then(|v| v.to_str().ok()),
+            header: |name: &str| headers.first_str(name),
         };
         self.config.route_table.find(&view)
     }
 
     /// The request's key for `consistent_hash` in `pool`: the pool's `hash_key`, else the
     /// client address.
-    pub(crate) fn request_hash(&self, pool: &PoolRuntime, headers: &HeaderMap, client: SocketAddr) -> u64 {
+    pub(crate) fn request_hash(&self, pool: &PoolRuntime, headers: &impl Fields, client: SocketAddr) -> u64 {
         let by_client = || match client.ip() {
             std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
             std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),
         };
         match &self.pool_config(pool).hash_key {
             HashKey::ClientAddress => by_client(),
-            HashKey::Header(name) => headers
-                .get(name.as_str())
-                .map_or_else(by_client, |v| xxh3_64(v.as_bytes())),
+            HashKey::Header(name) => headers.first(name).map_or_else(by_client, xxh3_64),
             HashKey::Cookie(name) => {
                 crate::headers::cookie(headers, name).map_or_else(by_client, |v| xxh3_64(v.as_bytes()))
             }

@@ -90,12 +90,14 @@ pub(crate) struct SendError {
 }
 
 impl Sender {
-    /// Sends the request in `slot`. It stays there while a bodiless request is exchanged
-    /// inline, and goes back there when it may be sent again; otherwise it is consumed.
+    /// Sends the request in `slot`, or on an inline connection its head already in wire form
+    /// (`head`, with its method; `slot` may then be empty). The request stays in `slot` while a
+    /// bodiless request is exchanged inline, and goes back there when it may be sent again;
+    /// otherwise it is consumed.
     pub(crate) async fn send(
         &mut self,
         slot: &mut Option<http::Request<RequestBody>>,
-        head: Option<&[u8]>,
+        head: Option<(&[u8], &http::Method)>,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
         let hyper_error = |mut e: hyper::client::conn::TrySendError<http::Request<RequestBody>>,
                            slot: &mut Option<http::Request<RequestBody>>| {
@@ -123,17 +125,19 @@ impl Sender {
                 }
             }
             Sender::Inline(_) => {
-                let req = slot.as_ref().expect("send is given a request");
                 let encoded;
-                let head = match head {
-                    Some(h) => h,
+                let (head, method) = match head {
+                    Some(wire) => wire,
                     None => {
-                        encoded = h1::encode_head(req.method(), req.uri(), req.headers());
-                        &encoded
+                        let req = slot.as_ref().expect("send is given a request");
+                        encoded = (
+                            h1::encode_head(req.method(), req.uri(), req.headers()),
+                            req.method().clone(),
+                        );
+                        (&encoded.0[..], &encoded.1)
                     }
                 };
-                let method = req.method().clone();
-                let sent = self.send_head(head, &method).await;
+                let sent = self.send_head(head, method).await;
                 if !matches!(&sent, Err(e) if e.unsent) {
                     slot.take();
                 }

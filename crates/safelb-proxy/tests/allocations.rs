@@ -53,7 +53,7 @@ static ALLOCATOR: Counting = Counting;
 /// Allocations per request, measured when this bound was set (see docs/performance.md); the
 /// bound is that figure and half an allocation more.
 const MAX_PER_REQUEST: f64 = ALLOCATIONS_MEASURED + 0.5;
-const ALLOCATIONS_MEASURED: f64 = 6.0;
+const ALLOCATIONS_MEASURED: f64 = 3.0;
 
 /// A current-thread runtime: each side of the test on a thread of its own.
 fn runtime() -> tokio::runtime::Runtime {

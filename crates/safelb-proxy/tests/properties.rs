@@ -45,7 +45,16 @@ const REQUEST_FIELDS: &[&str] = &[
     "Proxy-Connection: keep-alive",
     "Upgrade: websocket",
     "X-Forwarded-For: 10.0.0.1",
+    "x-forwarded-for: 10.0.0.2, 10.0.0.3",
+    "X-Forwarded-For:",
+    "X-Forwarded-Proto: https",
+    "x-forwarded-host: evil.example",
     "X-Request-Id: abc",
+    "x-request-id:",
+    "Connection: Keep-Alive, TE",
+    "TE: trailers, deflate",
+    "Cookie: a=1",
+    "HOST: SHOP.example",
 ];
 
 fn head_bytes(first: String, fields: &[usize], all: &[&str], lf_only: bool) -> Vec<u8> {
@@ -123,7 +132,7 @@ proptest! {
         method in prop_oneof![Just("GET"), Just("POST"), Just("HEAD"), Just("CONNECT"), Just("OPTIONS")],
         target in prop_oneof![Just("/"), Just("/a?b=c"), Just("http://shop.example/abs"), Just("*"), Just("shop.example:443")],
         http10 in any::<bool>(),
-        fields in vec(any::<usize>(), 0..6),
+        fields in vec(any::<usize>(), 0..8),
         body in vec(any::<u8>(), 0..8),
     ) {
         let version = if http10 { "HTTP/1.0" } else { "HTTP/1.1" };

@@ -229,7 +229,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
 /// Where each field's name and value lie in a parsed head, as offsets from `base` (the head's
 /// first byte): the head is then split off its buffer and the fields share its bytes. A head is
 /// at most `MAX_HEAD` plus one read (or a request's `max_head`): u32 offsets hold it.
-pub(crate) fn field_spans(base: usize, fields: &[httparse::Header<'_>], spans: &mut [(u32, u32, u32, u32)]) {
+fn field_spans(base: usize, fields: &[httparse::Header<'_>], spans: &mut [(u32, u32, u32, u32)]) {
     for (span, field) in spans.iter_mut().zip(fields) {
         let name = (field.name.as_ptr() as usize - base) as u32;
         let value = (field.value.as_ptr() as usize - base) as u32;

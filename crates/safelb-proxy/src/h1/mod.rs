@@ -1,5 +1,6 @@
 //! HTTP/1.1 on the wire, both ways: to backends on the request's own task for requests without a
-//! body (this doc), and the client side's codec for plain request heads (`serve.rs`).
+//! body (this doc), and the client side's codec: plain request heads in wire form
+//! (`request.rs`) and the responses written for them (`serve.rs`).
 //!
 //! A profile of a small proxied request (callgrind, docs/performance.md) put 39% of safelb's
 //! instructions in hyper's client connection task: the request crosses a channel to that task,
@@ -33,6 +34,7 @@ use tokio::net::TcpStream;
 mod body;
 mod conn;
 mod head;
+mod request;
 mod serve;
 
 pub use body::H1Body;
@@ -41,10 +43,10 @@ pub use body::H1Body;
 pub(crate) use body::{Chunk, State};
 pub(crate) use conn::{exchange, Conn, IdleConns};
 pub use head::RawFields;
-pub(crate) use head::{field_spans, framing, parse_head, Fields, Head};
+pub(crate) use head::{framing, parse_head, Fields, Head};
+pub(crate) use request::{parse_request, read_back, Parsed, RequestHead};
 pub(crate) use serve::{
-    chunk_header, chunked_end, declared_length, encode_response_head, parse_request, response_framing, says_close,
-    Framing, Parsed,
+    chunk_header, chunked_end, declared_length, encode_response_head, response_framing, says_close, Framing,
 };
 
 /// Longest response head (status line and headers) or trailer section accepted.

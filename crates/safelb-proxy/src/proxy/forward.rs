@@ -2,6 +2,8 @@
 //! budget), send, and race a hedge to a second backend when the first has no response head
 //! after the hedge delay; the same wait watches for the version's rollback.
 
+use std::borrow::Cow;
+
 use super::*;
 
 impl Proxy {
@@ -10,6 +12,7 @@ impl Proxy {
         snapshot: &Snapshot,
         pool: &PoolRuntime,
         request: &mut Option<Request<RequestBody>>,
+        wire: Option<&Wire<'_>>,
         hash: u64,
         mut done: Box<Completion>,
     ) -> Result<Response<ResponseBody>, (ProxyError, Box<Completion>)> {
@@ -19,17 +22,23 @@ impl Proxy {
         // deadline. A retry reads the clock again (both are reset before each `continue`).
         let (mut started, mut started_ms) = crate::clock::read();
         pool.retry_budget.on_request(started_ms);
-        let Some(req) = request.as_mut() else {
-            unreachable!("forward is given a request");
-        };
-        if config.protocol == Protocol::H2 {
-            to_h2(req);
-        }
         // Bodiless HTTP/1.1 requests are exchanged on this task (h1/), their head encoded once
-        // for every attempt; others go through hyper.
-        let bodiless = config.protocol == Protocol::Http1 && http_body::Body::is_end_stream(req.body());
-        let head = bodiless.then(|| h1::encode_head(req.method(), req.uri(), req.headers()));
-        let method = req.method().clone();
+        // for every attempt (a request in wire form comes with it); others go through hyper.
+        let (head, method) = match wire {
+            Some(w) => (Some(Cow::Borrowed(w.head)), w.method.clone()),
+            None => {
+                let Some(req) = request.as_mut() else {
+                    unreachable!("forward is given a request");
+                };
+                if config.protocol == Protocol::H2 {
+                    to_h2(req);
+                }
+                let bodiless = config.protocol == Protocol::Http1 && http_body::Body::is_end_stream(req.body());
+                let encoded = bodiless.then(|| Cow::Owned(h1::encode_head(req.method(), req.uri(), req.headers())));
+                (encoded, req.method().clone())
+            }
+        };
+        let bodiless = head.is_some();
         // Hedging within the pool: an idempotent bodiless request, whose encoded head can go to a
         // second backend while the first is still waiting.
         let hedge_after = match (&pool.hedge, bodiless && is_idempotent(&method)) {
@@ -78,7 +87,7 @@ impl Proxy {
             let outcome = 'send: {
                 // Pinned where it is made: a named future moved into `pin!` keeps its first slot
                 // in the state too (twice its size per request).
-                let mut sent = std::pin::pin!(sender.send(request, head.as_deref()));
+                let mut sent = std::pin::pin!(sender.send(request, head.as_deref().map(|h| (h, &method))));
                 let sent_at = if reused {
                     tokio::time::Instant::from_std(started)
                 } else {

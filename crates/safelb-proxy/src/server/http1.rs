@@ -3,7 +3,8 @@
 //!
 //! hyper's server dispatch cost more instructions per small request than the upstream exchange it
 //! drove (docs/performance.md): a proxy needs less of it. Here one task reads heads into one
-//! per-connection buffer, serves each request through [`Proxy::serve`] and writes the response
+//! per-connection buffer, serves each request in wire form (`h1::RequestHead`) through
+//! `Proxy::serve_wire` and writes the response
 //! head with the start of its body in one write, reusing one output buffer. The first head this
 //! loop declines (a body, an upgrade, `Expect`, anything malformed or too large) ends it: the
 //! connection goes to hyper, bytes already read included, for the rest of its life, so those
@@ -23,7 +24,6 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::body::ClientBody;
 use crate::client_io::{ClientIo, ConnState};
 use crate::clock::http_date_now;
 use crate::h1::{self, Framing, Parsed, RawFields};
@@ -31,6 +31,8 @@ use crate::proxy::{BoxError, Proxy, ResponseBody};
 
 /// What one read asks room for while a head is read.
 const READ_SIZE: usize = 8 * 1024;
+/// Largest buffer for the backend's head a connection keeps between requests.
+const KEPT_HEAD: usize = 16 * 1024;
 /// Body bytes gathered behind the head before they are written; larger frames go out as they are.
 const COALESCE: usize = 16 * 1024;
 
@@ -58,9 +60,12 @@ where
 {
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     let mut out = Vec::with_capacity(1024);
+    // The request head's field list and the backend's head, kept from one request to the next.
+    let mut fields = Vec::new();
+    let mut upstream = Vec::new();
     let mut stop = pin!(shutdown.cancelled());
     loop {
-        let head = match h1::parse_request(&mut buf, max_head) {
+        let head = match h1::parse_request(&mut buf, max_head, &mut fields) {
             Parsed::Request(head) => head,
             Parsed::Declined => {
                 io.resume_head(&buf);
@@ -84,17 +89,19 @@ where
             }
         };
         io.request_started();
-        let version = head.request.version();
-        let head_request = head.request.method() == Method::HEAD;
-        let request = head.request.map(|()| ClientBody::Empty);
-        let response = proxy.serve(request, peer, state.clone()).await;
+        let response = proxy.serve_wire(&head, peer, state.clone(), &mut upstream).await;
         let keep_alive = head.keep_alive && !shutdown.is_cancelled() && !h1::says_close(response.headers());
         let reply = Reply {
-            version,
-            head_request,
+            version: head.version,
+            head_request: head.method == Method::HEAD,
             trailers: head.trailers,
             keep_alive,
         };
+        fields = head.into_fields();
+        if upstream.capacity() > KEPT_HEAD {
+            // One client's large head is not kept for the connection's life.
+            upstream = Vec::new();
+        }
         match write_response(&mut io, &mut out, response, reply).await {
             Ok(true) => {}
             _ => {
