@@ -10,7 +10,8 @@
 # SAFELB_BIN=PATH profiles another build (e.g. an older one, for a before/after).
 # CALLGRIND_CASE=tls measures HTTPS keep-alive requests instead, CALLGRIND_CASE=tlsnew HTTPS with
 # `Connection: close` (a TLS handshake each; ECDSA P-256 certificate, wrk resumes sessions); the
-# default case is `small` (plain HTTP keep-alive); CALLGRIND_CASE=h2c: h2load -n 20000 -c 50 -m 10 over
+# default case is `small` (plain HTTP keep-alive); CALLGRIND_CASE=close: plain HTTP with
+# `Connection: close` (a new client connection each); CALLGRIND_CASE=h2c: h2load -n 20000 -c 50 -m 10 over
 # cleartext HTTP/2 (prior knowledge), as compare.sh's h2c case. Under valgrind, the crypto library may pick
 # other code than on the bare CPU (no SHA or ADX extensions): compare builds, not TLS libraries.
 set -euo pipefail
@@ -42,6 +43,7 @@ tls = { cert = \"$work/site.pem\", key = \"$work/site.key\" }"
     url=https://127.0.0.1:18443/
     [ "$case" = tlsnew ] && wrk_extra=(-H "Connection: close")
 fi
+[ "$case" = close ] && wrk_extra=(-H "Connection: close")
 proxy_config "$top" "${1:-}" "${2:-}" > "$work/lb.toml"
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.out" "$safelb" serve --config "$work/lb.toml" --store "$work/store" --threads 1 >/dev/null 2>"$work/vg.log" &
 lb=$!

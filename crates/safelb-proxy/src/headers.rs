@@ -119,9 +119,27 @@ pub fn add_forwarded(
     }
 }
 
-/// The client's IP address as a header value.
+/// The client's IP address as a header value, made once per connection. An IPv4 address is
+/// written digit by digit: with a new connection per request, `to_string` (the formatting
+/// machinery, a string grown four times) was 650 instructions of a 30.8k request (callgrind).
 pub fn client_ip_value(client: SocketAddr) -> HeaderValue {
-    HeaderValue::from_str(&client.ip().to_string()).expect("an IP address is a valid header value")
+    let std::net::IpAddr::V4(ip) = client.ip() else {
+        return HeaderValue::from_str(&client.ip().to_string()).expect("an IP address is a valid header value");
+    };
+    let mut text = Vec::with_capacity(15);
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push(b'.');
+        }
+        if octet >= 100 {
+            text.push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            text.push(b'0' + octet / 10 % 10);
+        }
+        text.push(b'0' + octet % 10);
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).expect("digits and dots are a valid header value")
 }
 
 /// The request's id: the client's `X-Request-Id` when it is sane, else a new random one
@@ -222,6 +240,21 @@ pub fn cookie<'h>(headers: &'h impl Fields, name: &str) -> Option<&'h str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_address_reads_as_its_display_form() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.100.255",
+            "192.168.9.99",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let addr = SocketAddr::new(ip.parse().unwrap(), 80);
+            assert_eq!(client_ip_value(addr), ip);
+        }
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {

@@ -238,6 +238,8 @@ impl RequestHead {
         proto: &str,
         new_id: Option<&HeaderValue>,
     ) {
+        // One allocation on a connection's first request (growing by doubling took five).
+        out.reserve(self.bytes.len() + client_ip.len() + proto.len() + 128);
         out.extend_from_slice(self.method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(self.uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
