@@ -11,7 +11,8 @@
 # CALLGRIND_CASE=tls measures HTTPS keep-alive requests instead, CALLGRIND_CASE=tlsnew HTTPS with
 # `Connection: close` (a TLS handshake each; ECDSA P-256 certificate, wrk resumes sessions); the
 # default case is `small` (plain HTTP keep-alive); CALLGRIND_CASE=close: plain HTTP with
-# `Connection: close` (a new client connection each); CALLGRIND_CASE=h2c: h2load -n 20000 -c 50 -m 10 over
+# `Connection: close` (a new client connection each); CALLGRIND_CASE=64k: a 64 KiB body each;
+# CALLGRIND_CASE=h2c: h2load -n 20000 -c 50 -m 10 over
 # cleartext HTTP/2 (prior knowledge), as compare.sh's h2c case. Under valgrind, the crypto library may pick
 # other code than on the bare CPU (no SHA or ADX extensions): compare builds, not TLS libraries.
 set -euo pipefail
@@ -44,6 +45,8 @@ tls = { cert = \"$work/site.pem\", key = \"$work/site.key\" }"
     [ "$case" = tlsnew ] && wrk_extra=(-H "Connection: close")
 fi
 [ "$case" = close ] && wrk_extra=(-H "Connection: close")
+# The 64 KiB body comes from the demo backends' /bytes/65536.
+[ "$case" = 64k ] && url=http://127.0.0.1:18080/bytes/65536
 proxy_config "$top" "${1:-}" "${2:-}" > "$work/lb.toml"
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.out" "$safelb" serve --config "$work/lb.toml" --store "$work/store" --threads 1 >/dev/null 2>"$work/vg.log" &
 lb=$!
