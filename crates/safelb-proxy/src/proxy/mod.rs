@@ -394,9 +394,14 @@ pub(crate) fn origin_form(parts: &mut http::request::Parts) -> Option<HeaderValu
     let mut target = std::mem::take(&mut parts.uri).into_parts();
     target.scheme = None;
     target.authority = None;
-    if target.path_and_query.is_none() {
-        target.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    }
+    target.path_and_query = match target.path_and_query {
+        None => Some(http::uri::PathAndQuery::from_static("/")),
+        // `http://x?q` has an empty path: its origin form is `/?q`, not `?q` (found by the
+        // request-head fuzz target; a backend would refuse the request line).
+        // (`PathAndQuery::path` says `/` for an empty path; its bytes say `?q`.)
+        Some(pq) if pq.as_str().starts_with('?') => http::uri::PathAndQuery::try_from(format!("/{}", pq.as_str())).ok(),
+        kept => kept,
+    };
     parts.uri = Uri::from_parts(target).unwrap_or_else(|_| Uri::from_static("/"));
     host
 }
@@ -477,6 +482,14 @@ mod tests {
         let mut p = parts("http://x.example", None);
         origin_form(&mut p);
         assert_eq!(p.uri, "/");
+        // The bytes the backend gets, not `Uri`'s comparison (which reads an empty path as `/`).
+        let target = |p: &http::request::Parts| p.uri.path_and_query().map(|pq| pq.as_str().to_owned());
+        let mut p = parts("http://x.example?q=1", None);
+        origin_form(&mut p);
+        assert_eq!(target(&p).as_deref(), Some("/?q=1"));
+        let mut p = parts("http://x.example/a?q=1", None);
+        origin_form(&mut p);
+        assert_eq!(target(&p).as_deref(), Some("/a?q=1"));
         let mut p = parts("/kept?as=is", Some("z.example"));
         assert_eq!(origin_form(&mut p).unwrap(), "z.example");
         assert_eq!(p.uri, "/kept?as=is");
