@@ -3,6 +3,9 @@
 //! after the hedge delay; the same wait watches for the version's rollback.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
 use super::*;
 
@@ -12,7 +15,7 @@ impl Proxy {
         snapshot: &Snapshot,
         pool: &PoolRuntime,
         request: &mut Option<Request<RequestBody>>,
-        wire: Option<&Wire<'_>>,
+        mut wire: Option<&mut Wire<'_>>,
         hash: u64,
         mut done: Box<Completion>,
     ) -> Result<Response<ResponseBody>, (ProxyError, Box<Completion>)> {
@@ -24,7 +27,7 @@ impl Proxy {
         pool.retry_budget.on_request(started_ms);
         // Bodiless HTTP/1.1 requests are exchanged on this task (h1/), their head encoded once
         // for every attempt (a request in wire form comes with it); others go through hyper.
-        let (head, method) = match wire {
+        let (head, method) = match &wire {
             Some(w) => (Some(Cow::Borrowed(w.head)), w.method.clone()),
             None => {
                 let Some(req) = request.as_mut() else {
@@ -99,7 +102,8 @@ impl Proxy {
                             .delay(safelb_config::HedgeAfter::Auto, config.response_timeout, started_ms)
                     })
                     .min(config.response_timeout);
-                if let Ok(r) = tokio::time::timeout_at(sent_at + first, &mut sent).await {
+                let timer = wire.as_mut().map(|w| w.timer.as_mut());
+                if let Some(r) = until(sent.as_mut(), sent_at + first, timer).await {
                     break 'send Raced::from_send(r);
                 }
                 if first >= config.response_timeout {
@@ -204,6 +208,35 @@ impl Proxy {
             return Ok(Response::from_parts(parts, ResponseBody::upstream(body, done)));
         }
     }
+}
+
+/// Waits for `sent` until `deadline`: `None` when the deadline came first. On the connection's
+/// own timer when it has one (the own HTTP/1 loop's): moving a registered timer to a later
+/// deadline is one atomic store, where a timer of the request's own is registered with the
+/// runtime's timer wheel and taken out of it again, every request (callgrind, docs/performance.md).
+async fn until<F: Future>(
+    mut sent: Pin<&mut F>,
+    deadline: tokio::time::Instant,
+    timer: Option<Pin<&mut tokio::time::Sleep>>,
+) -> Option<F::Output> {
+    let mut own = std::pin::pin!(None::<tokio::time::Sleep>);
+    let mut timer = match timer {
+        Some(mut shared) => {
+            shared.as_mut().reset(deadline);
+            shared
+        }
+        None => {
+            own.set(Some(tokio::time::sleep_until(deadline)));
+            own.as_mut().as_pin_mut().expect("set above")
+        }
+    };
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = sent.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 /// Stale pooled connections tried before a fresh one is opened; bounds a loop on a backend

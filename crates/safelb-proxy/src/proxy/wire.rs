@@ -15,10 +15,12 @@ use super::*;
 use crate::h1::RequestHead;
 use crate::headers::new_request_id;
 
-/// A request's head already written for its backend, with its method.
+/// A request's head already written for its backend, with its method, and its connection's
+/// response timer (see `forward::until`).
 pub(super) struct Wire<'a> {
     pub(super) head: &'a [u8],
     pub(super) method: &'a Method,
+    pub(super) timer: Pin<&'a mut tokio::time::Sleep>,
 }
 
 /// Where a request in wire form goes, decided before anything waits.
@@ -39,14 +41,15 @@ enum Entered {
 
 impl Proxy {
     /// Serves one plain HTTP/1 request. `upstream` is the connection's buffer for the backend's
-    /// head (kept between requests: no allocation per request). Never fails: every error becomes
-    /// a response.
+    /// head (kept between requests: no allocation per request) and `timer` its response timer.
+    /// Never fails: every error becomes a response.
     pub(crate) async fn serve_wire(
         &self,
         req: &RequestHead,
         client: SocketAddr,
         conn: Arc<ConnState>,
         upstream: &mut Vec<u8>,
+        timer: Pin<&mut tokio::time::Sleep>,
     ) -> Response<ResponseBody> {
         // Nothing held across an await below is larger than it must be: this future is made
         // for every request (the match's value lives through its arms, hence the boxed answer).
@@ -62,12 +65,15 @@ impl Proxy {
             Entered::InHttpForm(conn) => return self.serve_in_http_form(req, client, conn).await,
         };
         let (err, done) = {
-            let wire = Wire {
+            let mut wire = Wire {
                 head: upstream,
                 method: &req.method,
+                timer,
             };
             let pool = &snapshot.pools[pool];
-            let mut forwarded = self.forward(&snapshot, pool, &mut None, Some(&wire), hash, done).await;
+            let mut forwarded = self
+                .forward(&snapshot, pool, &mut None, Some(&mut wire), hash, done)
+                .await;
             edit_response(&snapshot.actions[route], &mut forwarded);
             match forwarded {
                 Ok(response) => return response,

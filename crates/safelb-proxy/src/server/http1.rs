@@ -63,6 +63,8 @@ where
     // The request head's field list and the backend's head, kept from one request to the next.
     let mut fields = Vec::new();
     let mut upstream = Vec::new();
+    // The response timer of every request on this connection, moved from one to the next.
+    let mut timer = pin!(tokio::time::sleep(std::time::Duration::ZERO));
     let mut stop = pin!(shutdown.cancelled());
     loop {
         let head = match h1::parse_request(&mut buf, max_head, &mut fields) {
@@ -89,7 +91,9 @@ where
             }
         };
         io.request_started();
-        let response = proxy.serve_wire(&head, peer, state.clone(), &mut upstream).await;
+        let response = proxy
+            .serve_wire(&head, peer, state.clone(), &mut upstream, timer.as_mut())
+            .await;
         let keep_alive = head.keep_alive && !shutdown.is_cancelled() && !h1::says_close(response.headers());
         let reply = Reply {
             version: head.version,
