@@ -24,16 +24,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // `Connection` lists options; any beyond the usual ones names a header to remove too. The
     // usual case (`keep-alive`, `close`) is decided without allocating.
-    let names_headers = |v: &HeaderValue| {
-        v.to_str()
-            .map(|list| {
-                list.split(',')
-                    .map(str::trim)
-                    .any(|t| !t.is_empty() && !is_connection_option(t.as_bytes()))
-            })
-            .unwrap_or(false)
-    };
-    if headers.get_all(&CONNECTION).iter().any(names_headers) {
+    if headers
+        .get_all(&CONNECTION)
+        .iter()
+        .any(|v| names_other_fields(v.as_bytes()))
+    {
         let named: Vec<HeaderName> = headers
             .get_all(&CONNECTION)
             .iter()
@@ -73,6 +68,17 @@ fn hop_by_hop_present(headers: &HeaderMap) -> u8 {
             .iter()
             .position(|h| name == *h)
             .map_or(bits, |i| bits | 1 << i)
+    })
+}
+
+/// Whether a `Connection` value lists an option beyond the usual ones, i.e. names a field,
+/// which is then hop-by-hop too. A value that is not text names none (as `HeaderValue::to_str`
+/// refuses it).
+pub(crate) fn names_other_fields(value: &[u8]) -> bool {
+    visible_ascii(value).is_some_and(|v| {
+        v.split(',')
+            .map(str::trim)
+            .any(|t| !t.is_empty() && !is_connection_option(t.as_bytes()))
     })
 }
 

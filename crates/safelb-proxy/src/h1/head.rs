@@ -227,19 +227,19 @@ pub(crate) fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
 }
 
 /// Where each field's name and value lie in a parsed head, as offsets from `base` (the head's
-/// first byte): the head is then split off its buffer and the fields share its bytes. A head is
-/// at most `MAX_HEAD` plus one read (or a request's `max_head`): u32 offsets hold it.
+/// first byte): the head is then split off its buffer and the fields share its bytes.
 fn field_spans(base: usize, fields: &[httparse::Header<'_>], spans: &mut [(u32, u32, u32, u32)]) {
     for (span, field) in spans.iter_mut().zip(fields) {
-        let name = (field.name.as_ptr() as usize - base) as u32;
-        let value = (field.value.as_ptr() as usize - base) as u32;
-        *span = (
-            name,
-            name + field.name.len() as u32,
-            value,
-            value + field.value.len() as u32,
-        );
+        let (name, value) = (offsets(base, field.name.as_bytes()), offsets(base, field.value));
+        *span = (name.0, name.1, value.0, value.1);
     }
+}
+
+/// Where `part`, a slice of a parsed head starting at `base`, begins and ends in it. A head is
+/// at most `MAX_HEAD` plus one read (or a request's `max_head`): u32 offsets hold it.
+pub(super) fn offsets(base: usize, part: &[u8]) -> (u32, u32) {
+    let start = (part.as_ptr() as usize - base) as u32;
+    (start, start + part.len() as u32)
 }
 
 /// How the body of a response is delimited (RFC 9112 §6.3).

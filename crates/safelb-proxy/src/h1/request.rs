@@ -18,9 +18,10 @@
 //! `request_id`); the `request_head` fuzz target and its property test check that both give the
 //! same fields for every head the wire form serves.
 
+use super::head::offsets;
 use super::serve::lists;
 use super::*;
-use crate::headers::{is_hop_by_hop, sane_request_id, visible_ascii, Fields};
+use crate::headers::{is_hop_by_hop, names_other_fields, sane_request_id, visible_ascii, Fields};
 
 /// Most header fields in one request head (hyper's limit, so a declined head meets the same).
 const MAX_REQUEST_HEADERS: usize = 100;
@@ -111,8 +112,7 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_head: usize, spans: &mut Vec
         }
         if name.eq_ignore_ascii_case(b"host") {
             hosts = hosts.saturating_add(1);
-            let start = (value.as_ptr() as usize - base) as u32;
-            host.get_or_insert((start, start + value.len() as u32));
+            host.get_or_insert(offsets(base, value));
             continue;
         }
         // hyper folds repeated equal lengths into one field; such heads are left to it.
@@ -136,18 +136,14 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_head: usize, spans: &mut Vec
     }
     // `close` anywhere wins over `keep-alive` elsewhere.
     keep_alive &= !close;
-    let target = (path.as_ptr() as usize - base, path.len());
+    let target = offsets(base, path.as_bytes());
     spans.clear();
-    spans.extend(req.headers.iter().map(|field| {
-        let name = (field.name.as_ptr() as usize - base) as u32;
-        let value = (field.value.as_ptr() as usize - base) as u32;
-        FieldSpan {
-            name: (name, name + field.name.len() as u32),
-            value: (value, value + field.value.len() as u32),
-        }
+    spans.extend(req.headers.iter().map(|field| FieldSpan {
+        name: offsets(base, field.name.as_bytes()),
+        value: offsets(base, field.value),
     }));
     let bytes = buf.split_to(len).freeze();
-    let Ok(uri) = http::Uri::from_maybe_shared(bytes.slice(target.0..target.0 + target.1)) else {
+    let Ok(uri) = http::Uri::from_maybe_shared(bytes.slice(target.0 as usize..target.1 as usize)) else {
         // A target the `http` types refuse goes back whole, for hyper.
         let mut whole = BytesMut::from(&bytes[..]);
         whole.extend_from_slice(buf);
@@ -171,17 +167,11 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_head: usize, spans: &mut Vec
 
 impl Fields for RequestHead {
     fn first(&self, name: &str) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|f| self.name(f).eq_ignore_ascii_case(name.as_bytes()))
-            .map(|f| self.value(f))
+        self.named(name.as_bytes()).next().map(|f| self.value(f))
     }
 
     fn each<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> {
-        self.fields
-            .iter()
-            .filter(move |f| self.name(f).eq_ignore_ascii_case(name.as_bytes()))
-            .map(|f| self.value(f))
+        self.named(name.as_bytes()).map(|f| self.value(f))
     }
 }
 
@@ -189,6 +179,13 @@ impl RequestHead {
     /// The connection's field list, for the next [`parse_request`].
     pub(crate) fn into_fields(self) -> Vec<FieldSpan> {
         self.fields
+    }
+
+    /// The fields called `name` (any case), in order.
+    fn named<'s, 'n>(&'s self, name: &'n [u8]) -> impl Iterator<Item = &'s FieldSpan> + use<'s, 'n> {
+        self.fields
+            .iter()
+            .filter(move |f| self.name(f).eq_ignore_ascii_case(name))
     }
 
     fn name(&self, f: &FieldSpan) -> &[u8] {
@@ -218,10 +215,7 @@ impl RequestHead {
 
     /// The client's own request id when it is one safelb keeps (`headers::request_id`'s rule).
     pub(crate) fn client_request_id(&self) -> Option<HeaderValue> {
-        let f = self
-            .fields
-            .iter()
-            .find(|f| self.name(f).eq_ignore_ascii_case(b"x-request-id"))?;
+        let f = self.named(b"x-request-id").next()?;
         let value = self.bytes.slice(f.value.0 as usize..f.value.1 as usize);
         sane_request_id(&value).then(|| HeaderValue::from_maybe_shared(value).ok())?
     }
@@ -320,16 +314,6 @@ pub(crate) fn read_back(head: &[u8]) -> Option<http::Request<()>> {
         );
     }
     Some(request)
-}
-
-/// Whether a `Connection` value lists an option beyond the usual ones, i.e. names a field
-/// (`headers::strip_hop_by_hop` then removes the named fields too).
-fn names_other_fields(value: &[u8]) -> bool {
-    visible_ascii(value).is_some_and(|v| {
-        v.split(',')
-            .map(str::trim)
-            .any(|t| !t.is_empty() && !crate::headers::is_connection_option(t.as_bytes()))
-    })
 }
 
 #[cfg(test)]
